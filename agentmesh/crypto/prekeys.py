@@ -1,0 +1,419 @@
+"""Prekeys and prekey bundles (PQXDH rev 3, section 3.2 "Publishing keys").
+
+Public side:
+
+* :class:`SignedPrekey` -- one X25519 or ML-KEM-768 public prekey with its id
+  and an Ed25519 signature by the owner's identity key. Every prekey is signed,
+  including one-time X25519 prekeys (the spec leaves those unsigned; signing
+  them costs nothing and lets the hub be checked too).
+* :class:`PrekeyBundle` -- what a sender fetches: identity, signed X25519
+  prekey ``SPK``, one ML-KEM-768 prekey (a one-time ``PQOPK`` if the hub had
+  one, else the last-resort ``PQSPK``) and optionally a one-time X25519 ``OPK``.
+
+Private side: :class:`PrekeySecrets` holds every prekey private key, rotates
+the signed ones on a schedule, keeps retired ones for a grace period (so
+initial messages already in flight still decrypt) and then erases them.
+One-time private keys are erased as soon as a session built on them commits.
+
+No I/O; the clock (``now_ms``) and randomness (``rng``) are passed in.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from agentmesh.codec import Reader, Writer
+from agentmesh.crypto import primitives as p
+from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity
+from agentmesh.errors import DecodeError, InvalidKeyError
+from agentmesh.ids import InvalidAgentIdError, validate_agent_id
+
+KIND_X25519 = 1
+KIND_KEM = 2
+_PUBLIC_LEN = {KIND_X25519: p.X25519_KEY_LEN, KIND_KEM: p.MLKEM768_PUBLIC_LEN}
+_PREKEY_CONTEXT = b"AgentMesh-prekey-v1"
+BUNDLE_VERSION = 1
+
+#: Defaults (see docs/PROTOCOL.md, "Prekeys").
+SIGNED_PREKEY_ROTATION_MS = 7 * 24 * 3600 * 1000
+SIGNED_PREKEY_GRACE_MS = 14 * 24 * 3600 * 1000
+ONE_TIME_POOL_SIZE = 100
+ONE_TIME_LOW_WATER = 20
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii")
+
+
+def _unb64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise DecodeError(f"bundle: {what} must be a base64 string")
+    try:
+        return base64.urlsafe_b64decode(text.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise DecodeError(f"bundle: {what} is not valid base64") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPrekey:
+    """A public prekey, its id, and the identity key's signature over both."""
+
+    kind: int
+    prekey_id: int
+    public: bytes
+    signature: bytes
+
+    @staticmethod
+    def signed_message(kind: int, prekey_id: int, public: bytes) -> bytes:
+        return Writer().raw(_PREKEY_CONTEXT).u8(kind).u32(prekey_id).raw(public).getvalue()
+
+    @classmethod
+    def create(
+        cls, identity: IdentityKeyPair, kind: int, prekey_id: int, public: bytes
+    ) -> SignedPrekey:
+        return cls(kind, prekey_id, public, identity.sign(cls.signed_message(kind, prekey_id, public)))
+
+    def verify(self, signing_key: bytes) -> SignedPrekey:
+        """Check length, point validity and signature; raise CryptoError subclasses."""
+        if self.kind not in _PUBLIC_LEN or len(self.public) != _PUBLIC_LEN[self.kind]:
+            raise InvalidKeyError("prekey has the wrong kind or length")
+        if self.kind == KIND_X25519:
+            p.validate_x25519_public(self.public)
+        p.ed25519_verify(
+            signing_key, self.signature, self.signed_message(self.kind, self.prekey_id, self.public)
+        )
+        return self
+
+    def encode(self) -> bytes:
+        return self.write(Writer()).getvalue()
+
+    def write(self, w: Writer) -> Writer:
+        return w.u8(self.kind).u32(self.prekey_id).bytes16(self.public).raw(self.signature)
+
+    @classmethod
+    def read(cls, r: Reader) -> SignedPrekey:
+        kind = r.u8()
+        if kind not in _PUBLIC_LEN:
+            raise DecodeError(f"prekey: unknown kind {kind}")
+        prekey_id = r.u32()
+        public = r.bytes16(p.MLKEM768_PUBLIC_LEN)
+        if len(public) != _PUBLIC_LEN[kind]:
+            raise DecodeError("prekey: wrong public key length")
+        return cls(kind, prekey_id, public, r.raw(64))
+
+    @classmethod
+    def decode(cls, data: bytes) -> SignedPrekey:
+        r = Reader(data, "prekey")
+        prekey = cls.read(r)
+        r.finish()
+        return prekey
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.prekey_id, "public": _b64(self.public), "signature": _b64(self.signature)}
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeyBundle:
+    """An agent's public bundle as a sender receives it (PQXDH rev 3, section 3.2)."""
+
+    agent_id: str
+    identity: PublicIdentity
+    signed_prekey: SignedPrekey
+    kem_prekey: SignedPrekey
+    one_time_prekey: SignedPrekey | None = None
+
+    def verify(self) -> PrekeyBundle:
+        """Verify every signature and key; a single failure aborts (raises CryptoError)."""
+        self.identity.verify()
+        if self.signed_prekey.kind != KIND_X25519 or self.kem_prekey.kind != KIND_KEM:
+            raise InvalidKeyError("bundle prekeys have the wrong kinds")
+        self.signed_prekey.verify(self.identity.signing)
+        self.kem_prekey.verify(self.identity.signing)
+        if self.one_time_prekey is not None:
+            if self.one_time_prekey.kind != KIND_X25519:
+                raise InvalidKeyError("one-time prekey must be X25519")
+            self.one_time_prekey.verify(self.identity.signing)
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    def encode(self) -> bytes:
+        w = Writer().u8(BUNDLE_VERSION).str8(self.agent_id).raw(self.identity.encode())
+        self.signed_prekey.write(w)
+        self.kem_prekey.write(w)
+        if self.one_time_prekey is None:
+            w.u8(0)
+        else:
+            self.one_time_prekey.write(w.u8(1))
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes) -> PrekeyBundle:
+        """Parse strictly (no verification: call :meth:`verify`). Raises DecodeError."""
+        r = Reader(data, "bundle")
+        if r.u8() != BUNDLE_VERSION:
+            raise DecodeError("bundle: unsupported version")
+        try:
+            agent_id = validate_agent_id(r.str8(64))
+        except InvalidAgentIdError as exc:
+            raise DecodeError(f"bundle: {exc}") from exc
+        identity = PublicIdentity.read(r)
+        spk = SignedPrekey.read(r)
+        kem = SignedPrekey.read(r)
+        flag = r.u8()
+        if flag not in (0, 1):
+            raise DecodeError("bundle: bad one-time prekey flag")
+        opk = SignedPrekey.read(r) if flag else None
+        r.finish()
+        return cls(agent_id, identity, spk, kem, opk)
+
+    def with_one_time(
+        self, one_time_x25519: SignedPrekey | None, one_time_kem: SignedPrekey | None
+    ) -> PrekeyBundle:
+        """The bundle a hub hands out: the published one plus one-time keys it popped."""
+        return replace(
+            self,
+            one_time_prekey=one_time_x25519,
+            kem_prekey=one_time_kem if one_time_kem is not None else self.kem_prekey,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (version 1's ``public_bundle`` shape, extended)."""
+        out: dict[str, Any] = {
+            "agent_id": self.agent_id,
+            "identity_public": _b64(self.identity.signing),
+            "exchange_public": _b64(self.identity.exchange),
+            "identity_binding": _b64(self.identity.binding),
+            "fingerprint": self.fingerprint,
+            "signed_prekey": self.signed_prekey.to_dict(),
+            "kem_prekey": self.kem_prekey.to_dict(),
+            "bundle": _b64(self.encode()),
+        }
+        if self.one_time_prekey is not None:
+            out["one_time_prekey"] = self.one_time_prekey.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrekeyBundle:
+        """Parse the dict made by :meth:`to_dict` (the ``bundle`` field is authoritative)."""
+        if not isinstance(data, dict) or "bundle" not in data:
+            raise DecodeError("bundle: dict has no 'bundle' field")
+        return cls.decode(_unb64(data["bundle"], "bundle"))
+
+
+def compose_bundle(
+    published: bytes, one_time_x25519: bytes | None, one_time_kem: bytes | None
+) -> bytes:
+    """Hub-side helper: combine a published bundle with popped one-time prekeys."""
+    bundle = PrekeyBundle.decode(published)
+    opk = SignedPrekey.decode(one_time_x25519) if one_time_x25519 is not None else None
+    kem = SignedPrekey.decode(one_time_kem) if one_time_kem is not None else None
+    return bundle.with_one_time(opk, kem).encode()
+
+
+@dataclass(slots=True)
+class _SignedSecret:
+    private: bytes  # X25519 raw private key, or ML-KEM-768 64-byte seed
+    public: SignedPrekey
+    created_ms: int
+    retired_ms: int | None = None
+
+
+@dataclass(slots=True)
+class PrekeySecrets:
+    """All prekey private keys of one identity, and the schedule that rotates them.
+
+    Mutating methods change this object in place; callers that need
+    transactional behaviour work on :meth:`copy` and keep it only on success.
+    """
+
+    next_id: int = 1
+    signed: dict[int, _SignedSecret] = field(default_factory=dict)
+    last_resort: dict[int, _SignedSecret] = field(default_factory=dict)
+    one_time: dict[int, _SignedSecret] = field(default_factory=dict)
+    one_time_kem: dict[int, _SignedSecret] = field(default_factory=dict)
+    current_signed_id: int = 0
+    current_last_resort_id: int = 0
+    #: one-time public prekeys the hub has not stored yet
+    unpublished: list[int] = field(default_factory=list)
+
+    def copy(self) -> PrekeySecrets:
+        return PrekeySecrets(
+            self.next_id,
+            {k: replace(v) for k, v in self.signed.items()},
+            {k: replace(v) for k, v in self.last_resort.items()},
+            dict(self.one_time),
+            dict(self.one_time_kem),
+            self.current_signed_id,
+            self.current_last_resort_id,
+            list(self.unpublished),
+        )
+
+    def _new_id(self) -> int:
+        prekey_id = self.next_id
+        self.next_id = 1 if self.next_id >= 0xFFFFFFFE else self.next_id + 1
+        return prekey_id
+
+    def _make(
+        self, identity: IdentityKeyPair, kind: int, now_ms: int, rng: p.RandomBytes
+    ) -> _SignedSecret:
+        prekey_id = self._new_id()
+        if kind == KIND_X25519:
+            key = p.x25519_generate(rng)
+            private, public = p.x25519_private_bytes(key), p.x25519_public_bytes(key)
+        else:
+            kem = p.mlkem_generate(rng)
+            private, public = p.mlkem_private_seed(kem), p.mlkem_public_bytes(kem)
+        return _SignedSecret(private, SignedPrekey.create(identity, kind, prekey_id, public), now_ms)
+
+    @classmethod
+    def create(
+        cls, identity: IdentityKeyPair, now_ms: int, rng: p.RandomBytes = p.random_bytes
+    ) -> PrekeySecrets:
+        secrets = cls()
+        secrets.rotate(identity, now_ms, rng, force=True)
+        return secrets
+
+    def rotate(
+        self,
+        identity: IdentityKeyPair,
+        now_ms: int,
+        rng: p.RandomBytes = p.random_bytes,
+        *,
+        force: bool = False,
+        rotation_ms: int = SIGNED_PREKEY_ROTATION_MS,
+        grace_ms: int = SIGNED_PREKEY_GRACE_MS,
+    ) -> bool:
+        """Replace the signed and last-resort prekeys if due; erase expired retired ones.
+
+        Returns True if a new bundle must be published.
+        """
+        rotated = False
+        current = self.signed.get(self.current_signed_id)
+        if force or current is None or now_ms - current.created_ms >= rotation_ms:
+            if current is not None:
+                current.retired_ms = now_ms
+            old_lr = self.last_resort.get(self.current_last_resort_id)
+            if old_lr is not None:
+                old_lr.retired_ms = now_ms
+            spk = self._make(identity, KIND_X25519, now_ms, rng)
+            self.signed[spk.public.prekey_id] = spk
+            self.current_signed_id = spk.public.prekey_id
+            lr = self._make(identity, KIND_KEM, now_ms, rng)
+            self.last_resort[lr.public.prekey_id] = lr
+            self.current_last_resort_id = lr.public.prekey_id
+            rotated = True
+        for table in (self.signed, self.last_resort):
+            for prekey_id in [
+                k for k, v in table.items() if v.retired_ms is not None and now_ms - v.retired_ms >= grace_ms
+            ]:
+                del table[prekey_id]  # erased: past the grace period
+        return rotated
+
+    def top_up(
+        self,
+        identity: IdentityKeyPair,
+        now_ms: int,
+        rng: p.RandomBytes = p.random_bytes,
+        *,
+        pool_size: int = ONE_TIME_POOL_SIZE,
+    ) -> int:
+        """Generate one-time prekeys (both kinds) up to ``pool_size``; return how many new."""
+        added = 0
+        for table, kind in ((self.one_time, KIND_X25519), (self.one_time_kem, KIND_KEM)):
+            while len(table) < pool_size:
+                secret = self._make(identity, kind, now_ms, rng)
+                table[secret.public.prekey_id] = secret
+                self.unpublished.append(secret.public.prekey_id)
+                added += 1
+        return added
+
+    def bundle(self, agent_id: str, identity: PublicIdentity) -> PrekeyBundle:
+        """The bundle to publish: current signed prekey and last-resort KEM prekey."""
+        return PrekeyBundle(
+            agent_id,
+            identity,
+            self.signed[self.current_signed_id].public,
+            self.last_resort[self.current_last_resort_id].public,
+        )
+
+    def unpublished_prekeys(self) -> list[SignedPrekey]:
+        out = []
+        for prekey_id in self.unpublished:
+            secret = self.one_time.get(prekey_id) or self.one_time_kem.get(prekey_id)
+            if secret is not None:
+                out.append(secret.public)
+        return out
+
+    def mark_published(self, prekey_ids: list[int]) -> None:
+        done = set(prekey_ids)
+        self.unpublished = [i for i in self.unpublished if i not in done]
+
+    # -- used by the PQXDH responder -------------------------------------
+
+    def signed_private(self, prekey_id: int) -> bytes:
+        secret = self.signed.get(prekey_id)
+        if secret is None:
+            raise InvalidKeyError("unknown or expired signed prekey")
+        return secret.private
+
+    def kem_private(self, prekey_id: int) -> tuple[bytes, bool]:
+        """Return ``(seed, is_one_time)`` for a KEM prekey id."""
+        if prekey_id in self.one_time_kem:
+            return self.one_time_kem[prekey_id].private, True
+        secret = self.last_resort.get(prekey_id)
+        if secret is None:
+            raise InvalidKeyError("unknown or expired KEM prekey")
+        return secret.private, False
+
+    def one_time_private(self, prekey_id: int) -> bytes:
+        secret = self.one_time.get(prekey_id)
+        if secret is None:
+            raise InvalidKeyError("unknown or already used one-time prekey")
+        return secret.private
+
+    def consume(self, one_time_id: int | None, kem_id: int) -> None:
+        """Erase the one-time keys an initial message used (call after it authenticates)."""
+        if one_time_id is not None:
+            self.one_time.pop(one_time_id, None)
+        self.one_time_kem.pop(kem_id, None)
+
+    # -- serialization ---------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        w = Writer().u8(1).u32(self.next_id).u32(self.current_signed_id)
+        w.u32(self.current_last_resort_id)
+        for table in (self.signed, self.last_resort, self.one_time, self.one_time_kem):
+            w.u32(len(table))
+            for secret in table.values():
+                w.bytes8(secret.private)
+                secret.public.write(w)
+                w.u64(secret.created_ms)
+                w.u64(0 if secret.retired_ms is None else secret.retired_ms + 1)
+        w.u32(len(self.unpublished))
+        for prekey_id in self.unpublished:
+            w.u32(prekey_id)
+        return w.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PrekeySecrets:
+        r = Reader(data, "prekey state")
+        if r.u8() != 1:
+            raise DecodeError("prekey state: unsupported version")
+        out = cls(next_id=r.u32(), current_signed_id=r.u32(), current_last_resort_id=r.u32())
+        for table in (out.signed, out.last_resort, out.one_time, out.one_time_kem):
+            for _ in range(r.u32()):
+                private = r.bytes8(64)
+                public = SignedPrekey.read(r)
+                created = r.u64()
+                retired = r.u64()
+                table[public.prekey_id] = _SignedSecret(
+                    private, public, created, None if retired == 0 else retired - 1
+                )
+        out.unpublished = [r.u32() for _ in range(r.u32())]
+        r.finish()
+        return out

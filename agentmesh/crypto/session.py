@@ -1,0 +1,332 @@
+"""Sessions: PQXDH + Double Ratchet + the envelope, with transactional decryption.
+
+* :class:`Session` is one ratchet session with one peer. ``encrypt`` mutates
+  it (the caller persists the new state before transmitting); ``decrypt`` is
+  *pure*: it returns a new session and leaves ``self`` untouched, so a forged,
+  garbled or replayed envelope changes no state (Double Ratchet spec section
+  3.5: "If an exception is raised … the message is discarded and changes to
+  the state object are discarded").
+* :class:`SessionRecord` holds a peer's active session plus a few archived
+  ones (simultaneous initiation leaves two sessions; the peer may still be
+  sending on the older one) and routes each envelope to the right one.
+
+AEAD (Double Ratchet section 5.2, with AES-256-GCM in place of CBC+HMAC)::
+
+    key || nonce = HKDF-SHA256(IKM = mk, salt = none, info = "AgentMesh_v1_MessageKeys", 44)
+    ciphertext   = AES-256-GCM(key, nonce, inner, AD = session AD || envelope header)
+
+The inner plaintext is ``u8 flags || u32 len || payload [|| Ed25519 signature]``.
+With ``sign_messages`` the signature (by the sender's identity key) covers
+``"AgentMesh-msg-v1" || envelope header || payload`` and travels *inside* the
+ciphertext, so only the recipient sees it: auditability towards the
+recipient without giving the hub an oracle for plaintext guesses.
+No I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from agentmesh.codec import Reader, Writer
+from agentmesh.crypto import pqxdh
+from agentmesh.crypto import primitives as p
+from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity
+from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets
+from agentmesh.crypto.ratchet import DEFAULT_LIMITS, RatchetLimits, RatchetState
+from agentmesh.errors import AuthenticationError, CryptoError, DecodeError, NoSessionError
+from agentmesh.protocol.envelope import (
+    MESSAGE_ID_LEN,
+    Envelope,
+    PrekeyMessage,
+    RatchetHeader,
+    encode_header,
+)
+
+MESSAGE_KEYS_INFO = b"AgentMesh_v1_MessageKeys"
+_SIGNATURE_CONTEXT = b"AgentMesh-msg-v1"
+_FLAG_SIGNED = 0x01
+_SESSION_VERSION = 1
+MAX_ARCHIVED_SESSIONS = 4
+
+
+def message_key_material(message_key: bytes) -> tuple[bytes, bytes]:
+    """Derive the AES-256-GCM key and the 96-bit nonce from a message key."""
+    out = p.hkdf_sha256(message_key, salt=None, info=MESSAGE_KEYS_INFO, length=44)
+    return out[:32], out[32:]
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptedMessage:
+    """A decrypted envelope: the payload bytes and, if the sender signed, the signature."""
+
+    envelope: Envelope
+    payload: bytes
+    signature: bytes | None
+
+
+@dataclass(slots=True)
+class Session:
+    """One Double Ratchet session between ``local_id`` and ``peer_id``."""
+
+    local_id: str
+    peer_id: str
+    peer_identity: PublicIdentity
+    associated_data: bytes
+    ratchet: RatchetState
+    #: The initiator's PQXDH ephemeral key: names the session on both sides.
+    base_key: bytes
+    #: Initiator only: the initial-message fields, sent with every message until
+    #: the first reply proves the peer has the session (PQXDH section 3.3).
+    pending_prekey: PrekeyMessage | None = None
+    sign_messages: bool = True
+    limits: RatchetLimits = field(default=DEFAULT_LIMITS)
+
+    # -- construction ------------------------------------------------------
+
+    @classmethod
+    def initiate(
+        cls,
+        identity: IdentityKeyPair,
+        local_id: str,
+        bundle: PrekeyBundle,
+        *,
+        sign_messages: bool = True,
+        limits: RatchetLimits = DEFAULT_LIMITS,
+        rng: p.RandomBytes = p.random_bytes,
+    ) -> Session:
+        """Start a session from a peer's prekey bundle (PQXDH section 3.3)."""
+        result = pqxdh.initiate(identity, local_id, bundle, rng)
+        assert result.prekey_message is not None
+        return cls(
+            local_id=local_id,
+            peer_id=bundle.agent_id,
+            peer_identity=bundle.identity,
+            associated_data=result.associated_data,
+            ratchet=RatchetState.initiator(result.shared_key, result.responder_ratchet_public, rng),
+            base_key=result.prekey_message.ephemeral,
+            pending_prekey=result.prekey_message,
+            sign_messages=sign_messages,
+            limits=limits,
+        )
+
+    def copy(self) -> Session:
+        return replace(self, ratchet=self.ratchet.copy())
+
+    # -- encryption --------------------------------------------------------
+
+    def encrypt(
+        self,
+        identity: IdentityKeyPair,
+        payload: bytes,
+        *,
+        message_id: bytes,
+        timestamp_ms: int,
+    ) -> Envelope:
+        """Encrypt one payload into an envelope. Mutates the session (advance the chain)."""
+        if len(message_id) != MESSAGE_ID_LEN:
+            raise ValueError("message_id must be 16 bytes")
+        ratchet_header, message_key = self.ratchet.next_sending_key()
+        header = encode_header(
+            message_id, timestamp_ms, self.local_id, self.peer_id, ratchet_header, self.pending_prekey
+        )
+        inner = Writer()
+        if self.sign_messages:
+            signature = identity.sign(_SIGNATURE_CONTEXT + header + payload)
+            inner.u8(_FLAG_SIGNED).bytes32(payload).raw(signature)
+        else:
+            inner.u8(0).bytes32(payload)
+        key, nonce = message_key_material(message_key)
+        ciphertext = p.aes_gcm_encrypt(key, nonce, inner.getvalue(), self.associated_data + header)
+        return Envelope(
+            message_id=message_id,
+            timestamp=timestamp_ms,
+            sender=self.local_id,
+            recipient=self.peer_id,
+            ratchet=ratchet_header,
+            prekey=self.pending_prekey,
+            ciphertext=ciphertext,
+            header_bytes=header,
+        )
+
+    # -- decryption --------------------------------------------------------
+
+    def decrypt(
+        self, envelope: Envelope, rng: p.RandomBytes = p.random_bytes
+    ) -> tuple[Session, DecryptedMessage]:
+        """Decrypt on a copy; return ``(new_session, message)``. ``self`` never changes.
+
+        Raises AuthenticationError ("Authentication tag mismatch"), ReplayError
+        ("Replay attack detected"), SignatureError or CryptoError.
+        """
+        if envelope.sender != self.peer_id or envelope.recipient != self.local_id:
+            raise AuthenticationError("envelope is not addressed to this session")
+        new = self.copy()
+        message_key = new.ratchet.receiving_key(envelope.ratchet, self.limits, rng)
+        key, nonce = message_key_material(message_key)
+        inner = p.aes_gcm_decrypt(
+            key, nonce, envelope.ciphertext, self.associated_data + envelope.header_bytes
+        )
+        try:
+            r = Reader(inner, "inner plaintext")
+            flags = r.u8()
+            if flags & ~_FLAG_SIGNED:
+                raise DecodeError("inner plaintext: unknown flags")
+            payload = r.bytes32(len(inner))
+            signature = r.raw(64) if flags & _FLAG_SIGNED else None
+            r.finish()
+        except DecodeError as exc:
+            raise CryptoError("malformed inner plaintext") from exc
+        if signature is not None:
+            p.ed25519_verify(
+                self.peer_identity.signing,
+                signature,
+                _SIGNATURE_CONTEXT + envelope.header_bytes + payload,
+            )
+        # The peer has the session once it has answered (PQXDH section 3.3).
+        new.pending_prekey = None if envelope.prekey is None else new.pending_prekey
+        return new, DecryptedMessage(envelope, payload, signature)
+
+    # -- serialization -----------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        w = Writer().u8(_SESSION_VERSION).str8(self.local_id).str8(self.peer_id)
+        w.raw(self.peer_identity.encode()).bytes16(self.associated_data).raw(self.base_key)
+        w.u8(1 if self.sign_messages else 0)
+        w.u32(self.limits.max_skip).u32(self.limits.max_skipped_total)
+        w.u32(self.limits.max_skip_age_steps)
+        if self.pending_prekey is None:
+            w.u8(0)
+        else:
+            w.u8(1).bytes16(_encode_prekey_message(self.pending_prekey))
+        self.ratchet.write(w)
+        return w.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Session:
+        r = Reader(data, "session state")
+        session = cls.read(r)
+        r.finish()
+        return session
+
+    @classmethod
+    def read(cls, r: Reader) -> Session:
+        if r.u8() != _SESSION_VERSION:
+            raise DecodeError("session state: unsupported version")
+        local_id, peer_id = r.str8(64), r.str8(64)
+        peer_identity = PublicIdentity.read(r)
+        ad = r.bytes16()
+        base_key = r.raw(32)
+        sign = r.u8()
+        limits = RatchetLimits(r.u32(), r.u32(), r.u32())
+        pending = _decode_prekey_message(r.bytes16()) if r.u8() else None
+        ratchet = RatchetState.read(r)
+        return cls(local_id, peer_id, peer_identity, ad, ratchet, base_key, pending, sign == 1, limits)
+
+
+def _encode_prekey_message(m: PrekeyMessage) -> bytes:
+    w = Writer().raw(m.identity_signing).raw(m.identity_exchange).raw(m.identity_binding)
+    w.raw(m.ephemeral).u32(m.signed_prekey_id).u32(m.kem_prekey_id).raw(m.kem_ciphertext)
+    if m.one_time_prekey_id is None:
+        w.u8(0)
+    else:
+        w.u8(1).u32(m.one_time_prekey_id)
+    return w.getvalue()
+
+
+def _decode_prekey_message(data: bytes) -> PrekeyMessage:
+    r = Reader(data, "prekey message")
+    fields = (r.raw(32), r.raw(32), r.raw(64), r.raw(32), r.u32(), r.u32(), r.raw(1088))
+    opk = r.u32() if r.u8() else None
+    r.finish()
+    return PrekeyMessage(*fields, opk)
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """A peer's sessions: the active one first, then up to MAX_ARCHIVED_SESSIONS older ones."""
+
+    sessions: list[Session] = field(default_factory=list)
+
+    @property
+    def active(self) -> Session | None:
+        return self.sessions[0] if self.sessions else None
+
+    def copy(self) -> SessionRecord:
+        return SessionRecord(list(self.sessions))
+
+    def promote(self, session: Session, *, replaces: Session | None = None) -> SessionRecord:
+        """A new record with ``session`` active (and ``replaces`` removed, if given)."""
+        rest = [s for s in self.sessions if s is not replaces]
+        return SessionRecord([session, *rest][: MAX_ARCHIVED_SESSIONS + 1])
+
+    def decrypt(
+        self,
+        envelope: Envelope,
+        *,
+        identity: IdentityKeyPair,
+        prekeys: PrekeySecrets,
+        sign_messages: bool = True,
+        limits: RatchetLimits = DEFAULT_LIMITS,
+        rng: p.RandomBytes = p.random_bytes,
+    ) -> tuple[SessionRecord, PrekeySecrets | None, DecryptedMessage]:
+        """Decrypt with whichever session fits; pure.
+
+        Returns the new record, new prekey secrets if a one-time key was
+        consumed (else None), and the message. Raises CryptoError subclasses;
+        on any error nothing here or in ``prekeys`` has changed.
+        """
+        if envelope.prekey is not None:
+            for session in self.sessions:
+                if p.constant_time_equal(session.base_key, envelope.prekey.ephemeral):
+                    new, message = session.decrypt(envelope, rng)
+                    return self.promote(new, replaces=session), None, message
+            new_prekeys = prekeys.copy()
+            result, spk_private = pqxdh.respond(
+                identity, envelope.recipient, new_prekeys, envelope.sender, envelope.prekey
+            )
+            fresh = Session(
+                local_id=envelope.recipient,
+                peer_id=envelope.sender,
+                peer_identity=PublicIdentity(
+                    envelope.prekey.identity_signing,
+                    envelope.prekey.identity_exchange,
+                    envelope.prekey.identity_binding,
+                ),
+                associated_data=result.associated_data,
+                ratchet=RatchetState.responder(result.shared_key, spk_private),
+                base_key=envelope.prekey.ephemeral,
+                sign_messages=sign_messages,
+                limits=limits,
+            )
+            new, message = fresh.decrypt(envelope, rng)
+            new_prekeys.consume(envelope.prekey.one_time_prekey_id, envelope.prekey.kem_prekey_id)
+            return self.promote(new), new_prekeys, message
+        first_error: CryptoError | None = None
+        for session in self.sessions:
+            try:
+                new, message = session.decrypt(envelope, rng)
+            except CryptoError as exc:
+                first_error = first_error or exc
+                continue
+            return self.promote(new, replaces=session), None, message
+        if first_error is not None:
+            raise first_error
+        raise NoSessionError(f"no session with {envelope.sender!r} for this message")
+
+    def to_bytes(self) -> bytes:
+        w = Writer().u8(1).u8(len(self.sessions))
+        for session in self.sessions:
+            w.bytes32(session.to_bytes())
+        return w.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionRecord:
+        r = Reader(data, "session record")
+        if r.u8() != 1:
+            raise DecodeError("session record: unsupported version")
+        count = r.u8()
+        if count > MAX_ARCHIVED_SESSIONS + 1:
+            raise DecodeError("session record: too many sessions")
+        sessions = [Session.from_bytes(r.bytes32(64 * 1024 * 1024)) for _ in range(count)]
+        r.finish()
+        return cls(sessions)

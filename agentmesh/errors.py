@@ -1,0 +1,124 @@
+"""The AgentMesh exception tree.
+
+Every exception the library raises on purpose derives from :class:`AgentMeshError`,
+so ``except AgentMeshError`` catches them all. The tree separates *your* mistakes
+from the *peer's*, as h11 does with Local/RemoteProtocolError::
+
+    AgentMeshError
+    ├── LocalProtocolError        you asked for something the protocol forbids
+    │   └── ConfigurationError    bad settings (paths, quotas, URLs)
+    ├── RemoteProtocolError       the other side sent something invalid
+    │   └── DecodeError           bytes that do not parse (frames, envelopes, state)
+    ├── CryptoError               any cryptographic failure (opaque on purpose)
+    │   ├── ReplayError           "Replay attack detected"
+    │   ├── AuthenticationError   "Authentication tag mismatch"
+    │   ├── SignatureError        a bad Ed25519 signature
+    │   ├── InvalidKeyError       wrong length, low-order point, unparsable key
+    │   ├── NoSessionError        no session can decrypt this message
+    │   └── IdentityChangedError  a pinned peer presented a different identity key
+    ├── StateLockedError          another process already holds this identity
+    ├── HubError                  the hub refused a request (carries its code)
+    │   ├── MailboxFullError      the recipient's quota is exhausted
+    │   └── AuthFailedError       login refused (bad signature, id bound to another key)
+    └── HubUnavailableError       the hub cannot be reached right now
+
+This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+
+class AgentMeshError(Exception):
+    """Root of every exception AgentMesh raises on purpose."""
+
+
+class LocalProtocolError(AgentMeshError):
+    """The caller asked for something the protocol forbids (our side's fault)."""
+
+
+class ConfigurationError(LocalProtocolError):
+    """A setting is invalid: a path, URL, quota or option value."""
+
+
+class RemoteProtocolError(AgentMeshError):
+    """The peer (agent or hub) sent something that violates the protocol."""
+
+
+class DecodeError(RemoteProtocolError):
+    """Bytes that do not parse: unknown version, bad length, trailing data."""
+
+
+class CryptoError(AgentMeshError):
+    """Any cryptographic failure.
+
+    Messages stay deliberately coarse: a sender learns nothing about *why*
+    decryption failed beyond the category.
+    """
+
+
+class ReplayError(CryptoError):
+    """A message was delivered a second time."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("Replay attack detected" + (f": {detail}" if detail else ""))
+
+
+class AuthenticationError(CryptoError):
+    """AEAD verification failed: the envelope was changed or is not for this session."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("Authentication tag mismatch" + (f": {detail}" if detail else ""))
+
+
+class SignatureError(CryptoError):
+    """An Ed25519 signature did not verify."""
+
+
+class InvalidKeyError(CryptoError):
+    """A public key has the wrong length, is a low-order point, or does not parse."""
+
+
+class NoSessionError(CryptoError):
+    """No session with this peer can decrypt the message."""
+
+
+class IdentityChangedError(CryptoError):
+    """A peer presented an identity key different from the pinned one.
+
+    Sending to and receiving from that peer stop until the user calls
+    ``Agent.trust(peer_id, fingerprint)`` with the new fingerprint.
+    """
+
+    def __init__(self, peer_id: str, pinned_fingerprint: str, new_fingerprint: str) -> None:
+        self.peer_id = peer_id
+        self.pinned_fingerprint = pinned_fingerprint
+        self.new_fingerprint = new_fingerprint
+        super().__init__(
+            f"Identity key of {peer_id!r} changed: pinned {pinned_fingerprint}, "
+            f"presented {new_fingerprint}. Verify the new fingerprint out of band, then call "
+            f"agent.trust({peer_id!r}, {new_fingerprint!r})."
+        )
+
+
+class StateLockedError(AgentMeshError):
+    """Another process already holds this identity's state (one process per identity)."""
+
+
+class HubError(AgentMeshError):
+    """The hub refused a request. ``code`` is the machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(f"{code}: {message}")
+
+
+class MailboxFullError(HubError):
+    """The recipient's mailbox quota (count or bytes) is exhausted; retry later."""
+
+
+class AuthFailedError(HubError):
+    """The hub refused the login: bad signature or an id bound to another key."""
+
+
+class HubUnavailableError(AgentMeshError):
+    """The hub cannot be reached right now."""

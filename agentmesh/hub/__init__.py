@@ -1,0 +1,1 @@
+"""Hubs: the in-process LocalHub, the network client and server, and the SQL store."""

@@ -1,0 +1,108 @@
+"""The contract between an Agent and a hub (in-process or over the network).
+
+A hub routes opaque envelope bytes and publishes public prekey bundles; it
+never sees keys or plaintext. ``Agent`` talks to any object with the
+:class:`Hub` shape, and a hub talks back to the agent through the
+:class:`HubEndpoint` shape that ``Agent`` implements.
+
+No I/O here: these are typing protocols and small value types only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """What a hub learns when it hands an envelope to an endpoint.
+
+    ``accepted``: the endpoint committed the message (or had already), so the
+    hub may delete it. ``duplicate``: it had been committed before (a redelivery).
+    """
+
+    accepted: bool
+    duplicate: bool = False
+
+
+@runtime_checkable
+class HubEndpoint(Protocol):
+    """What a hub may call on a registered agent."""
+
+    @property
+    def agent_id(self) -> str: ...
+
+    @property
+    def signing_public_key(self) -> bytes:
+        """The agent's raw 32-byte Ed25519 identity key (what the hub binds the id to)."""
+        ...
+
+    def sign_login(self, challenge: bytes) -> bytes:
+        """Ed25519-sign a hub login challenge with the identity key."""
+        ...
+
+    def prekey_bundle_bytes(self) -> bytes:
+        """The signed bundle to publish: identity, signed prekey, last-resort KEM prekey."""
+        ...
+
+    def one_time_prekeys(self) -> list[bytes]:
+        """Encoded signed one-time prekeys not yet uploaded (the hub stores and hands each out once)."""
+        ...
+
+    def one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:
+        """The hub committed these one-time prekeys; don't upload them again."""
+        ...
+
+    def prekeys_low(self, remaining: int) -> None:
+        """The hub reports the one-time pool is below its low-water mark."""
+        ...
+
+    def receive_envelope(self, data: bytes) -> DeliveryReport:
+        """Decrypt and durably commit one envelope, then run the handlers.
+
+        Returning means the hub may forget the envelope. Raising
+        ``CryptoError``/``DecodeError`` means the envelope can never be
+        processed (forged, tampered, replayed) and the recipient's state is
+        unchanged.
+        """
+        ...
+
+    def unacked_envelopes(self) -> list[bytes]:
+        """Envelopes in the agent's outbox, oldest first, to (re)send after (re)connecting."""
+        ...
+
+    def envelope_acked(self, message_id: bytes) -> None:
+        """The hub has durably stored the envelope with this id: drop it from the outbox."""
+        ...
+
+
+class Hub(Protocol):
+    """What an Agent calls on its hub (the version 1 interface plus prekey upload)."""
+
+    def register(self, agent: HubEndpoint) -> None: ...
+
+    def unregister(self, agent_id: str) -> None: ...
+
+    def deliver(self, envelope: bytes) -> None:
+        """Store (and, where the recipient is online, push) one envelope.
+
+        Returns only after the hub has durably accepted it. Raises
+        ``MailboxFullError``/``HubError`` if refused, ``HubUnavailableError``
+        if the hub cannot be reached.
+        """
+        ...
+
+    def fetch_prekey_bundle(self, agent_id: str) -> bytes:
+        """The peer's encoded bundle with at most one one-time prekey of each kind,
+        which the hub hands out only once. Raises ``ValueError("Peer 'x' not found on hub")``.
+        """
+        ...
+
+    def get_bundle(self, agent_id: str) -> dict[str, Any]:
+        """Version 1: the peer's public bundle as a JSON-safe dict."""
+        ...
+
+    def list_agents(self) -> list[str]: ...
+
+    def message_count(self) -> int: ...
