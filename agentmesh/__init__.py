@@ -1,3 +1,71 @@
-"""AgentMesh: end-to-end encrypted, store-and-forward messaging for AI agents."""
+"""AgentMesh: end-to-end encrypted, store-and-forward messaging for AI agents.
+
+The public surface (pinned by ``tests/test_exports.py``): version 1's names
+plus the error tree and the new trust and hub types.
+"""
+
+from agentmesh.agent import Agent, Message
+from agentmesh.crypto import AgentKeyPair, CryptoSession, perform_key_exchange, seal, unseal
+from agentmesh.errors import (
+    AgentMeshError,
+    AuthenticationError,
+    AuthFailedError,
+    ConfigurationError,
+    CryptoError,
+    DecodeError,
+    HubError,
+    HubUnavailableError,
+    IdentityChangedError,
+    LocalProtocolError,
+    MailboxFullError,
+    RemoteProtocolError,
+    ReplayError,
+    SignatureError,
+    StateLockedError,
+)
+from agentmesh.hub.local import LocalHub
 
 __version__ = "2.0.0.dev0"
+
+
+def __getattr__(name: str) -> object:
+    # The network hub pulls in asyncio and the server; import it on first use.
+    if name == "NetworkHub":
+        from agentmesh.hub.client import NetworkHub
+
+        return NetworkHub
+    if name == "NetworkHubServer":
+        from agentmesh.hub.server import NetworkHubServer
+
+        return NetworkHubServer
+    raise AttributeError(f"module 'agentmesh' has no attribute {name!r}")
+
+
+__all__ = [
+    "Agent",
+    "AgentKeyPair",
+    "AgentMeshError",
+    "AuthFailedError",
+    "AuthenticationError",
+    "ConfigurationError",
+    "CryptoError",
+    "CryptoSession",
+    "DecodeError",
+    "HubError",
+    "HubUnavailableError",
+    "IdentityChangedError",
+    "LocalHub",
+    "LocalProtocolError",
+    "MailboxFullError",
+    "Message",
+    "NetworkHub",
+    "NetworkHubServer",
+    "RemoteProtocolError",
+    "ReplayError",
+    "SignatureError",
+    "StateLockedError",
+    "__version__",
+    "perform_key_exchange",
+    "seal",
+    "unseal",
+]

@@ -1,0 +1,598 @@
+"""``Agent`` and ``Message``: the version 1 API, on PQXDH and the Double Ratchet.
+
+An :class:`Agent` owns one identity, its sessions and its durable state
+(:mod:`agentmesh.state`), and talks to any hub with the
+:class:`~agentmesh.hub.base.Hub` shape. It is the synchronous facade over
+the I/O-free crypto core.
+
+Send order (issue "agent state"): encrypt → commit the session and the
+outbox row in one transaction → transmit → drop the outbox row when the hub
+acknowledges. Receive order: decrypt on a copy → commit session, replay
+record and inbox row in one transaction → acknowledge → run the handlers →
+delete the inbox row. After a crash, the outbox is resent (same message ids;
+the hub drops duplicates) and unhandled inbox rows are dispatched again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentmesh.crypto import primitives as p
+from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity, fingerprint_of, safety_number
+from agentmesh.crypto.keypair import AgentKeyPair
+from agentmesh.crypto.prekeys import (
+    ONE_TIME_LOW_WATER,
+    ONE_TIME_POOL_SIZE,
+    PrekeyBundle,
+    PrekeySecrets,
+    SignedPrekey,
+)
+from agentmesh.crypto.ratchet import DEFAULT_LIMITS, RatchetLimits
+from agentmesh.crypto.session import Session, SessionRecord
+from agentmesh.errors import (
+    AuthenticationError,
+    CryptoError,
+    DecodeError,
+    HubError,
+    HubUnavailableError,
+    IdentityChangedError,
+    ReplayError,
+)
+from agentmesh.hub.base import DeliveryReport, Hub
+from agentmesh.ids import validate_agent_id
+from agentmesh.keyfile import load_or_create_key_file
+from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.protocol.payload import decode_payload, encode_payload
+from agentmesh.state import AgentState, StateLock, state_path_for
+
+#: Replay window: ids are remembered this long, and older messages are refused.
+DEFAULT_REPLAY_WINDOW_MS = 30 * 24 * 3600 * 1000
+
+Handler = Callable[["Message"], Any]
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decrypted message as handlers receive it (version 1 fields, plus audit data)."""
+
+    sender: str
+    recipient: str
+    payload: dict[str, Any]
+    timestamp: int
+    message_id: str = ""
+    #: The sender's Ed25519 signature (inside the ciphertext), if it signed.
+    signature: bytes | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        return str(self.payload.get("text", ""))
+
+    @property
+    def type(self) -> str:
+        return str(self.payload.get("type", "message"))
+
+    @property
+    def signed(self) -> bool:
+        return self.signature is not None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Agent:
+    """An agent with an end-to-end encrypted identity.
+
+    ``Agent(agent_id, hub=None, keypair_path=None, log_level=logging.WARNING)``
+    keeps version 1's signature. With ``keypair_path`` the identity lives in
+    that file (mode 0600, written atomically; ``passphrase`` encrypts it) and
+    sessions, prekeys, pins, the replay window, the outbox and the inbox live
+    in ``<name>.state.sqlite`` beside it, locked to one process. Without it,
+    everything is kept in memory.
+
+    Keyword-only extras: ``passphrase``, ``sign_messages`` (default True: every
+    message carries an Ed25519 signature inside the ciphertext),
+    ``ratchet_limits``, ``replay_window_ms``, ``clock_ms`` and ``rng``.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        hub: Hub | None = None,
+        keypair_path: str | os.PathLike[str] | None = None,
+        log_level: int = logging.WARNING,
+        *,
+        passphrase: str | None = None,
+        sign_messages: bool = True,
+        ratchet_limits: RatchetLimits = DEFAULT_LIMITS,
+        replay_window_ms: int = DEFAULT_REPLAY_WINDOW_MS,
+        prekey_pool_size: int = ONE_TIME_POOL_SIZE,
+        clock_ms: Callable[[], int] = _now_ms,
+        rng: p.RandomBytes = p.random_bytes,
+    ) -> None:
+        self._id = validate_agent_id(agent_id)
+        self.log = logging.getLogger(f"agentmesh.agent.{agent_id}")
+        self.log.setLevel(log_level)
+        self._clock = clock_ms
+        self._rng = rng
+        self._sign = sign_messages
+        self._limits = ratchet_limits
+        self._replay_window_ms = replay_window_ms
+        self._pool_size = prekey_pool_size
+        self._handlers: list[Handler] = []
+        self._lock = threading.RLock()  # guards sessions/prekeys (send and receive)
+        self._dispatch_lock = threading.RLock()  # handlers run one message at a time
+        self._closed = False
+        self._received = 0
+        self._dispatching = False
+        self._lock_file: StateLock | None = None
+        if keypair_path is not None:
+            key_path = Path(keypair_path)
+            key_path.parent.mkdir(parents=True, exist_ok=True)
+            state_file = state_path_for(key_path)
+            self._lock_file = StateLock(state_file.with_suffix(".lock"))
+            self._lock_file.acquire()
+            try:
+                self._keypair = load_or_create_key_file(key_path, passphrase)
+                self._state = AgentState(state_file)
+            except BaseException:
+                self._lock_file.release()
+                raise
+        else:
+            self._keypair = AgentKeyPair.generate(rng)
+            self._state = AgentState(None)
+        self._identity: IdentityKeyPair = self._keypair.identity
+        self._prekeys = self._load_prekeys()
+        self.hub: Hub | None = None
+        if hub is not None:
+            self.hub = hub
+            hub.register(self)
+
+    # -- identity ---------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str:
+        return self._id
+
+    @property
+    def keypair(self) -> AgentKeyPair:
+        return self._keypair
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the identity key, 32 hex digits in 8 colon-joined groups."""
+        return self._identity.fingerprint
+
+    @property
+    def public_bundle(self) -> dict[str, Any]:
+        """This agent's public keys as a JSON-safe dict (includes ``agent_id``)."""
+        with self._lock:
+            return self._prekeys.bundle(self._id, self._identity.public).to_dict()
+
+    def safety_number(self, peer_id: str) -> str:
+        """The 60-digit safety number of this agent and a pinned peer (same on both sides)."""
+        pinned = self._state.pinned_identity(validate_agent_id(peer_id))
+        if pinned is None:
+            raise ValueError(f"No pinned identity for peer {peer_id!r}: exchange a message first")
+        peer = PublicIdentity.decode(pinned[0])
+        return safety_number(self._id, self._identity.public.signing, peer_id, peer.signing)
+
+    def trust(self, peer_id: str, fingerprint: str) -> None:
+        """Accept a peer's new identity key after verifying ``fingerprint`` out of band.
+
+        Replaces the pin and drops the old sessions; messages held back by
+        :class:`IdentityChangedError` are then delivered (the hub redelivers them).
+        Raises ValueError if ``fingerprint`` matches neither the pending nor the pinned key.
+        """
+        peer_id = validate_agent_id(peer_id)
+        pinned = self._state.pinned_identity(peer_id)
+        if pinned is None:
+            raise ValueError(f"No identity known for peer {peer_id!r}")
+        current, pending = pinned
+        for candidate in (pending, current):
+            if candidate is None:
+                continue
+            identity = PublicIdentity.decode(candidate)
+            if p.constant_time_equal(identity.fingerprint.encode(), fingerprint.strip().lower().encode()):
+                with self._lock:
+                    if candidate is pending:
+                        self._state.repin(peer_id, candidate, self._clock())
+                self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
+                if self.hub is not None and candidate is pending:
+                    self.hub.register(self)  # redeliver what was held back
+                return
+        raise ValueError(f"Fingerprint {fingerprint!r} does not match any identity of {peer_id!r}")
+
+    # -- handlers ---------------------------------------------------------
+
+    def on_message(self, handler: Handler) -> Handler:
+        """Register a handler; usable as ``@agent.on_message`` or ``agent.on_message(fn)``.
+
+        Handlers run in registration order; one that raises is logged and the
+        others still run. Messages that arrived before any handler existed are
+        handed to the first one registered.
+        """
+        if not callable(handler):
+            raise TypeError("on_message expects a callable")
+        self._handlers.append(handler)
+        if len(self._handlers) == 1:
+            self.dispatch_pending()
+        return handler
+
+    # -- sending ----------------------------------------------------------
+
+    def send(self, recipient_id: str, text: str = "", **kwargs: Any) -> None:
+        """Encrypt and send ``{"type": "message", "text": text, **kwargs}``.
+
+        ``type=`` overrides the type; every extra keyword reaches ``msg.payload``.
+        """
+        payload: dict[str, Any] = {"type": "message", "text": text}
+        payload.update(kwargs)
+        self.send_payload(recipient_id, payload)
+
+    def send_payload(self, recipient_id: str, payload: dict[str, Any]) -> None:
+        """Encrypt ``payload`` (a JSON-safe dict) for ``recipient_id`` and hand it to the hub.
+
+        Returns once the hub has durably accepted the envelope (with LocalHub:
+        once the recipient's handlers have run), or, if the hub is unreachable,
+        once the envelope is safely in this agent's outbox; it is then resent
+        on reconnect. Raises RuntimeError("No hub configured") without a hub,
+        ValueError("Peer 'x' not found on hub") for an unknown recipient,
+        IdentityChangedError if the recipient's identity key changed, and
+        MailboxFullError if the recipient's mailbox is full (the envelope stays
+        in the outbox and is retried on reconnect).
+        """
+        if self.hub is None:
+            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+        recipient_id = validate_agent_id(recipient_id)
+        if recipient_id == self._id:
+            raise ValueError("An agent cannot send to itself")
+        plaintext = encode_payload(payload)
+        bundle = None if self._can_send_to(recipient_id) else self._fetch_bundle(recipient_id)
+        with self._lock:
+            record, pin = self._sending_record(recipient_id, bundle)
+            session = record.active
+            assert session is not None
+            session = session.copy()
+            message_id = self._rng(16)
+            envelope = session.encrypt(
+                self._identity, plaintext, message_id=message_id, timestamp_ms=self._clock()
+            )
+            data = envelope.to_bytes()
+            self._state.commit_sent(
+                recipient_id,
+                record.promote(session, replaces=record.active).to_bytes(),
+                message_id,
+                data,
+                self._clock(),
+                pin_identity=pin,
+            )
+        self._transmit(message_id, data)
+
+    def _transmit(self, message_id: bytes, data: bytes) -> None:
+        assert self.hub is not None
+        try:
+            self.hub.deliver(data)
+        except HubUnavailableError as exc:
+            self.log.warning("hub unreachable; message kept in the outbox for resend: %s", exc)
+            return
+        self._state.remove_from_outbox(message_id)
+
+    def _can_send_to(self, peer_id: str) -> bool:
+        with self._lock:
+            raw = self._state.session_record(peer_id)
+            if raw is None:
+                return False
+            active = SessionRecord.from_bytes(raw).active
+            return active is not None and active.ratchet.can_send
+
+    def _fetch_bundle(self, peer_id: str) -> PrekeyBundle:
+        """Fetch the peer's bundle from the hub. Called without holding the state lock,
+        because the hub may call back into other agents (e.g. "prekeys low")."""
+        if self.hub is None:
+            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+        bundle = PrekeyBundle.decode(self.hub.fetch_prekey_bundle(peer_id))
+        if bundle.agent_id != peer_id:
+            raise CryptoError(f"hub returned a bundle for {bundle.agent_id!r}, not {peer_id!r}")
+        return bundle
+
+    def _sending_record(
+        self, peer_id: str, bundle: PrekeyBundle | None
+    ) -> tuple[SessionRecord, bytes | None]:
+        """The peer's session record with an active session that can send.
+
+        Starts a new session from ``bundle`` if there is none. Returns the record
+        and the identity to pin (None if already pinned). Call with the lock held.
+        """
+        raw = self._state.session_record(peer_id)
+        record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
+        pinned = self._state.pinned_identity(peer_id)
+        if pinned is not None and pinned[1] is not None:
+            self._raise_identity_changed(peer_id, pinned[0], pinned[1])
+        if record.active is not None and record.active.ratchet.can_send:
+            return record, None
+        if bundle is None:  # the session vanished between the check and the lock
+            bundle = self._fetch_bundle(peer_id)
+        pin = self._check_pin(peer_id, bundle.identity)
+        session = Session.initiate(
+            self._identity, self._id, bundle, sign_messages=self._sign, limits=self._limits, rng=self._rng
+        )
+        return record.promote(session), pin
+
+    def _check_pin(self, peer_id: str, identity: PublicIdentity) -> bytes | None:
+        """TOFU: return the identity to pin if new; raise IdentityChangedError if it differs."""
+        encoded = identity.encode()
+        pinned = self._state.pinned_identity(peer_id)
+        if pinned is None:
+            return encoded
+        if not p.constant_time_equal(PublicIdentity.decode(pinned[0]).signing, identity.signing):
+            self._state.set_pending_identity(peer_id, encoded)
+            self._raise_identity_changed(peer_id, pinned[0], encoded)
+        return None
+
+    def _raise_identity_changed(self, peer_id: str, pinned: bytes, new: bytes) -> None:
+        raise IdentityChangedError(
+            peer_id, fingerprint_of(PublicIdentity.decode(pinned).signing),
+            fingerprint_of(PublicIdentity.decode(new).signing),
+        )
+
+    def connect(self, peer_id: str) -> None:
+        """Set up a session with ``peer_id`` ahead of time (optional: send connects itself)."""
+        if self.hub is None:
+            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+        peer_id = validate_agent_id(peer_id)
+        bundle = None if self._can_send_to(peer_id) else self._fetch_bundle(peer_id)
+        with self._lock:
+            record, pin = self._sending_record(peer_id, bundle)
+            if pin is not None:
+                self._state.pin(peer_id, pin, self._clock())
+            self._state.save_session(peer_id, record.to_bytes())
+
+    def connect_with_bundle(self, bundle: dict[str, Any]) -> None:
+        """Set up a session from a peer's ``public_bundle`` handed over directly (peer to peer)."""
+        parsed = PrekeyBundle.from_dict(bundle)
+        peer_id = validate_agent_id(parsed.agent_id)
+        with self._lock:
+            pin = self._check_pin(peer_id, parsed.identity)
+            session = Session.initiate(
+                self._identity, self._id, parsed, sign_messages=self._sign, limits=self._limits, rng=self._rng
+            )
+            raw = self._state.session_record(peer_id)
+            record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
+            if pin is not None:
+                self._state.pin(peer_id, pin, self._clock())
+            self._state.save_session(peer_id, record.promote(session).to_bytes())
+
+    def list_peers(self) -> list[str]:
+        """The other agents registered on the hub (never this one)."""
+        if self.hub is None:
+            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+        return [a for a in self.hub.list_agents() if a != self._id]
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot: id, fingerprint, sessions, pinned peers, handlers, queues."""
+        with self._lock:
+            return {
+                "agent_id": self._id,
+                "fingerprint": self.fingerprint,
+                "active_sessions": self._state.session_peers(),
+                "known_peers": self._state.known_peers(),
+                "handlers": len(self._handlers),
+                "hub": type(self.hub).__name__ if self.hub is not None else None,
+                "persistent": self._state.path is not None,
+                "outbox": self._state.outbox_size(),
+                "inbox_pending": self._state.inbox_pending(),
+                "one_time_prekeys": len(self._prekeys.one_time),
+                "sign_messages": self._sign,
+            }
+
+    # -- receiving (HubEndpoint) -----------------------------------------
+
+    def receive_envelope(self, data: bytes) -> DeliveryReport:
+        """Decrypt one envelope and commit it to the inbox (receive steps 1 and 2).
+
+        Returns ``DeliveryReport(accepted=True, duplicate=...)``; a duplicate (a
+        message id already committed) is reported, not decrypted again. Raises
+        DecodeError, CryptoError subclasses or IdentityChangedError; then no
+        state has changed. Handlers run in :meth:`dispatch_pending`.
+        """
+        envelope = decode_envelope(bytes(data))
+        if envelope.recipient != self._id:
+            raise AuthenticationError(f"envelope is addressed to {envelope.recipient!r}")
+        with self._lock:
+            if self._state.seen(envelope.message_id):
+                return DeliveryReport(accepted=True, duplicate=True)
+            now = self._clock()
+            if envelope.timestamp < now - self._replay_window_ms:
+                raise ReplayError("message is older than the replay window")
+            pin = None
+            if envelope.prekey is not None:
+                pin = self._check_pin(
+                    envelope.sender,
+                    PublicIdentity(
+                        envelope.prekey.identity_signing,
+                        envelope.prekey.identity_exchange,
+                        envelope.prekey.identity_binding,
+                    ),
+                )
+            elif (pinned := self._state.pinned_identity(envelope.sender)) and pinned[1] is not None:
+                self._raise_identity_changed(envelope.sender, pinned[0], pinned[1])
+            raw = self._state.session_record(envelope.sender)
+            record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
+            new_record, new_prekeys, message = record.decrypt(
+                envelope,
+                identity=self._identity,
+                prekeys=self._prekeys,
+                sign_messages=self._sign,
+                limits=self._limits,
+                rng=self._rng,
+            )
+            try:
+                decode_payload(message.payload)
+            except DecodeError as exc:
+                raise CryptoError("message payload is not a JSON object") from exc
+            self._state.commit_received(
+                envelope.sender,
+                new_record.to_bytes(),
+                new_prekeys.to_bytes() if new_prekeys is not None else None,
+                envelope.message_id,
+                message.payload,
+                envelope.timestamp,
+                message.signature,
+                now,
+                pin_identity=pin,
+            )
+            if new_prekeys is not None:
+                self._prekeys = new_prekeys
+                self._maintain_prekeys()
+            self._received += 1
+            if self._received % 1024 == 0:
+                self._state.forget_seen_before(now - self._replay_window_ms)
+        return DeliveryReport(accepted=True)
+
+    def dispatch_pending(self) -> int:
+        """Run the handlers for committed, unhandled messages (receive steps 4 and 5).
+
+        Returns how many messages were handled. Does nothing while no handler
+        is registered. Safe to call from any thread; messages are handled one
+        at a time, in arrival order.
+        """
+        handled = 0
+        with self._dispatch_lock:
+            if self._dispatching:
+                # A handler of this thread sent a message that came straight back
+                # (LocalHub): the outer loop below picks it up next, in order.
+                return 0
+            self._dispatching = True
+            try:
+                handled = self._dispatch_all()
+            finally:
+                self._dispatching = False
+        return handled
+
+    def _dispatch_all(self) -> int:
+        handled = 0
+        while self._handlers and not self._closed:
+            rows = self._state.unhandled(limit=256)
+            if not rows:
+                break
+            for row in rows:
+                message = Message(
+                    sender=row.sender,
+                    recipient=self._id,
+                    payload=decode_payload(row.payload),
+                    timestamp=row.timestamp_ms,
+                    message_id=row.message_id.hex(),
+                    signature=row.signature,
+                )
+                for handler in list(self._handlers):
+                    try:
+                        handler(message)
+                    except Exception:
+                        self.log.exception("message handler %r raised", handler)
+                self._state.mark_handled(row.seq)
+                handled += 1
+        return handled
+
+    # -- hub endpoint plumbing --------------------------------------------
+
+    @property
+    def signing_public_key(self) -> bytes:
+        return self._identity.public.signing
+
+    def sign_login(self, challenge: bytes) -> bytes:
+        return self._identity.sign(challenge)
+
+    def prekey_bundle_bytes(self) -> bytes:
+        with self._lock:
+            if self._prekeys.rotate(self._identity, self._clock(), self._rng):
+                self._save_prekeys()
+            return self._prekeys.bundle(self._id, self._identity.public).encode()
+
+    def one_time_prekeys(self) -> list[bytes]:
+        with self._lock:
+            return [k.encode() for k in self._prekeys.unpublished_prekeys()]
+
+    def one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:
+        with self._lock:
+            self._prekeys.mark_published([SignedPrekey.decode(e).prekey_id for e in encoded])
+            self._save_prekeys()
+
+    def prekeys_low(self, remaining: int) -> None:
+        self.log.info("hub reports %d one-time prekeys left; topping up", remaining)
+        with self._lock:
+            self._maintain_prekeys(force=True)
+
+    def unacked_envelopes(self) -> list[bytes]:
+        return [env for _, env in self._state.outbox()]
+
+    def envelope_acked(self, message_id: bytes) -> None:
+        self._state.remove_from_outbox(message_id)
+
+    def _load_prekeys(self) -> PrekeySecrets:
+        raw = self._state.get_meta("prekeys")
+        if raw is not None:
+            prekeys = PrekeySecrets.from_bytes(raw)
+            changed = prekeys.rotate(self._identity, self._clock(), self._rng)
+        else:
+            prekeys = PrekeySecrets.create(self._identity, self._clock(), self._rng)
+            changed = True
+        if prekeys.top_up(self._identity, self._clock(), self._rng, pool_size=self._pool_size):
+            changed = True
+        if changed:
+            self._state.set_meta("prekeys", prekeys.to_bytes())
+        return prekeys
+
+    def _save_prekeys(self) -> None:
+        self._state.set_meta("prekeys", self._prekeys.to_bytes())
+
+    def _maintain_prekeys(self, *, force: bool = False) -> None:
+        """Top the one-time pool up (and rotate) when it runs low; re-publish to the hub."""
+        low = min(len(self._prekeys.one_time), len(self._prekeys.one_time_kem)) < min(
+            ONE_TIME_LOW_WATER, self._pool_size
+        )
+        rotated = self._prekeys.rotate(self._identity, self._clock(), self._rng)
+        if low or force:
+            self._prekeys.top_up(self._identity, self._clock(), self._rng, pool_size=self._pool_size)
+        if low or force or rotated:
+            self._save_prekeys()
+            refresh = getattr(self.hub, "refresh_prekeys", None)
+            if refresh is not None:
+                try:
+                    refresh(self)
+                except (HubError, HubUnavailableError) as exc:
+                    self.log.warning("could not upload prekeys yet: %s", exc)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the hub, close the state file and release the identity lock. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.hub is not None:
+            try:
+                self.hub.unregister(self._id)
+            except Exception:  # closing must not fail because the hub is gone
+                self.log.debug("hub unregister failed", exc_info=True)
+        with self._lock, self._dispatch_lock:
+            self._state.close()
+            if self._lock_file is not None:
+                self._lock_file.release()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Agent({self._id!r}, fingerprint={self.fingerprint!r})"
+

@@ -1,0 +1,393 @@
+"""``LocalHub``: an in-process hub for demos, tests and notebooks.
+
+Delivery is synchronous: when ``send`` returns, the recipient's handlers
+have run (the examples rely on this). Agents that are closed, or not yet
+created, keep their mail: it is handed over when they register again.
+
+``LocalHub()`` keeps mailboxes in memory (:class:`MemoryMailboxes`).
+``LocalHub(db="hub.sqlite")`` uses the network hub's persistent
+:class:`~agentmesh.hub.store.HubStore` (same schema, same migrations), so an
+in-process fleet survives a restart.
+
+The hub binds each agent id to its identity key on first registration and
+refuses a different key for it (``AuthFailedError``): no mailbox takeover.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agentmesh.crypto import primitives as p
+from agentmesh.crypto.prekeys import PrekeyBundle, SignedPrekey
+from agentmesh.errors import (
+    AuthFailedError,
+    CryptoError,
+    DecodeError,
+    HubError,
+    IdentityChangedError,
+    MailboxFullError,
+    ReplayError,
+)
+from agentmesh.hub.base import HubEndpoint
+from agentmesh.hub.store import EnqueueResult, EnqueueStatus, FetchedBundle, NewEnvelope, StoredEnvelope
+from agentmesh.protocol.envelope import Envelope, decode_envelope
+
+log = logging.getLogger("agentmesh.hub.local")
+
+DEFAULT_TTL_MS = 7 * 24 * 3600 * 1000
+DEFAULT_MAILBOX_MAX_MESSAGES = 100_000
+DEFAULT_MAILBOX_MAX_BYTES = 1 << 30
+
+
+class Mailboxes(Protocol):
+    """The subset of :class:`~agentmesh.hub.store.HubStore` a LocalHub uses."""
+
+    def bind_agent(self, agent_id: str, signing_key: bytes, now_ms: int) -> bool: ...
+    def publish_bundle(self, agent_id: str, bundle: bytes, now_ms: int) -> None: ...
+    def add_one_time_prekeys(self, agent_id: str, items: list[tuple[int, int, bytes]]) -> int: ...
+    def fetch_bundle(self, agent_id: str, now_ms: int) -> FetchedBundle | None: ...
+    def enqueue(
+        self,
+        batch: list[NewEnvelope],
+        *,
+        now_ms: int,
+        max_count_per_recipient: int,
+        max_bytes_per_recipient: int,
+    ) -> list[EnqueueResult]: ...
+    def pending(
+        self, recipient: str, *, after_seq: int = 0, limit: int = 500, now_ms: int
+    ) -> list[StoredEnvelope]: ...
+    def ack(self, recipient: str, message_ids: list[bytes]) -> int: ...
+    def list_agents(self) -> list[str]: ...
+    def queued_count(self, recipient: str | None = None) -> int: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Agent:
+    signing_key: bytes
+    bundle: bytes | None = None
+    prekeys: dict[int, OrderedDict[int, bytes]] = field(
+        default_factory=lambda: {1: OrderedDict(), 2: OrderedDict()}
+    )
+    mailbox: OrderedDict[bytes, StoredEnvelope] = field(default_factory=OrderedDict)
+    expiry: dict[bytes, int] = field(default_factory=dict)
+    queued_bytes: int = 0
+
+
+class MemoryMailboxes:
+    """An in-memory stand-in for HubStore with the same semantics (no durability)."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, _Agent] = {}
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def bind_agent(self, agent_id: str, signing_key: bytes, now_ms: int) -> bool:
+        with self._lock:
+            known = self._agents.get(agent_id)
+            if known is None:
+                self._agents[agent_id] = _Agent(signing_key)
+                return True
+            if not p.constant_time_equal(known.signing_key, signing_key):
+                raise AuthFailedError(
+                    "identity_mismatch", f"agent id {agent_id!r} is bound to another identity key"
+                )
+            return False
+
+    def publish_bundle(self, agent_id: str, bundle: bytes, now_ms: int) -> None:
+        with self._lock:
+            self._agents[agent_id].bundle = bundle
+
+    def add_one_time_prekeys(self, agent_id: str, items: list[tuple[int, int, bytes]]) -> int:
+        with self._lock:
+            pools = self._agents[agent_id].prekeys
+            for kind, prekey_id, blob in items:
+                pools[kind].setdefault(prekey_id, blob)
+            return sum(len(pool) for pool in pools.values())
+
+    def fetch_bundle(self, agent_id: str, now_ms: int) -> FetchedBundle | None:
+        with self._lock:
+            agent = self._agents.get(agent_id)
+            if agent is None or agent.bundle is None:
+                return None
+            x25519, kem = agent.prekeys[1], agent.prekeys[2]
+            return FetchedBundle(
+                agent.bundle,
+                x25519.popitem(last=False)[1] if x25519 else None,
+                kem.popitem(last=False)[1] if kem else None,
+                len(x25519),
+                len(kem),
+            )
+
+    def enqueue(
+        self,
+        batch: list[NewEnvelope],
+        *,
+        now_ms: int,
+        max_count_per_recipient: int,
+        max_bytes_per_recipient: int,
+    ) -> list[EnqueueResult]:
+        results = []
+        with self._lock:
+            for item in batch:
+                agent = self._agents.get(item.recipient)
+                if agent is None:
+                    results.append(EnqueueResult(EnqueueStatus.UNKNOWN_RECIPIENT))
+                elif item.message_id in agent.mailbox:
+                    results.append(EnqueueResult(EnqueueStatus.DUPLICATE))
+                elif (
+                    len(agent.mailbox) >= max_count_per_recipient
+                    or agent.queued_bytes + len(item.body) > max_bytes_per_recipient
+                ):
+                    results.append(EnqueueResult(EnqueueStatus.MAILBOX_FULL))
+                else:
+                    self._seq += 1
+                    agent.mailbox[item.message_id] = StoredEnvelope(
+                        self._seq, item.message_id, item.sender, item.recipient, item.body
+                    )
+                    agent.expiry[item.message_id] = item.expires_at_ms
+                    agent.queued_bytes += len(item.body)
+                    results.append(EnqueueResult(EnqueueStatus.STORED, self._seq))
+        return results
+
+    def pending(
+        self, recipient: str, *, after_seq: int = 0, limit: int = 500, now_ms: int
+    ) -> list[StoredEnvelope]:
+        with self._lock:
+            agent = self._agents.get(recipient)
+            if agent is None:
+                return []
+            out = []
+            for env in agent.mailbox.values():
+                if env.seq > after_seq and agent.expiry[env.message_id] > now_ms:
+                    out.append(env)
+                    if len(out) >= limit:
+                        break
+            return out
+
+    def ack(self, recipient: str, message_ids: list[bytes]) -> int:
+        deleted = 0
+        with self._lock:
+            agent = self._agents.get(recipient)
+            if agent is None:
+                return 0
+            for message_id in message_ids:
+                env = agent.mailbox.pop(message_id, None)
+                if env is not None:
+                    agent.expiry.pop(message_id, None)
+                    agent.queued_bytes -= len(env.body)
+                    deleted += 1
+        return deleted
+
+    def list_agents(self) -> list[str]:
+        with self._lock:
+            return sorted(self._agents)
+
+    def queued_count(self, recipient: str | None = None) -> int:
+        with self._lock:
+            if recipient is not None:
+                agent = self._agents.get(recipient)
+                return 0 if agent is None else len(agent.mailbox)
+            return sum(len(a.mailbox) for a in self._agents.values())
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class LocalHub:
+    """An in-process hub. ``db``: a file path or SQLAlchemy URL for a persistent store."""
+
+    def __init__(
+        self,
+        db: str | None = None,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        mailbox_max_messages: int = DEFAULT_MAILBOX_MAX_MESSAGES,
+        mailbox_max_bytes: int = DEFAULT_MAILBOX_MAX_BYTES,
+    ) -> None:
+        self._store: Mailboxes
+        if db is None:
+            self._store = MemoryMailboxes()
+        else:
+            from agentmesh.hub.store import HubStore
+
+            store = HubStore(db)
+            store.ensure_schema()
+            self._store = store
+        self._ttl_ms = ttl_ms
+        self._max_messages = mailbox_max_messages
+        self._max_bytes = mailbox_max_bytes
+        self._online: dict[str, HubEndpoint] = {}
+        self._draining: set[str] = set()
+        self._outcomes: dict[bytes, BaseException | None] = {}
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def _now() -> int:
+        return int(time.time() * 1000)
+
+    # -- registration -----------------------------------------------------
+
+    def register(self, agent: HubEndpoint) -> None:
+        """Bind the agent's id to its key, publish its prekeys, then hand over its mail.
+
+        Raises AuthFailedError if the id is already bound to another identity key.
+        """
+        now = self._now()
+        with self._lock:
+            self._store.bind_agent(agent.agent_id, agent.signing_public_key, now)
+            self.refresh_prekeys(agent)
+            self._online[agent.agent_id] = agent
+            for data in agent.unacked_envelopes():
+                try:
+                    self._submit(data)
+                except (HubError, CryptoError, DecodeError, ValueError) as exc:
+                    log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
+        self._drain(agent.agent_id)
+
+    def refresh_prekeys(self, agent: HubEndpoint) -> None:
+        """(Re)publish the agent's bundle and upload its new one-time prekeys."""
+        bundle = PrekeyBundle.decode(agent.prekey_bundle_bytes()).verify()
+        if bundle.agent_id != agent.agent_id or not p.constant_time_equal(
+            bundle.identity.signing, agent.signing_public_key
+        ):
+            raise AuthFailedError("bad_bundle", "bundle does not belong to this agent")
+        encoded = agent.one_time_prekeys()
+        items = []
+        for blob in encoded:
+            prekey = SignedPrekey.decode(blob).verify(bundle.identity.signing)
+            items.append((prekey.kind, prekey.prekey_id, blob))
+        with self._lock:
+            self._store.publish_bundle(agent.agent_id, bundle.encode(), self._now())
+            if items:
+                self._store.add_one_time_prekeys(agent.agent_id, items)
+        agent.one_time_prekeys_uploaded(encoded)
+
+    def unregister(self, agent_id: str) -> None:
+        """The agent went away; its mail is kept until it registers again."""
+        with self._lock:
+            self._online.pop(agent_id, None)
+
+    # -- delivery -----------------------------------------------------------
+
+    def _submit(self, data: bytes) -> Envelope:
+        envelope = decode_envelope(data)
+        [result] = self._store.enqueue(
+            [
+                NewEnvelope(
+                    envelope.message_id,
+                    envelope.sender,
+                    envelope.recipient,
+                    data,
+                    self._now() + self._ttl_ms,
+                )
+            ],
+            now_ms=self._now(),
+            max_count_per_recipient=self._max_messages,
+            max_bytes_per_recipient=self._max_bytes,
+        )
+        if result.status is EnqueueStatus.UNKNOWN_RECIPIENT:
+            raise ValueError(f"Peer '{envelope.recipient}' not found on hub")
+        if result.status is EnqueueStatus.MAILBOX_FULL:
+            raise MailboxFullError("mailbox_full", f"mailbox of {envelope.recipient!r} is full")
+        return envelope
+
+    def deliver(self, envelope: bytes | Envelope) -> None:
+        """Queue an envelope and, if its recipient is registered, deliver it now.
+
+        Returns after the recipient's handlers have run (or, if it is offline,
+        once queued). Raises DecodeError for bytes that are not an envelope,
+        ValueError("Peer 'x' not found on hub"), MailboxFullError, and the
+        recipient's verdict on this envelope: ReplayError for a replay,
+        AuthenticationError for a tampered one. A rejected envelope is dropped
+        and the recipient's state is untouched.
+        """
+        data = envelope.to_bytes() if isinstance(envelope, Envelope) else bytes(envelope)
+        parsed = self._submit(data)
+        with self._lock:
+            self._outcomes[parsed.message_id] = None
+        self._drain(parsed.recipient)
+        with self._lock:
+            outcome = self._outcomes.pop(parsed.message_id, None)
+        if outcome is not None:
+            raise outcome
+
+    def _drain(self, agent_id: str) -> None:
+        """Hand the recipient its queued envelopes in order, then run its handlers."""
+        with self._lock:
+            agent = self._online.get(agent_id)
+            if agent is None or agent_id in self._draining:
+                return  # offline, or an outer frame of this thread is already draining it
+            self._draining.add(agent_id)
+        try:
+            after = 0
+            while True:
+                batch = self._store.pending(agent_id, after_seq=after, limit=256, now_ms=self._now())
+                if not batch:
+                    break
+                for stored in batch:
+                    after = stored.seq
+                    if not self._hand_over(agent, stored):
+                        return
+                agent_dispatch = getattr(agent, "dispatch_pending", None)
+                if agent_dispatch is not None:
+                    agent_dispatch()
+        finally:
+            with self._lock:
+                self._draining.discard(agent_id)
+
+    def _hand_over(self, agent: HubEndpoint, stored: StoredEnvelope) -> bool:
+        """Deliver one envelope; False means stop draining (held back for this agent)."""
+        outcome: BaseException | None = None
+        try:
+            report = agent.receive_envelope(stored.body)
+            if report.duplicate:
+                outcome = ReplayError("message id already delivered")
+        except IdentityChangedError as exc:
+            log.warning("holding mail for %s: %s", agent.agent_id, exc)
+            return False
+        except (CryptoError, DecodeError) as exc:
+            log.warning("dropping an envelope %s could not accept: %s", agent.agent_id, exc)
+            outcome = exc
+        self._store.ack(agent.agent_id, [stored.message_id])
+        with self._lock:
+            if stored.message_id in self._outcomes:
+                self._outcomes[stored.message_id] = outcome
+        return True
+
+    # -- queries ------------------------------------------------------------
+
+    def fetch_prekey_bundle(self, agent_id: str) -> bytes:
+        """The peer's bundle with one one-time prekey of each kind (each handed out once)."""
+        fetched = self._store.fetch_bundle(agent_id, self._now())
+        if fetched is None:
+            raise ValueError(f"Peer '{agent_id}' not found on hub")
+        bundle = PrekeyBundle.decode(fetched.bundle).with_one_time(
+            SignedPrekey.decode(fetched.one_time_x25519) if fetched.one_time_x25519 else None,
+            SignedPrekey.decode(fetched.one_time_kem) if fetched.one_time_kem else None,
+        )
+        owner = self._online.get(agent_id)
+        if owner is not None and min(fetched.remaining_x25519, fetched.remaining_kem) < 20:
+            owner.prekeys_low(min(fetched.remaining_x25519, fetched.remaining_kem))
+        return bundle.encode()
+
+    def get_bundle(self, agent_id: str) -> dict[str, Any]:
+        """Version 1: a peer's public bundle as a JSON-safe dict."""
+        return PrekeyBundle.decode(self.fetch_prekey_bundle(agent_id)).to_dict()
+
+    def list_agents(self) -> list[str]:
+        """Every agent id ever registered on this hub."""
+        return self._store.list_agents()
+
+    def message_count(self) -> int:
+        """Envelopes queued for agents that have not taken them yet."""
+        return self._store.queued_count()
+
+    def close(self) -> None:
+        self._store.close()
