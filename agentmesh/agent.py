@@ -200,7 +200,9 @@ class Agent:
             if candidate is None:
                 continue
             identity = PublicIdentity.decode(candidate)
-            if p.constant_time_equal(identity.fingerprint.encode(), fingerprint.strip().lower().encode()):
+            if p.constant_time_equal(
+                identity.fingerprint.encode(), fingerprint.strip().lower().encode()
+            ):
                 with self._lock:
                     if candidate is pending:
                         self._state.repin(peer_id, candidate, self._clock())
@@ -322,7 +324,12 @@ class Agent:
             bundle = self._fetch_bundle(peer_id)
         pin = self._check_pin(peer_id, bundle.identity)
         session = Session.initiate(
-            self._identity, self._id, bundle, sign_messages=self._sign, limits=self._limits, rng=self._rng
+            self._identity,
+            self._id,
+            bundle,
+            sign_messages=self._sign,
+            limits=self._limits,
+            rng=self._rng,
         )
         return record.promote(session), pin
 
@@ -339,7 +346,8 @@ class Agent:
 
     def _raise_identity_changed(self, peer_id: str, pinned: bytes, new: bytes) -> None:
         raise IdentityChangedError(
-            peer_id, fingerprint_of(PublicIdentity.decode(pinned).signing),
+            peer_id,
+            fingerprint_of(PublicIdentity.decode(pinned).signing),
             fingerprint_of(PublicIdentity.decode(new).signing),
         )
 
@@ -362,7 +370,12 @@ class Agent:
         with self._lock:
             pin = self._check_pin(peer_id, parsed.identity)
             session = Session.initiate(
-                self._identity, self._id, parsed, sign_messages=self._sign, limits=self._limits, rng=self._rng
+                self._identity,
+                self._id,
+                parsed,
+                sign_messages=self._sign,
+                limits=self._limits,
+                rng=self._rng,
             )
             raw = self._state.session_record(peer_id)
             record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
@@ -560,7 +573,9 @@ class Agent:
         )
         rotated = self._prekeys.rotate(self._identity, self._clock(), self._rng)
         if low or force:
-            self._prekeys.top_up(self._identity, self._clock(), self._rng, pool_size=self._pool_size)
+            self._prekeys.top_up(
+                self._identity, self._clock(), self._rng, pool_size=self._pool_size
+            )
         if low or force or rotated:
             self._save_prekeys()
             refresh = getattr(self.hub, "refresh_prekeys", None)
@@ -595,4 +610,3 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self._id!r}, fingerprint={self.fingerprint!r})"
-

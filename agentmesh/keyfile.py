@@ -119,13 +119,17 @@ def decode_key_file(data: bytes, passphrase: str | None = None) -> AgentKeyPair:
     n, r, p_ = (int(v) for v in params)  # type: ignore[arg-type]
     key = _scrypt_key(passphrase, _field(doc, "salt"), n, r, p_)
     try:
-        plain = p.aes_gcm_decrypt(key, _field(doc, "nonce"), _field(doc, "ciphertext"), ENCRYPTED_FORMAT.encode())
+        plain = p.aes_gcm_decrypt(
+            key, _field(doc, "nonce"), _field(doc, "ciphertext"), ENCRYPTED_FORMAT.encode()
+        )
     except AuthenticationError as exc:
         raise AuthenticationError("wrong passphrase or corrupted key file") from exc
     return decode_key_file(plain)
 
 
-def load_or_create_key_file(path: str | os.PathLike[str], passphrase: str | None = None) -> AgentKeyPair:
+def load_or_create_key_file(
+    path: str | os.PathLike[str], passphrase: str | None = None
+) -> AgentKeyPair:
     """Load the key pair at ``path``, or create one there (mode 0600) if it does not exist."""
     target = Path(path)
     if target.exists():

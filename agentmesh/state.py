@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from agentmesh.errors import StateLockedError
 
@@ -57,6 +58,7 @@ CREATE TABLE IF NOT EXISTS inbox (
 );
 """
 SCHEMA_VERSION = b"1"
+_PIN_SQL = "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)"
 
 
 def state_path_for(keypair_path: str | os.PathLike[str]) -> Path:
@@ -117,7 +119,8 @@ class AgentState:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
         self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (SCHEMA_VERSION,),
         )
 
     # -- transactions -----------------------------------------------------
@@ -145,9 +148,9 @@ class AgentState:
     def _tx(self) -> AgentState._Tx:
         return AgentState._Tx(self)
 
-    def _one(self, sql: str, args: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+    def _one(self, sql: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
         with self._lock:
-            row: tuple[object, ...] | None = self._db.execute(sql, args).fetchone()
+            row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
             return row
 
     def close(self) -> None:
@@ -158,7 +161,7 @@ class AgentState:
 
     def get_meta(self, key: str) -> bytes | None:
         row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
-        return None if row is None else bytes(row[0])  # type: ignore[arg-type]
+        return None if row is None else bytes(row[0])
 
     def set_meta(self, key: str, value: bytes) -> None:
         with self._tx() as db:
@@ -168,7 +171,7 @@ class AgentState:
 
     def session_record(self, peer_id: str) -> bytes | None:
         row = self._one("SELECT record FROM sessions WHERE peer_id = ?", (peer_id,))
-        return None if row is None else bytes(row[0])  # type: ignore[arg-type]
+        return None if row is None else bytes(row[0])
 
     def session_peers(self) -> list[str]:
         with self._lock:
@@ -176,15 +179,19 @@ class AgentState:
 
     def save_session(self, peer_id: str, record: bytes) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record))
+            db.execute(
+                "INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record)
+            )
 
     def pinned_identity(self, peer_id: str) -> tuple[bytes, bytes | None] | None:
         """``(pinned identity, pending new identity or None)`` for a peer, or None."""
-        row = self._one("SELECT identity, pending_identity FROM peers WHERE peer_id = ?", (peer_id,))
+        row = self._one(
+            "SELECT identity, pending_identity FROM peers WHERE peer_id = ?", (peer_id,)
+        )
         if row is None:
             return None
         pending = row[1]
-        return bytes(row[0]), None if pending is None else bytes(pending)  # type: ignore[arg-type]
+        return bytes(row[0]), None if pending is None else bytes(pending)
 
     def known_peers(self) -> list[str]:
         with self._lock:
@@ -193,13 +200,15 @@ class AgentState:
     def pin(self, peer_id: str, identity: bytes, now_ms: int) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)",
+                _PIN_SQL,
                 (peer_id, identity, now_ms),
             )
 
     def set_pending_identity(self, peer_id: str, identity: bytes) -> None:
         with self._tx() as db:
-            db.execute("UPDATE peers SET pending_identity = ? WHERE peer_id = ?", (identity, peer_id))
+            db.execute(
+                "UPDATE peers SET pending_identity = ? WHERE peer_id = ?", (identity, peer_id)
+            )
 
     def repin(self, peer_id: str, identity: bytes, now_ms: int) -> None:
         """Trust a new identity for ``peer_id``: replace the pin and drop its old sessions."""
@@ -227,24 +236,29 @@ class AgentState:
         with self._tx() as db:
             if pin_identity is not None:
                 db.execute(
-                    "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)",
+                    _PIN_SQL,
                     (peer_id, pin_identity, now_ms),
                 )
-            db.execute("INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record))
             db.execute(
-                "INSERT INTO outbox (message_id, recipient, envelope, created_ms) VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record)
+            )
+            db.execute(
+                "INSERT INTO outbox (message_id, recipient, envelope, created_ms) "
+                "VALUES (?, ?, ?, ?)",
                 (message_id, peer_id, envelope, now_ms),
             )
 
     def outbox(self) -> list[tuple[bytes, bytes]]:
         """Unacknowledged ``(message_id, envelope)`` pairs, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT message_id, envelope FROM outbox ORDER BY seq").fetchall()
+            rows = self._db.execute(
+                "SELECT message_id, envelope FROM outbox ORDER BY seq"
+            ).fetchall()
         return [(bytes(m), bytes(e)) for m, e in rows]
 
     def outbox_size(self) -> int:
         row = self._one("SELECT COUNT(*) FROM outbox")
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     def remove_from_outbox(self, message_id: bytes) -> None:
         with self._tx() as db:
@@ -272,12 +286,16 @@ class AgentState:
         with self._tx() as db:
             if pin_identity is not None:
                 db.execute(
-                    "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)",
+                    _PIN_SQL,
                     (peer_id, pin_identity, now_ms),
                 )
-            db.execute("INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record))
+            db.execute(
+                "INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record)
+            )
             if prekeys is not None:
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('prekeys', ?)", (prekeys,))
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('prekeys', ?)", (prekeys,)
+                )
             db.execute("INSERT INTO seen (message_id, seen_ms) VALUES (?, ?)", (message_id, now_ms))
             db.execute(
                 "INSERT INTO inbox (message_id, sender, payload, timestamp_ms, signature) "
@@ -304,7 +322,7 @@ class AgentState:
 
     def inbox_pending(self) -> int:
         row = self._one("SELECT COUNT(*) FROM inbox")
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     def forget_seen_before(self, cutoff_ms: int) -> int:
         """Trim the replay window (ids older than ``cutoff_ms``)."""

@@ -30,7 +30,7 @@ _SAFETY_NUMBER_ITERATIONS = 5200
 
 
 def fingerprint_of(signing_public: bytes) -> str:
-    """SHA-256 of the Ed25519 identity key: the first 32 hex digits, in 8 colon-joined groups of 4."""
+    """SHA-256 of the Ed25519 identity key: 32 hex digits in 8 colon-joined groups of 4."""
     digest = p.sha256(signing_public).hex()[:32]
     return ":".join(digest[i : i + 4] for i in range(0, 32, 4))
 

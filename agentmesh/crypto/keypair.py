@@ -92,4 +92,3 @@ def public_identity_from_bundle(bundle: dict[str, Any]) -> PublicIdentity:
         binding=_unb64(bundle.get("identity_binding"), "identity_binding", 64),
     )
     return identity.verify()
-

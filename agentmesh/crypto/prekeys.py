@@ -73,7 +73,9 @@ class SignedPrekey:
     def create(
         cls, identity: IdentityKeyPair, kind: int, prekey_id: int, public: bytes
     ) -> SignedPrekey:
-        return cls(kind, prekey_id, public, identity.sign(cls.signed_message(kind, prekey_id, public)))
+        return cls(
+            kind, prekey_id, public, identity.sign(cls.signed_message(kind, prekey_id, public))
+        )
 
     def verify(self, signing_key: bytes) -> SignedPrekey:
         """Check length, point validity and signature; raise CryptoError subclasses."""
@@ -111,7 +113,11 @@ class SignedPrekey:
         return prekey
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.prekey_id, "public": _b64(self.public), "signature": _b64(self.signature)}
+        return {
+            "id": self.prekey_id,
+            "public": _b64(self.public),
+            "signature": _b64(self.signature),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +274,9 @@ class PrekeySecrets:
         else:
             kem = p.mlkem_generate(rng)
             private, public = p.mlkem_private_seed(kem), p.mlkem_public_bytes(kem)
-        return _SignedSecret(private, SignedPrekey.create(identity, kind, prekey_id, public), now_ms)
+        return _SignedSecret(
+            private, SignedPrekey.create(identity, kind, prekey_id, public), now_ms
+        )
 
     @classmethod
     def create(
@@ -309,7 +317,9 @@ class PrekeySecrets:
             rotated = True
         for table in (self.signed, self.last_resort):
             for prekey_id in [
-                k for k, v in table.items() if v.retired_ms is not None and now_ms - v.retired_ms >= grace_ms
+                k
+                for k, v in table.items()
+                if v.retired_ms is not None and now_ms - v.retired_ms >= grace_ms
             ]:
                 del table[prekey_id]  # erased: past the grace period
         return rotated

@@ -97,7 +97,9 @@ class RatchetState:
     def responder(cls, shared_key: bytes, own_private: bytes) -> RatchetState:
         """RatchetInitBob: DHs = the key pair the initiator used as DHr."""
         key = p.x25519_private_from_bytes(own_private)
-        return cls(root_key=shared_key, dhs_private=own_private, dhs_public=p.x25519_public_bytes(key))
+        return cls(
+            root_key=shared_key, dhs_private=own_private, dhs_public=p.x25519_public_bytes(key)
+        )
 
     def copy(self) -> RatchetState:
         return RatchetState(
@@ -152,8 +154,11 @@ class RatchetState:
         else:
             self._skip_keys(header.pn, limits)
             self._dh_ratchet(header, limits, rng)
+        if self.ckr is None:
+            # e.g. a forged header naming the initiator's DHr (the responder's
+            # signed prekey) before any receiving chain exists
+            raise CryptoError("no receiving chain for this message")
         self._skip_keys(header.n, limits)
-        assert self.ckr is not None
         self.ckr, message_key = kdf_ck(self.ckr)
         self.nr += 1
         return message_key
@@ -172,7 +177,9 @@ class RatchetState:
 
     def _dh_ratchet(self, header: RatchetHeader, limits: RatchetLimits, rng: p.RandomBytes) -> None:
         if self.dhr is not None:
-            self.previous_dhr = ([self.dhr, *self.previous_dhr])[: limits.max_skip_age_steps]
+            # at most 255: the state encoding stores the count in a u8
+            keep = min(limits.max_skip_age_steps, 255)
+            self.previous_dhr = [self.dhr, *self.previous_dhr][:keep]
         self.pn = self.ns
         self.ns = 0
         self.nr = 0

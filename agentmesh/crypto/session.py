@@ -38,7 +38,6 @@ from agentmesh.protocol.envelope import (
     MESSAGE_ID_LEN,
     Envelope,
     PrekeyMessage,
-    RatchetHeader,
     encode_header,
 )
 
@@ -127,7 +126,12 @@ class Session:
             raise ValueError("message_id must be 16 bytes")
         ratchet_header, message_key = self.ratchet.next_sending_key()
         header = encode_header(
-            message_id, timestamp_ms, self.local_id, self.peer_id, ratchet_header, self.pending_prekey
+            message_id,
+            timestamp_ms,
+            self.local_id,
+            self.peer_id,
+            ratchet_header,
+            self.pending_prekey,
         )
         inner = Writer()
         if self.sign_messages:
@@ -220,7 +224,9 @@ class Session:
         limits = RatchetLimits(r.u32(), r.u32(), r.u32())
         pending = _decode_prekey_message(r.bytes16()) if r.u8() else None
         ratchet = RatchetState.read(r)
-        return cls(local_id, peer_id, peer_identity, ad, ratchet, base_key, pending, sign == 1, limits)
+        return cls(
+            local_id, peer_id, peer_identity, ad, ratchet, base_key, pending, sign == 1, limits
+        )
 
 
 def _encode_prekey_message(m: PrekeyMessage) -> bytes:

@@ -47,7 +47,7 @@ class HubEndpoint(Protocol):
         ...
 
     def one_time_prekeys(self) -> list[bytes]:
-        """Encoded signed one-time prekeys not yet uploaded (the hub stores and hands each out once)."""
+        """Encoded signed one-time prekeys not yet uploaded (the hub hands each out once)."""
         ...
 
     def one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:

@@ -34,7 +34,13 @@ from agentmesh.errors import (
     ReplayError,
 )
 from agentmesh.hub.base import HubEndpoint
-from agentmesh.hub.store import EnqueueResult, EnqueueStatus, FetchedBundle, NewEnvelope, StoredEnvelope
+from agentmesh.hub.store import (
+    EnqueueResult,
+    EnqueueStatus,
+    FetchedBundle,
+    NewEnvelope,
+    StoredEnvelope,
+)
 from agentmesh.protocol.envelope import Envelope, decode_envelope
 
 log = logging.getLogger("agentmesh.hub.local")
@@ -328,7 +334,9 @@ class LocalHub:
         try:
             after = 0
             while True:
-                batch = self._store.pending(agent_id, after_seq=after, limit=256, now_ms=self._now())
+                batch = self._store.pending(
+                    agent_id, after_seq=after, limit=256, now_ms=self._now()
+                )
                 if not batch:
                     break
                 for stored in batch:

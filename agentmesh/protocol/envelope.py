@@ -168,7 +168,9 @@ def decode_envelope(data: bytes, *, max_ciphertext: int = MAX_CIPHERTEXT_LEN) ->
         if flag not in (0, 1):
             raise DecodeError("envelope: bad one-time prekey flag")
         opk_id = r.u32() if flag == 1 else None
-        prekey = PrekeyMessage(signing, exchange, binding, ephemeral, spk_id, kem_id, kem_ct, opk_id)
+        prekey = PrekeyMessage(
+            signing, exchange, binding, ephemeral, spk_id, kem_id, kem_ct, opk_id
+        )
     header_len = r.position
     ciphertext = r.bytes32(max_ciphertext)
     if len(ciphertext) < 16:
