@@ -1,0 +1,1014 @@
+"""The hub's persistent store: every SQL statement of the hub lives here.
+
+:class:`HubStore` keeps agent identities, published prekey bundles, one-time
+prekeys and the store-and-forward envelope queue in SQLite or PostgreSQL,
+through SQLAlchemy Core (no ORM). The hub holds ciphertext only; the store never
+looks inside a body or a bundle.
+
+Threading and transactions
+    The API is synchronous. Every public method checks a connection out of the
+    engine's pool, runs exactly one transaction and returns the connection, so
+    one :class:`HubStore` may be called from several threads at once and several
+    stores (processes) may share one database. The asyncio server calls it from
+    one dedicated writer thread, which also makes group commit (:meth:`enqueue`)
+    effective. When a method returns, what it wrote is committed.
+
+    On SQLite, write transactions start with ``BEGIN IMMEDIATE`` (they take the
+    write lock up front, waiting up to ``busy_timeout_ms``), reads with a plain
+    ``BEGIN`` on a WAL snapshot. On PostgreSQL, rows that decide a write are
+    locked with ``SELECT ... FOR UPDATE`` (``SKIP LOCKED`` for one-time prekeys).
+
+Clock
+    Nothing here reads the clock: methods that need "now" take ``now_ms``
+    (milliseconds since the epoch), so tests are deterministic.
+
+Schema
+    Tables are in :mod:`agentmesh.hub.models` and are created only by the Alembic
+    migrations shipped as ``agentmesh.migrations``; :meth:`HubStore.ensure_schema`
+    brings a database to the current revision and refuses one written by a newer
+    AgentMesh.
+
+Errors
+    Methods raise the :mod:`agentmesh.errors` exceptions documented on each of
+    them; a database that cannot be reached or stays locked beyond the busy
+    timeout raises :class:`sqlalchemy.exc.OperationalError`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    Select,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
+
+from agentmesh.errors import (
+    AuthFailedError,
+    ConfigurationError,
+    HubError,
+    InvalidKeyError,
+    LocalProtocolError,
+)
+from agentmesh.hub.models import (
+    KIND_KEM,
+    KIND_X25519,
+    MESSAGE_ID_LENGTH,
+    SIGNING_KEY_LENGTH,
+    agents,
+    envelopes,
+    mailboxes,
+    one_time_prekeys,
+)
+from agentmesh.ids import validate_agent_id
+
+__all__ = [
+    "DB_ENV_VAR",
+    "EnqueueResult",
+    "EnqueueStatus",
+    "FetchedBundle",
+    "HubStore",
+    "NewEnvelope",
+    "StoredEnvelope",
+    "create_hub_engine",
+    "migration_transaction",
+    "migrations_dir",
+    "resolve_db_url",
+]
+
+#: Environment variable naming the hub database (a file path or a SQLAlchemy URL).
+DB_ENV_VAR: Final = "AGENTMESH_DB"
+
+_SYNCHRONOUS_MODES: Final = frozenset({"FULL", "NORMAL", "OFF"})
+#: Connection execution option: start this transaction with BEGIN IMMEDIATE on SQLite.
+_WRITE_OPTION: Final = "agentmesh_write"
+#: pg_advisory_xact_lock key serialising concurrent migrations ("AgMesh").
+_MIGRATION_LOCK_KEY: Final = 0x41674D657368
+#: Largest number of bound parameters put in one IN (...) list.
+_CHUNK: Final = 500
+#: How often a write that lost a uniqueness race is retried from the start.
+_RACE_RETRIES: Final = 5
+_KINDS: Final = (KIND_X25519, KIND_KEM)
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedBundle:
+    """A published bundle plus at most one one-time prekey of each kind.
+
+    The one-time prekeys have been deleted from the store: nobody else gets them.
+    ``remaining_*`` count what is left in the pool after this fetch.
+    """
+
+    bundle: bytes
+    one_time_x25519: bytes | None
+    one_time_kem: bytes | None
+    remaining_x25519: int
+    remaining_kem: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewEnvelope:
+    """An envelope to queue. ``message_id`` is the envelope's 16-byte id.
+
+    Raises :class:`~agentmesh.errors.LocalProtocolError` if ``message_id`` is not
+    16 bytes or ``body`` is not bytes.
+    """
+
+    message_id: bytes
+    sender: str
+    recipient: str
+    body: bytes
+    expires_at_ms: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.message_id, bytes) or len(self.message_id) != MESSAGE_ID_LENGTH:
+            raise LocalProtocolError(f"message_id must be {MESSAGE_ID_LENGTH} bytes")
+        if not isinstance(self.body, bytes):
+            raise LocalProtocolError("envelope body must be bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnvelope:
+    """A queued envelope as handed to its recipient; ``seq`` orders the queue."""
+
+    seq: int
+    message_id: bytes
+    sender: str
+    recipient: str
+    body: bytes
+
+
+class EnqueueStatus(str, Enum):
+    """What :meth:`HubStore.enqueue` did with one envelope."""
+
+    STORED = "stored"
+    """Queued now (durable once ``enqueue`` returns)."""
+    DUPLICATE = "duplicate"
+    """An envelope with this message id is already queued; success for the sender."""
+    MAILBOX_FULL = "mailbox_full"
+    """The recipient's count or byte quota would be exceeded; retry later."""
+    UNKNOWN_RECIPIENT = "unknown_recipient"
+    """No agent was ever bound under the recipient id."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """The outcome for one envelope of an :meth:`HubStore.enqueue` batch.
+
+    ``seq`` is set for :attr:`EnqueueStatus.STORED` only.
+    """
+
+    status: EnqueueStatus
+    seq: int | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """True if the hub holds the envelope (stored now or before): the sender may forget it."""
+        return self.status in (EnqueueStatus.STORED, EnqueueStatus.DUPLICATE)
+
+
+_DUPLICATE: Final = EnqueueResult(EnqueueStatus.DUPLICATE)
+_MAILBOX_FULL: Final = EnqueueResult(EnqueueStatus.MAILBOX_FULL)
+_UNKNOWN_RECIPIENT: Final = EnqueueResult(EnqueueStatus.UNKNOWN_RECIPIENT)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _to_url(url_or_path: str) -> URL:
+    value = url_or_path.strip() if isinstance(url_or_path, str) else ""
+    if not value:
+        raise ConfigurationError("database must be a file path or a SQLAlchemy URL, got ''")
+    if "://" not in value:
+        return URL.create("sqlite", database=value)
+    try:
+        return make_url(value)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"invalid database URL {value!r}: {exc}") from None
+
+
+def resolve_db_url(url_or_path: str) -> str:
+    """Turn a database setting into a SQLAlchemy URL string.
+
+    A value containing ``://`` is a URL and returned unchanged; anything else is a
+    file path and becomes ``sqlite:///PATH`` (relative paths stay relative to the
+    working directory). Raises :class:`~agentmesh.errors.ConfigurationError` for
+    an empty value or a URL that does not parse.
+    """
+    return _to_url(url_or_path).render_as_string(hide_password=False)
+
+
+def create_hub_engine(
+    url_or_path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000
+) -> Engine:
+    """Create the engine :class:`HubStore` and the migrations use.
+
+    For SQLite every new connection gets ``PRAGMA busy_timeout``,
+    ``journal_mode=WAL``, ``synchronous=<synchronous>`` and ``foreign_keys=ON``,
+    and SQLAlchemy (not the ``sqlite3`` module) emits ``BEGIN``: ``BEGIN
+    IMMEDIATE`` for connections with the ``agentmesh_write`` execution option.
+    Other databases get ``pool_pre_ping``. Nothing connects until first use.
+
+    Raises :class:`~agentmesh.errors.ConfigurationError` for an empty or invalid
+    URL, a ``synchronous`` other than FULL, NORMAL or OFF, or a negative timeout.
+    """
+    url = _to_url(url_or_path)
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+
+    mode = synchronous.upper() if isinstance(synchronous, str) else ""
+    if mode not in _SYNCHRONOUS_MODES:
+        raise ConfigurationError(
+            f"synchronous must be one of FULL, NORMAL, OFF, not {synchronous!r}"
+        )
+    if not isinstance(busy_timeout_ms, int) or busy_timeout_ms < 0:
+        raise ConfigurationError(f"busy_timeout_ms must be an int >= 0, not {busy_timeout_ms!r}")
+
+    engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (see on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            _enable_wal(cursor, busy_timeout_ms)
+            cursor.execute(f"PRAGMA synchronous = {mode}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    def on_begin(conn: Connection) -> None:
+        write = bool(conn.get_execution_options().get(_WRITE_OPTION))
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    event.listen(engine, "connect", on_connect)
+    event.listen(engine, "begin", on_begin)
+    return engine
+
+
+def _enable_wal(cursor: Any, busy_timeout_ms: int) -> None:
+    """Switch a SQLite database to WAL mode (persistent, so usually already done).
+
+    The switch needs an exclusive lock and SQLite does not always run the busy
+    handler for it, so several hubs opening a new file at once can see "database
+    is locked": retry until ``busy_timeout_ms`` has passed.
+    """
+    mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+    if str(mode).lower() in ("wal", "memory"):
+        return
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as exc:
+            text_ = str(exc).lower()
+            if ("locked" not in text_ and "busy" not in text_) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _sqlite_pragma(conn: Connection, pragma: str) -> None:
+    """Run a PRAGMA outside any transaction (foreign_keys is a no-op inside one)."""
+    driver_connection = conn.connection.driver_connection
+    assert driver_connection is not None
+    driver_connection.execute(pragma)
+
+
+@contextmanager
+def migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """Yield a connection inside the one write transaction migrations run in.
+
+    It holds the database's write lock for its whole duration (``BEGIN
+    IMMEDIATE`` on SQLite, ``pg_advisory_xact_lock`` on PostgreSQL), so two hubs
+    starting at once migrate one after the other. On SQLite, foreign keys are off
+    inside it (batch-mode table rebuilds must not cascade) and checked with
+    ``PRAGMA foreign_key_check`` before the commit; a violation raises
+    :class:`~agentmesh.errors.ConfigurationError` and rolls everything back.
+    Commits when the block ends without an exception.
+    """
+    with engine.connect() as conn:
+        is_sqlite = conn.dialect.name == "sqlite"
+        if is_sqlite:
+            _sqlite_pragma(conn, "PRAGMA foreign_keys = OFF")
+        try:
+            conn.execution_options(**{_WRITE_OPTION: True})
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                    )
+                yield conn
+                if is_sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise ConfigurationError(
+                            f"migration left {len(broken)} foreign-key violations "
+                            f"(first: {tuple(broken[0])}); rolled back"
+                        )
+        finally:
+            if is_sqlite and not conn.invalidated:
+                _sqlite_pragma(conn, "PRAGMA foreign_keys = ON")
+
+
+def migrations_dir() -> Path:
+    """The directory of the Alembic environment (``env.py``, ``versions/``).
+
+    It is the package ``agentmesh.migrations`` when installed (also editable),
+    else ``migrations/`` at the root of the source checkout. Raises
+    :class:`~agentmesh.errors.ConfigurationError` if neither exists.
+    """
+    candidates: list[Path] = []
+    try:
+        resource = importlib.resources.files("agentmesh.migrations")
+    except ModuleNotFoundError:
+        pass
+    else:
+        if isinstance(resource, Path):
+            candidates.append(resource)
+    candidates.append(Path(__file__).resolve().parents[2] / "migrations")
+    for candidate in candidates:
+        if (candidate / "env.py").is_file() and (candidate / "versions").is_dir():
+            return candidate
+    raise ConfigurationError(
+        "AgentMesh migrations not found (looked for the package agentmesh.migrations "
+        f"and {candidates[-1]}); reinstall AgentMesh"
+    )
+
+
+def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _check_signing_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or len(key) != SIGNING_KEY_LENGTH:
+        raise InvalidKeyError(f"signing key must be {SIGNING_KEY_LENGTH} bytes")
+
+
+def _identity_mismatch(agent_id: str) -> AuthFailedError:
+    return AuthFailedError(
+        "identity_mismatch", f"agent id {agent_id!r} is bound to another identity key"
+    )
+
+
+def _unknown_agent(agent_id: str) -> HubError:
+    return HubError("unknown_agent", f"agent id {agent_id!r} is not bound on this hub")
+
+
+_SchemaState = Literal["head", "behind", "empty"]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class HubStore:
+    """The hub's durable state in one SQLite file or PostgreSQL database.
+
+    ``url_or_path`` is a SQLAlchemy URL (``sqlite:///hub.sqlite``,
+    ``postgresql+psycopg://user@host/db``) or a plain file path, meaning
+    ``sqlite:///PATH``. ``synchronous`` (FULL, NORMAL or OFF) and
+    ``busy_timeout_ms`` apply to SQLite only; FULL (the default) makes every
+    commit survive power loss, NORMAL only a process crash.
+
+    The constructor creates the engine and does not touch the database; call
+    :meth:`ensure_schema` before anything else. Thread-safe: each call uses its
+    own pooled connection and transaction. Raises
+    :class:`~agentmesh.errors.ConfigurationError` for invalid settings.
+    """
+
+    def __init__(
+        self, url_or_path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000
+    ) -> None:
+        self._engine = create_hub_engine(
+            url_or_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def engine(self) -> Engine:
+        """The underlying SQLAlchemy engine (for tooling and tests)."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"HubStore({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def __enter__(self) -> HubStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close all pooled connections. The store must not be used afterwards."""
+        self._engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            conn.execution_options(**{_WRITE_OPTION: True})
+            with conn.begin():
+                yield conn
+
+    # ------------------------------------------------------------------ schema
+
+    def _alembic_config(self, connection: Connection | None = None) -> Config:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
+        if connection is not None:
+            config.attributes["connection"] = connection
+        return config
+
+    def _schema_state(self, conn: Connection, script: ScriptDirectory) -> _SchemaState:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+        known = {rev.revision for rev in script.walk_revisions()}
+        unknown = sorted(current - known)
+        if unknown:
+            raise ConfigurationError(
+                f"database is at revision {', '.join(unknown)} which this AgentMesh version "
+                "does not know (it was written by a newer AgentMesh); upgrade AgentMesh"
+            )
+        if current == set(script.get_heads()):
+            return "head"
+        if current:
+            return "behind"
+        if inspect(conn).has_table(agents.name):
+            raise ConfigurationError(
+                "database has AgentMesh tables but no alembic_version table; "
+                "run `alembic stamp <revision>` to record which revision it is at"
+            )
+        return "empty"
+
+    def check_revision(self) -> None:
+        """Check that the database schema is exactly the one this version uses.
+
+        Raises :class:`~agentmesh.errors.ConfigurationError` if the database is at
+        a revision this AgentMesh does not know ("upgrade AgentMesh"), if it is at
+        an older revision or empty ("run `alembic upgrade head`"), or if it has
+        hub tables but no Alembic version. Read-only.
+        """
+        script = ScriptDirectory.from_config(self._alembic_config())
+        with self._read() as conn:
+            state = self._schema_state(conn, script)
+        if state != "head":
+            raise ConfigurationError(
+                f"database is not at head ({state}, expected revision "
+                f"{', '.join(script.get_heads())}); run `alembic upgrade head` "
+                "(or HubStore.ensure_schema())"
+            )
+
+    def migrate(self) -> None:
+        """Bring the database to the newest revision with the packaged migrations.
+
+        Runs Alembic's ``upgrade head`` in one transaction holding the write lock
+        (see :func:`migration_transaction`); a no-op at head. Raises
+        :class:`~agentmesh.errors.ConfigurationError` for a database at an
+        unknown (newer) revision or with hub tables but no Alembic version.
+        """
+        script = ScriptDirectory.from_config(self._alembic_config())
+        with migration_transaction(self._engine) as conn:
+            if self._schema_state(conn, script) != "head":
+                command.upgrade(self._alembic_config(conn), "head")
+
+    def ensure_schema(self) -> None:
+        """Make the database usable by this version; the server calls this at start-up.
+
+        A new or empty database is created at the newest revision, a database at
+        a known older revision is upgraded, one at head is left alone (checked
+        without taking the write lock). Raises
+        :class:`~agentmesh.errors.ConfigurationError` for a database at a revision
+        this AgentMesh does not know: upgrade AgentMesh instead.
+        """
+        script = ScriptDirectory.from_config(self._alembic_config())
+        with self._read() as conn:
+            state = self._schema_state(conn, script)
+        if state != "head":
+            self.migrate()
+
+    # ------------------------------------------------------------------ identities
+
+    def bind_agent(self, agent_id: str, signing_key: bytes, now_ms: int) -> bool:
+        """Bind ``agent_id`` to ``signing_key`` on first registration.
+
+        Returns True if the id was unbound and is now bound (its mailbox is
+        created), False if it was already bound to this key (``last_seen_ms`` is
+        updated). Safe against concurrent first registrations from other
+        connections or processes: exactly one key wins.
+
+        Raises :class:`~agentmesh.errors.AuthFailedError` (code
+        ``identity_mismatch``) if the id is bound to a different key,
+        :class:`~agentmesh.ids.InvalidAgentIdError` for an invalid id and
+        :class:`~agentmesh.errors.InvalidKeyError` if the key is not 32 bytes.
+        """
+        validate_agent_id(agent_id)
+        _check_signing_key(signing_key)
+        for attempt in range(_RACE_RETRIES):
+            try:
+                with self._write() as conn:
+                    current = conn.scalar(
+                        select(agents.c.signing_key)
+                        .where(agents.c.agent_id == agent_id)
+                        .with_for_update()
+                    )
+                    if current is None:
+                        conn.execute(
+                            insert(agents).values(
+                                agent_id=agent_id,
+                                signing_key=signing_key,
+                                bundle=None,
+                                created_at_ms=now_ms,
+                                updated_at_ms=now_ms,
+                                last_seen_ms=now_ms,
+                            )
+                        )
+                        conn.execute(
+                            insert(mailboxes).values(recipient=agent_id, msg_count=0, byte_count=0)
+                        )
+                        return True
+                    if not hmac.compare_digest(bytes(current), signing_key):
+                        raise _identity_mismatch(agent_id)
+                    conn.execute(
+                        update(agents)
+                        .where(agents.c.agent_id == agent_id)
+                        .values(last_seen_ms=now_ms)
+                    )
+                    return False
+            except IntegrityError:
+                # Another connection bound the id between our read and insert:
+                # start over and compare against its key.
+                if attempt == _RACE_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def agent_key(self, agent_id: str) -> bytes | None:
+        """The Ed25519 key ``agent_id`` is bound to, or None if it is unbound."""
+        with self._read() as conn:
+            key = conn.scalar(select(agents.c.signing_key).where(agents.c.agent_id == agent_id))
+        return None if key is None else bytes(key)
+
+    def rotate_agent_key(self, agent_id: str, old_key: bytes, new_key: bytes, now_ms: int) -> None:
+        """Rebind ``agent_id`` from ``old_key`` to ``new_key``.
+
+        The caller has verified the rotation request's signature by ``old_key``;
+        the store checks atomically (row locked) that the id is still bound to
+        ``old_key`` before switching. Raises
+        :class:`~agentmesh.errors.AuthFailedError` with code ``identity_mismatch``
+        if it is bound to another key, ``unknown_agent`` if it is not bound, and
+        :class:`~agentmesh.errors.InvalidKeyError` if a key is not 32 bytes.
+        """
+        _check_signing_key(old_key)
+        _check_signing_key(new_key)
+        with self._write() as conn:
+            current = conn.scalar(
+                select(agents.c.signing_key).where(agents.c.agent_id == agent_id).with_for_update()
+            )
+            if current is None:
+                raise AuthFailedError("unknown_agent", f"agent id {agent_id!r} is not bound")
+            if not hmac.compare_digest(bytes(current), old_key):
+                raise _identity_mismatch(agent_id)
+            conn.execute(
+                update(agents)
+                .where(agents.c.agent_id == agent_id)
+                .values(signing_key=new_key, updated_at_ms=now_ms, last_seen_ms=now_ms)
+            )
+
+    def list_agents(self) -> list[str]:
+        """All bound agent ids, sorted by code point (the same on every database)."""
+        with self._read() as conn:
+            return sorted(conn.scalars(select(agents.c.agent_id)))
+
+    # ------------------------------------------------------------------ prekeys
+
+    def publish_bundle(self, agent_id: str, bundle: bytes, now_ms: int) -> None:
+        """Store ``bundle`` (the signed prekey bundle blob) as the agent's current one.
+
+        Replaces any earlier bundle. Raises :class:`~agentmesh.errors.HubError`
+        with code ``unknown_agent`` if the id is not bound.
+        """
+        if not isinstance(bundle, bytes):
+            raise LocalProtocolError("bundle must be bytes")
+        with self._write() as conn:
+            result = conn.execute(
+                update(agents)
+                .where(agents.c.agent_id == agent_id)
+                .values(bundle=bundle, updated_at_ms=now_ms)
+            )
+            if result.rowcount != 1:
+                raise _unknown_agent(agent_id)
+
+    def add_one_time_prekeys(self, agent_id: str, items: list[tuple[int, int, bytes]]) -> int:
+        """Store one-time prekeys; each item is ``(kind, prekey_id, blob)``.
+
+        ``kind`` is 1 (X25519) or 2 (ML-KEM-768). A ``(kind, prekey_id)`` already
+        stored (or repeated in ``items``) is ignored, so re-uploading after a lost
+        reply is harmless. Returns how many one-time prekeys (all kinds) are now
+        stored for the agent. Raises :class:`~agentmesh.errors.LocalProtocolError`
+        for an unknown kind or a non-bytes blob and
+        :class:`~agentmesh.errors.HubError` (``unknown_agent``) if the id is not bound.
+        """
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        for kind, prekey_id, blob in items:
+            if kind not in _KINDS:
+                raise LocalProtocolError(f"unknown one-time prekey kind {kind!r}")
+            if not isinstance(blob, bytes):
+                raise LocalProtocolError("one-time prekey blob must be bytes")
+            rows.setdefault(
+                (kind, prekey_id),
+                {"agent_id": agent_id, "kind": kind, "prekey_id": prekey_id, "blob": blob},
+            )
+        with self._write() as conn:
+            exists = conn.scalar(select(agents.c.agent_id).where(agents.c.agent_id == agent_id))
+            if exists is None:
+                raise _unknown_agent(agent_id)
+            if rows:
+                self._insert_prekeys_ignoring_duplicates(conn, agent_id, list(rows.values()))
+            count = conn.scalar(
+                select(func.count())
+                .select_from(one_time_prekeys)
+                .where(one_time_prekeys.c.agent_id == agent_id)
+            )
+        return int(count or 0)
+
+    @staticmethod
+    def _insert_prekeys_ignoring_duplicates(
+        conn: Connection, agent_id: str, rows: list[dict[str, Any]]
+    ) -> None:
+        name = conn.dialect.name
+        if name == "sqlite":
+            conn.execute(sqlite_insert(one_time_prekeys).on_conflict_do_nothing(), rows)
+        elif name == "postgresql":
+            conn.execute(pg_insert(one_time_prekeys).on_conflict_do_nothing(), rows)
+        else:  # pragma: no cover - other dialects: check, then insert the new ones
+            held = set(
+                conn.execute(
+                    select(one_time_prekeys.c.kind, one_time_prekeys.c.prekey_id).where(
+                        one_time_prekeys.c.agent_id == agent_id
+                    )
+                )
+            )
+            fresh = [row for row in rows if (row["kind"], row["prekey_id"]) not in held]
+            if fresh:
+                conn.execute(insert(one_time_prekeys), fresh)
+
+    def fetch_bundle(self, agent_id: str, now_ms: int) -> FetchedBundle | None:
+        """The agent's bundle with at most one one-time prekey of each kind.
+
+        In one transaction: reads the bundle, then deletes and returns the one-time
+        prekey with the lowest ``prekey_id`` of each kind, so each one-time prekey
+        is handed out at most once, also to concurrent callers (SQLite: write
+        lock; PostgreSQL: ``FOR UPDATE SKIP LOCKED``). Returns None if the agent
+        is unknown or has not published a bundle (then nothing is consumed).
+        ``now_ms`` is accepted for the uniform clock API and not used yet.
+        """
+        del now_ms
+        with self._write() as conn:
+            bundle = conn.scalar(select(agents.c.bundle).where(agents.c.agent_id == agent_id))
+            if bundle is None:
+                return None
+            taken = {kind: self._take_one_time_prekey(conn, agent_id, kind) for kind in _KINDS}
+            remaining: dict[int, int] = {
+                int(kind): int(count)
+                for kind, count in conn.execute(
+                    select(one_time_prekeys.c.kind, func.count())
+                    .where(one_time_prekeys.c.agent_id == agent_id)
+                    .group_by(one_time_prekeys.c.kind)
+                )
+            }
+        return FetchedBundle(
+            bundle=bytes(bundle),
+            one_time_x25519=taken[KIND_X25519],
+            one_time_kem=taken[KIND_KEM],
+            remaining_x25519=remaining.get(KIND_X25519, 0),
+            remaining_kem=remaining.get(KIND_KEM, 0),
+        )
+
+    @staticmethod
+    def _take_one_time_prekey(conn: Connection, agent_id: str, kind: int) -> bytes | None:
+        table = one_time_prekeys
+        pick = (
+            select(table.c.prekey_id, table.c.blob)
+            .where(table.c.agent_id == agent_id, table.c.kind == kind)
+            .order_by(table.c.prekey_id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        for _ in range(_RACE_RETRIES):
+            row = conn.execute(pick).first()
+            if row is None:
+                return None
+            gone = conn.execute(
+                delete(table).where(
+                    table.c.agent_id == agent_id,
+                    table.c.kind == kind,
+                    table.c.prekey_id == row.prekey_id,
+                )
+            )
+            if gone.rowcount == 1:
+                return bytes(row.blob)
+            # Someone else took it between our read and delete: take the next one.
+        return None
+
+    # ------------------------------------------------------------------ envelopes
+
+    def enqueue(
+        self,
+        batch: list[NewEnvelope],
+        *,
+        now_ms: int,
+        max_count_per_recipient: int,
+        max_bytes_per_recipient: int,
+    ) -> list[EnqueueResult]:
+        """Queue a batch of envelopes in ONE transaction (group commit).
+
+        Returns one :class:`EnqueueResult` per item, in order:
+
+        * ``stored`` with its ``seq``;
+        * ``duplicate``: an envelope with this message id is already queued (or
+          appears earlier in this batch); it is not stored twice;
+        * ``mailbox_full``: storing it would take the recipient above
+          ``max_count_per_recipient`` envelopes or ``max_bytes_per_recipient``
+          body bytes, counting what is queued plus earlier items of the batch;
+        * ``unknown_recipient``: the recipient id was never bound.
+
+        One item's outcome never fails the others. Quota checks use the
+        per-recipient counters (O(batch), not O(mailbox)). When this returns, the
+        stored items are committed. Items of one batch for one recipient get
+        increasing ``seq`` in batch order. An item already past ``expires_at_ms``
+        is stored like any other (and then skipped by :meth:`pending` and removed
+        by :meth:`purge_expired`); the caller may refuse such items beforehand.
+        A concurrent enqueue of the same message id from another connection is
+        retried and reported as duplicate.
+        """
+        if not batch:
+            return []
+        for attempt in range(_RACE_RETRIES):
+            try:
+                with self._write() as conn:
+                    return self._enqueue(
+                        conn, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
+                    )
+            except IntegrityError:
+                if attempt == _RACE_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _enqueue(
+        conn: Connection,
+        batch: list[NewEnvelope],
+        now_ms: int,
+        max_count: int,
+        max_bytes: int,
+    ) -> list[EnqueueResult]:
+        # Lock the recipients' counters (sorted, so concurrent batches cannot deadlock).
+        boxes: dict[str, list[int]] = {}
+        recipients = sorted({item.recipient for item in batch})
+        for chunk in _chunks(recipients):
+            for recipient, count, size in conn.execute(
+                select(mailboxes.c.recipient, mailboxes.c.msg_count, mailboxes.c.byte_count)
+                .where(mailboxes.c.recipient.in_(chunk))
+                .order_by(mailboxes.c.recipient)
+                .with_for_update()
+            ):
+                boxes[recipient] = [int(count), int(size)]
+
+        held: set[bytes] = set()
+        message_ids = list({item.message_id for item in batch})
+        for id_chunk in _chunks(message_ids):
+            held.update(
+                bytes(mid)
+                for mid in conn.scalars(
+                    select(envelopes.c.message_id).where(envelopes.c.message_id.in_(id_chunk))
+                )
+            )
+
+        results: list[EnqueueResult | None] = []
+        rows: list[dict[str, Any]] = []
+        positions: list[int] = []
+        added: dict[str, list[int]] = {}
+        for position, item in enumerate(batch):
+            if item.message_id in held:
+                results.append(_DUPLICATE)
+                continue
+            box = boxes.get(item.recipient)
+            if box is None:
+                results.append(_UNKNOWN_RECIPIENT)
+                continue
+            size = len(item.body)
+            if box[0] + 1 > max_count or box[1] + size > max_bytes:
+                results.append(_MAILBOX_FULL)
+                continue
+            box[0] += 1
+            box[1] += size
+            delta = added.setdefault(item.recipient, [0, 0])
+            delta[0] += 1
+            delta[1] += size
+            held.add(item.message_id)
+            results.append(None)
+            positions.append(position)
+            rows.append(
+                {
+                    "message_id": item.message_id,
+                    "sender": item.sender,
+                    "recipient": item.recipient,
+                    "body": item.body,
+                    "size": size,
+                    "created_at_ms": now_ms,
+                    "expires_at_ms": item.expires_at_ms,
+                }
+            )
+
+        if rows:
+            seqs = conn.scalars(
+                insert(envelopes).returning(envelopes.c.seq, sort_by_parameter_order=True), rows
+            ).all()
+            for position, seq in zip(positions, seqs, strict=True):
+                results[position] = EnqueueResult(EnqueueStatus.STORED, int(seq))
+            _add_to_counters(conn, added)
+
+        final: list[EnqueueResult] = []
+        for result in results:
+            assert result is not None
+            final.append(result)
+        return final
+
+    def pending(
+        self, recipient: str, *, after_seq: int = 0, limit: int = 500, now_ms: int
+    ) -> list[StoredEnvelope]:
+        """Up to ``limit`` queued envelopes for ``recipient`` with ``seq > after_seq``.
+
+        In ``seq`` (FIFO) order; envelopes whose ``expires_at_ms <= now_ms`` are
+        skipped. Nothing is removed: the recipient acknowledges with :meth:`ack`.
+        Returns an empty list for an unknown recipient or ``limit <= 0``.
+        """
+        if limit <= 0:
+            return []
+        query = (
+            select(
+                envelopes.c.seq,
+                envelopes.c.message_id,
+                envelopes.c.sender,
+                envelopes.c.recipient,
+                envelopes.c.body,
+            )
+            .where(
+                envelopes.c.recipient == recipient,
+                envelopes.c.seq > after_seq,
+                envelopes.c.expires_at_ms > now_ms,
+            )
+            .order_by(envelopes.c.seq)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [
+                StoredEnvelope(int(seq), bytes(mid), sender, rcpt, bytes(body))
+                for seq, mid, sender, rcpt, body in conn.execute(query)
+            ]
+
+    def ack(self, recipient: str, message_ids: list[bytes]) -> int:
+        """Delete ``recipient``'s envelopes with these message ids, in one transaction.
+
+        Only envelopes addressed to ``recipient`` are deleted (an agent cannot
+        delete others' mail); unknown ids are ignored. Updates the counters and
+        returns how many envelopes were deleted.
+        """
+        ids = list(dict.fromkeys(message_ids))
+        if not ids:
+            return 0
+        deleted = 0
+        freed = 0
+        with self._write() as conn:
+            for chunk in _chunks(ids):
+                sizes = _delete_returning_sizes(
+                    conn,
+                    and_(envelopes.c.recipient == recipient, envelopes.c.message_id.in_(chunk)),
+                )
+                deleted += len(sizes)
+                freed += sum(size for _, size in sizes)
+            if deleted:
+                _add_to_counters(conn, {recipient: [-deleted, -freed]})
+        return deleted
+
+    def purge_expired(self, now_ms: int, limit: int = 10000) -> int:
+        """Delete up to ``limit`` envelopes with ``expires_at_ms <= now_ms``, oldest expiry first.
+
+        Updates the counters in the same transaction and returns how many were
+        deleted; call again while it returns ``limit``.
+        """
+        if limit <= 0:
+            return 0
+        victims: Select[Any] = (
+            select(envelopes.c.seq)
+            .where(envelopes.c.expires_at_ms <= now_ms)
+            .order_by(envelopes.c.expires_at_ms, envelopes.c.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._write() as conn:
+            rows = _delete_returning_sizes(conn, envelopes.c.seq.in_(victims))
+            freed: dict[str, list[int]] = {}
+            for recipient, size in rows:
+                entry = freed.setdefault(recipient, [0, 0])
+                entry[0] -= 1
+                entry[1] -= size
+            _add_to_counters(conn, freed)
+        return len(rows)
+
+    def queued_count(self, recipient: str | None = None) -> int:
+        """Envelopes queued for ``recipient``, or for everyone if None.
+
+        Read from the counters, so it includes expired envelopes not yet purged.
+        """
+        query = select(func.coalesce(func.sum(mailboxes.c.msg_count), 0))
+        if recipient is not None:
+            query = query.where(mailboxes.c.recipient == recipient)
+        with self._read() as conn:
+            return int(conn.scalar(query) or 0)
+
+    def stats(self) -> dict[str, int]:
+        """``{"agents": bound ids, "envelopes": queued envelopes, "bytes": queued body bytes}``."""
+        with self._read() as conn:
+            agent_count = conn.scalar(select(func.count()).select_from(agents))
+            count, size = conn.execute(
+                select(
+                    func.coalesce(func.sum(mailboxes.c.msg_count), 0),
+                    func.coalesce(func.sum(mailboxes.c.byte_count), 0),
+                )
+            ).one()
+        return {"agents": int(agent_count or 0), "envelopes": int(count), "bytes": int(size)}
+
+
+def _delete_returning_sizes(conn: Connection, where: Any) -> list[tuple[str, int]]:
+    """Delete the envelopes matching ``where``; return (recipient, size) of each."""
+    if conn.dialect.delete_returning:
+        result = conn.execute(
+            delete(envelopes).where(where).returning(envelopes.c.recipient, envelopes.c.size)
+        )
+        return [(recipient, int(size)) for recipient, size in result]
+    # Without RETURNING (old SQLite): read, then delete exactly those rows. The
+    # write transaction holds the lock, so nothing changes in between.
+    found = conn.execute(
+        select(envelopes.c.seq, envelopes.c.recipient, envelopes.c.size).where(where)
+    ).all()
+    seqs = [row.seq for row in found]
+    for chunk in _chunks(seqs):
+        conn.execute(delete(envelopes).where(envelopes.c.seq.in_(chunk)))
+    return [(row.recipient, int(row.size)) for row in found]
+
+
+def _add_to_counters(conn: Connection, deltas: dict[str, list[int]]) -> None:
+    """Add ``[count, bytes]`` deltas to the recipients' mailbox counters."""
+    params = [
+        {"b_recipient": recipient, "b_count": delta[0], "b_bytes": delta[1]}
+        for recipient, delta in sorted(deltas.items())
+        if delta[0] or delta[1]
+    ]
+    if not params:
+        return
+    conn.execute(
+        update(mailboxes)
+        .where(mailboxes.c.recipient == bindparam("b_recipient"))
+        .values(
+            msg_count=mailboxes.c.msg_count + bindparam("b_count"),
+            byte_count=mailboxes.c.byte_count + bindparam("b_bytes"),
+        ),
+        params,
+    )

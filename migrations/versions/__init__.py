@@ -1,0 +1,1 @@
+"""Migration scripts of the hub store (``agentmesh.migrations.versions``)."""
