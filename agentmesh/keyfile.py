@@ -114,9 +114,13 @@ def decode_key_file(data: bytes, passphrase: str | None = None) -> AgentKeyPair:
     if passphrase is None:
         raise ConfigurationError("key file is encrypted: pass passphrase=... to Agent")
     params = [doc.get(k) for k in ("n", "r", "p")]
-    if not all(isinstance(v, int) and 0 < v <= 2**20 for v in params) or doc.get("kdf") != "scrypt":
+    if not all(type(v) is int and 0 < v <= 2**20 for v in params) or doc.get("kdf") != "scrypt":
         raise DecodeError("key file: unsupported KDF parameters")
     n, r, p_ = (int(v) for v in params)  # type: ignore[arg-type]
+    # scrypt needs n to be a power of two; cap memory (128*n*r bytes) and work so that
+    # a crafted file cannot exhaust memory or CPU (we write n=2**15, r=8, p=1).
+    if n < 2 or n & (n - 1) or n * r > 2**20 or n * r * p_ > 2**22:
+        raise DecodeError("key file: unsupported KDF parameters")
     key = _scrypt_key(passphrase, _field(doc, "salt"), n, r, p_)
     try:
         plain = p.aes_gcm_decrypt(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from agentmesh.codec import Reader, Writer
@@ -159,8 +160,9 @@ def unseal(
     inner = session.session
     if not p.constant_time_equal(sender.signing, inner.peer_identity.signing):
         raise CryptoError("sender bundle does not match this session's peer")
-    inner.local_id, inner.peer_id = envelope.recipient, envelope.sender
-    new, message = inner.decrypt(envelope)
+    # address a copy, so that a failure leaves even the ids unchanged
+    addressed = replace(inner, local_id=envelope.recipient, peer_id=envelope.sender)
+    new, message = addressed.decrypt(envelope)
     if message.signature is None:
         raise CryptoError("message is not signed")
     try:
