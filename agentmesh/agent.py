@@ -149,11 +149,19 @@ class Agent:
             self._keypair = AgentKeyPair.generate(rng)
             self._state = AgentState(None)
         self._identity: IdentityKeyPair = self._keypair.identity
-        self._prekeys = self._load_prekeys()
         self.hub: Hub | None = None
-        if hub is not None:
-            self.hub = hub
-            hub.register(self)
+        try:
+            self._prekeys = self._load_prekeys()
+            if hub is not None:
+                self.hub = hub
+                hub.register(self)
+        except BaseException:
+            # e.g. AuthFailedError: don't leave the state open and the identity locked
+            self._closed = True
+            self._state.close()
+            if self._lock_file is not None:
+                self._lock_file.release()
+            raise
 
     # -- identity ---------------------------------------------------------
 
@@ -366,6 +374,13 @@ class Agent:
     def connect_with_bundle(self, bundle: dict[str, Any]) -> None:
         """Set up a session from a peer's ``public_bundle`` handed over directly (peer to peer)."""
         parsed = PrekeyBundle.from_dict(bundle)
+        # The "bundle" blob is authoritative; refuse a dict whose readable fields
+        # (what a user verifies: id, keys, fingerprint) describe someone else.
+        shown = parsed.to_dict()
+        for key in ("agent_id", "identity_public", "exchange_public", "identity_binding",
+                    "fingerprint"):
+            if key in bundle and bundle[key] != shown[key]:
+                raise CryptoError(f"bundle field {key!r} does not match the signed bundle")
         peer_id = validate_agent_id(parsed.agent_id)
         with self._lock:
             pin = self._check_pin(peer_id, parsed.identity)
@@ -426,16 +441,21 @@ class Agent:
             if envelope.timestamp < now - self._replay_window_ms:
                 raise ReplayError("message is older than the replay window")
             pin = None
+            changed: bytes | None = None
+            pinned = self._state.pinned_identity(envelope.sender)
             if envelope.prekey is not None:
-                pin = self._check_pin(
-                    envelope.sender,
-                    PublicIdentity(
-                        envelope.prekey.identity_signing,
-                        envelope.prekey.identity_exchange,
-                        envelope.prekey.identity_binding,
-                    ),
-                )
-            elif (pinned := self._state.pinned_identity(envelope.sender)) and pinned[1] is not None:
+                presented = PublicIdentity(
+                    envelope.prekey.identity_signing,
+                    envelope.prekey.identity_exchange,
+                    envelope.prekey.identity_binding,
+                ).encode()
+                if pinned is None:
+                    pin = presented
+                elif not p.constant_time_equal(
+                    PublicIdentity.decode(pinned[0]).signing, envelope.prekey.identity_signing
+                ):
+                    changed = presented  # recorded below, only if the envelope decrypts
+            elif pinned is not None and pinned[1] is not None:
                 self._raise_identity_changed(envelope.sender, pinned[0], pinned[1])
             raw = self._state.session_record(envelope.sender)
             record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
@@ -451,6 +471,11 @@ class Agent:
                 decode_payload(message.payload)
             except DecodeError as exc:
                 raise CryptoError("message payload is not a JSON object") from exc
+            if changed is not None and pinned is not None:
+                # A forged or tampered envelope must not mark the peer as changed
+                # (and block the conversation): only one that decrypts does.
+                self._state.set_pending_identity(envelope.sender, changed)
+                self._raise_identity_changed(envelope.sender, pinned[0], changed)
             self._state.commit_received(
                 envelope.sender,
                 new_record.to_bytes(),

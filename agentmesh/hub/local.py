@@ -250,12 +250,19 @@ class LocalHub:
             self._store.bind_agent(agent.agent_id, agent.signing_public_key, now)
             self.refresh_prekeys(agent)
             self._online[agent.agent_id] = agent
+            resent: list[str] = []
             for data in agent.unacked_envelopes():
                 try:
-                    self._submit(data)
+                    envelope = self._submit(data)
                 except (HubError, CryptoError, DecodeError, ValueError) as exc:
                     log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
+                    continue
+                agent.envelope_acked(envelope.message_id)  # stored: drop it from the outbox
+                if envelope.recipient not in resent:
+                    resent.append(envelope.recipient)
         self._drain(agent.agent_id)
+        for recipient in resent:  # hand resent mail to recipients that are online
+            self._drain(recipient)
 
     def refresh_prekeys(self, agent: HubEndpoint) -> None:
         """(Re)publish the agent's bundle and upload its new one-time prekeys."""
