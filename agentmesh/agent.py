@@ -38,6 +38,7 @@ from agentmesh.crypto.ratchet import DEFAULT_LIMITS, RatchetLimits
 from agentmesh.crypto.session import Session, SessionRecord
 from agentmesh.errors import (
     AuthenticationError,
+    ConfigurationError,
     CryptoError,
     DecodeError,
     HubError,
@@ -151,6 +152,7 @@ class Agent:
         self._identity: IdentityKeyPair = self._keypair.identity
         self.hub: Hub | None = None
         try:
+            self._check_state_owner()
             self._prekeys = self._load_prekeys()
             if hub is not None:
                 self.hub = hub
@@ -573,6 +575,19 @@ class Agent:
 
     def envelope_acked(self, message_id: bytes) -> None:
         self._state.remove_from_outbox(message_id)
+
+    def _check_state_owner(self) -> None:
+        """Refuse a state file that belongs to another identity (e.g. a replaced key file)."""
+        mine = self._identity.public.encode()
+        owner = self._state.get_meta("identity")
+        if owner is None:
+            self._state.set_meta("identity", mine)
+        elif not p.constant_time_equal(owner, mine):
+            raise ConfigurationError(
+                f"state file {self._state.path} belongs to identity "
+                f"{fingerprint_of(PublicIdentity.decode(owner).signing)}, not to this key file's "
+                f"{self.fingerprint}; move the old state file away to start afresh"
+            )
 
     def _load_prekeys(self) -> PrekeySecrets:
         raw = self._state.get_meta("prekeys")

@@ -158,3 +158,18 @@ def test_encode_decode_key_file(make_agent) -> None:
         decode_key_file(sealed, "other")
     with pytest.raises(ConfigurationError):
         decode_key_file(sealed)
+
+
+def test_state_file_of_another_identity_is_refused(tmp_path):
+    """A key file replaced under an existing state file gives a clear error, not a bad signature."""
+    import pytest
+
+    from agentmesh import Agent
+    from agentmesh.errors import ConfigurationError
+
+    key = tmp_path / "alice.json"
+    Agent("alice", keypair_path=key).close()
+    key.unlink()  # a new identity, but the old alice.state.sqlite stays
+    with pytest.raises(ConfigurationError, match="belongs to identity"):
+        Agent("alice", keypair_path=key)
+    Agent("alice", keypair_path=key.with_name("other.json")).close()
