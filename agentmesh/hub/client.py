@@ -1,0 +1,932 @@
+"""The network hub client: :class:`NetworkHub`, a :class:`~agentmesh.hub.base.Hub` over TCP/TLS.
+
+Threads
+    One background I/O thread runs an asyncio event loop for every
+    connection of one ``NetworkHub`` (started lazily, never per call). Each
+    registered agent has its own authenticated connection and its own
+    *dispatcher* thread, which hands pushed envelopes to
+    ``endpoint.receive_envelope`` one at a time, in the order the hub pushed
+    them, and then acknowledges them (acks are batched). Other endpoint
+    calls made by the client (signing the login, reading prekeys and the
+    outbox) run in the loop's executor so they never block the loop.
+
+Reconnect
+    After a lost connection the link retries with :func:`backoff` (exponential,
+    full jitter, capped) while :func:`is_retryable` says so, always in this
+    order: cancel the pinger -> connect -> LOGIN (publishing the bundle) ->
+    upload one-time prekeys -> re-send the agent's outbox
+    (``endpoint.unacked_envelopes()``) -> resume dispatching pushes.
+
+Foreign exceptions (``OSError``, ``ssl.SSLError``, timeouts) are mapped to
+:class:`~agentmesh.errors.HubUnavailableError` at this boundary; refusals
+by the hub become :class:`~agentmesh.errors.HubError` subclasses.
+
+Never logs keys, signatures or envelope contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import random
+import ssl
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from agentmesh.crypto.prekeys import PrekeyBundle
+from agentmesh.errors import (
+    AuthFailedError,
+    CryptoError,
+    DecodeError,
+    HubError,
+    HubUnavailableError,
+    IdentityChangedError,
+    LocalProtocolError,
+    MailboxFullError,
+)
+from agentmesh.hub.base import HubEndpoint
+from agentmesh.protocol import hub_protocol as hp
+from agentmesh.protocol.envelope import Envelope, decode_envelope
+
+logger = logging.getLogger("agentmesh.hub.client")
+
+_T = TypeVar("_T")
+DEFAULT_PORT = 7700
+#: Hub error codes after which reconnecting may help.
+RETRYABLE_CODES = frozenset(
+    {
+        "shutting_down",
+        "too_many_connections",
+        "handshake_timeout",
+        "idle_timeout",
+        "internal",
+        "rate_limited",
+    }
+)
+_AUTH_CODES = frozenset({"identity_mismatch", "bad_signature", "unknown_agent"})
+#: Bytes of an UPLOAD_PREKEYS frame besides the prekeys (length, type, request id, count).
+_UPLOAD_OVERHEAD = 4 + 1 + 4 + 2
+
+
+def backoff(
+    initial: float = 0.1,
+    maximum: float = 10.0,
+    factor: float = 2.0,
+    rng: Callable[[], float] = random.random,
+) -> Iterator[float]:
+    """Reconnect delays: exponential growth capped at ``maximum``, with full jitter.
+
+    The n-th value is uniform in ``[0, min(maximum, initial * factor**n))``
+    (``rng`` returns floats in [0, 1); inject it for deterministic tests).
+    """
+    ceiling = initial
+    while True:
+        yield rng() * ceiling
+        ceiling = min(maximum, ceiling * factor)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether reconnecting after ``exc`` may succeed (auth refusals never do)."""
+    if isinstance(exc, AuthFailedError):
+        return False
+    if isinstance(exc, HubError):
+        return exc.code in RETRYABLE_CODES
+    return isinstance(exc, HubUnavailableError | OSError | asyncio.TimeoutError | DecodeError)
+
+
+def hub_error(code: str, text: str, recipient: str | None = None) -> Exception:
+    """The exception a client raises for a hub ERROR with ``code``."""
+    if code == "unknown_recipient" and recipient is not None:
+        return ValueError(f"Peer '{recipient}' not found on hub")
+    if code == "mailbox_full":
+        return MailboxFullError(code, text)
+    if code in _AUTH_CODES:
+        return AuthFailedError(code, text)
+    return HubError(code, text)
+
+
+def _chunk_prekeys(prekeys: list[bytes], max_frame_size: int) -> list[list[bytes]]:
+    """Split encoded prekeys into UPLOAD_PREKEYS frames within ``max_frame_size``."""
+    chunks: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = _UPLOAD_OVERHEAD
+    for prekey in prekeys:
+        cost = 2 + len(prekey)
+        if current and (size + cost > max_frame_size or len(current) == 0xFFFF):
+            chunks.append(current)
+            current, size = [], _UPLOAD_OVERHEAD
+        current.append(prekey)
+        size += cost
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+# --- one connection --------------------------------------------------------
+
+
+class _Wire(asyncio.Protocol):
+    """One hub connection: a :class:`ClientConnection`, its transport, and request waiters.
+
+    Loop thread only. ``on_event`` receives every event that is not the answer
+    to a request (pushes, PREKEYS_LOW, fatal errors).
+    """
+
+    def __init__(
+        self, conn: hp.ClientConnection, on_event: Callable[[hp.Event], None] | None = None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.conn = conn
+        self.on_event = on_event
+        self.transport: asyncio.Transport | None = None
+        self.hello: asyncio.Future[hp.HelloReceived] = loop.create_future()
+        self.lost: asyncio.Future[str | None] = loop.create_future()
+        self.close_reason: str | None = None
+        self.last_rx = loop.time()
+        self._waiters: dict[int, asyncio.Future[hp.Event]] = {}
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = asyncio.get_running_loop().time()
+        for event in self.conn.receive_data(data):
+            self._handle(event)
+        self.write()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = HubUnavailableError(
+            f"connection to the hub lost ({self.close_reason or exc or 'closed'})"
+        )
+        if not self.hello.done():
+            self.hello.set_exception(error)
+            self.hello.exception()  # mark retrieved: open_wire may have stopped waiting
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(error)
+        self._waiters.clear()
+        if not self.lost.done():
+            self.lost.set_result(self.close_reason)
+
+    # driving
+
+    def require_open(self) -> None:
+        """Raise HubUnavailableError if the connection is closed or closing."""
+        if self.lost.done() or self.conn.closed:
+            raise HubUnavailableError(
+                f"connection to the hub closed ({self.close_reason or 'connection lost'})"
+            )
+
+    @property
+    def authenticated(self) -> bool:
+        return self.conn.state is hp.State.AUTHENTICATED and not self.lost.done()
+
+    def write(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        data = self.conn.data_to_send()
+        if data:
+            transport.write(data)
+        if self.conn.closed:
+            transport.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _handle(self, event: hp.Event) -> None:
+        if isinstance(event, hp.HelloReceived):
+            if not self.hello.done():
+                self.hello.set_result(event)
+            return
+        request_id = getattr(event, "request_id", None)
+        if request_id and request_id in self._waiters:
+            future = self._waiters.pop(request_id)
+            if not future.done():
+                future.set_result(event)
+            return
+        if isinstance(event, hp.ConnectionFailed):
+            self.close_reason = event.code
+            log = logger.info if event.code == "shutting_down" else logger.warning
+            log("hub connection closed: %s %s", event.code, event.detail)
+        elif isinstance(event, hp.ErrorReceived) and not event.fatal:
+            logger.warning("hub error: %s %s", event.code, event.text)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    async def request(self, request_id: int, timeout: float) -> hp.Event:
+        """Send what is queued and wait for the answer to ``request_id``.
+
+        Raises HubUnavailableError if the connection drops or no answer
+        arrives within ``timeout`` seconds.
+        """
+        if self.lost.done():
+            raise HubUnavailableError("not connected to the hub")
+        future: asyncio.Future[hp.Event] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = future
+        self.write()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise HubUnavailableError(f"no answer from the hub within {timeout}s") from None
+        finally:
+            self._waiters.pop(request_id, None)
+
+
+def _expect(event: hp.Event, kind: type[_T], recipient: str | None = None) -> _T:
+    if isinstance(event, kind):
+        return event
+    if isinstance(event, hp.ErrorReceived):
+        raise hub_error(event.code, event.text, recipient)
+    raise HubError("protocol", f"unexpected answer {type(event).__name__}")  # pragma: no cover
+
+
+# --- the I/O thread --------------------------------------------------------
+
+
+class _IOThread:
+    """A daemon thread running one event loop forever; coroutines are submitted to it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="agentmesh-hub-client", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
+        """Run ``coro`` on the loop and wait; on timeout cancel it and raise HubUnavailableError."""
+        if threading.current_thread() is self._thread:
+            raise LocalProtocolError("NetworkHub methods must not be called from its I/O thread")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise HubUnavailableError(f"the hub did not answer within {timeout}s") from None
+
+    def stop(self) -> None:
+        def shutdown() -> None:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.stop()
+
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(shutdown)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5.0)
+            if not self._thread.is_alive():
+                self.loop.close()
+
+
+# --- one registered agent --------------------------------------------------
+
+_STOP = object()
+#: Queued to the dispatcher after each login: run handlers for already-committed messages.
+_DISPATCH = object()
+#: Run the endpoint's handlers at least this often while pushes keep arriving.
+_DISPATCH_EVERY = 64
+
+
+class _Link:
+    """One registered agent: its connection (re-made after losses) and dispatcher thread."""
+
+    def __init__(self, hub: NetworkHub, endpoint: HubEndpoint, loop: asyncio.AbstractEventLoop):
+        self.hub = hub
+        self.endpoint = endpoint
+        self.agent_id = endpoint.agent_id
+        self.loop = loop
+        self.wire: _Wire | None = None
+        self.connected = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.closing = False
+        #: Between reading the outbox for a re-send and being connected: a new
+        #: envelope would miss that re-send, so senders wait instead of failing.
+        self.flushing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self._acks: list[bytes] = []
+        self._queued: set[bytes] = set()
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._dispatching = threading.Event()
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_forever, name=f"agentmesh-dispatch-{self.agent_id}", daemon=True
+        )
+
+    # -- lifecycle (loop thread) ------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and log in once; raise if that fails (no background retry then)."""
+        self._dispatcher.start()
+        first: asyncio.Future[None] = self.loop.create_future()
+        self._supervisor = self.loop.create_task(self._supervise(first))
+        await first
+
+    async def close(self) -> None:
+        self.closing = True
+        self.failure = HubUnavailableError("unregistered from this NetworkHub")
+        self.connected.set()  # wake senders waiting for a reconnect
+        for task in (self._pinger, self._supervisor):
+            if task is not None:
+                task.cancel()
+        if self.wire is not None:
+            self.flush_acks()
+            self.wire.close()
+        self._inbox.put(_STOP)
+        self._dispatching.set()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the dispatcher thread to finish its current envelope (not from itself)."""
+        if self._dispatcher.is_alive() and threading.current_thread() is not self._dispatcher:
+            self._dispatcher.join(timeout)
+
+    async def _supervise(self, first: asyncio.Future[None]) -> None:
+        delays = self.hub.make_backoff()
+        while not self.closing:
+            try:
+                wire = await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not first.done():
+                    first.set_exception(exc)
+                    return
+                if not is_retryable(exc):
+                    logger.error("%s: giving up reconnecting: %s", self.agent_id, exc)
+                    self.failure = exc
+                    self.connected.set()  # wake senders so they see the failure
+                    return
+                delay = next(delays)
+                logger.warning(
+                    "%s: reconnect failed (%s); retry in %.2fs", self.agent_id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            if not first.done():
+                first.set_result(None)
+            delays = self.hub.make_backoff()
+            reason = await wire.lost
+            self._disconnected()
+            if self.closing:
+                return
+            if reason == "replaced":
+                logger.error("%s: another connection logged in as this agent", self.agent_id)
+                self.failure = HubError("replaced", "another connection logged in as this agent")
+                self.connected.set()
+                return
+            delay = next(delays)
+            logger.warning("%s: connection lost; reconnecting in %.2fs", self.agent_id, delay)
+            await asyncio.sleep(delay)
+
+    def _disconnected(self) -> None:
+        # Order matters: stop the pinger and dispatching before anything reconnects.
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+        self.connected.clear()
+        self._dispatching.clear()
+        self._acks.clear()  # unacked pushes are redelivered after the next login
+
+    async def _connect(self) -> _Wire:
+        hub, endpoint = self.hub, self.endpoint
+        wire = await hub.open_wire(self._on_event)
+        try:
+            conn = wire.conn
+            signature = await self._call(endpoint.sign_login, conn.login_challenge(self.agent_id))
+            bundle = await self._call(endpoint.prekey_bundle_bytes)
+            wire.require_open()
+            rid = conn.login(self.agent_id, endpoint.signing_public_key, signature, bundle)
+            _expect(await wire.request(rid, hub.request_timeout), hp.LoginAccepted)
+            self.wire = wire
+            await self._upload_prekeys(wire, await self._call(endpoint.one_time_prekeys))
+            await self._flush_outbox(wire)
+        except BaseException:
+            self.flushing = False
+            wire.close()
+            raise
+        self.flushing = False
+        self.connected.set()
+        self._inbox.put(_DISPATCH)
+        self._dispatching.set()
+        self._pinger = self.loop.create_task(self._keepalive(wire))
+        logger.info("%s: logged in to the hub", self.agent_id)
+        return wire
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await self.loop.run_in_executor(None, fn, *args)
+
+    async def _upload_prekeys(self, wire: _Wire, prekeys: list[bytes]) -> None:
+        for chunk in _chunk_prekeys(prekeys, wire.conn.peer_max_frame_size):
+            rid = wire.conn.upload_prekeys(chunk)
+            _expect(await wire.request(rid, self.hub.request_timeout), hp.RequestSucceeded)
+            await self._call(self.endpoint.one_time_prekeys_uploaded, chunk)
+
+    async def _flush_outbox(self, wire: _Wire) -> None:
+        self.flushing = True
+        outbox = await self._call(self.endpoint.unacked_envelopes)
+        if not outbox:
+            return
+        results = await asyncio.gather(
+            *(self._send_on(wire, data) for data in outbox), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, HubUnavailableError):
+                raise result
+            if isinstance(result, BaseException):
+                logger.warning("%s: outbox envelope refused by the hub: %s", self.agent_id, result)
+                continue
+            await self._call(self.endpoint.envelope_acked, result)
+        logger.info("%s: re-sent %d outbox envelopes", self.agent_id, len(outbox))
+
+    async def _keepalive(self, wire: _Wire) -> None:
+        interval = self.hub.ping_interval
+        while not wire.lost.done():
+            await asyncio.sleep(interval)
+            silent = self.loop.time() - wire.last_rx
+            if silent >= 3 * interval:
+                logger.warning("%s: hub silent for %.0fs; reconnecting", self.agent_id, silent)
+                if wire.transport is not None:
+                    wire.transport.abort()
+                return
+            if silent >= interval and wire.authenticated:
+                wire.conn.ping()
+                wire.write()
+
+    # -- sending ----------------------------------------------------------
+
+    async def _send_on(
+        self,
+        wire: _Wire,
+        data: bytes,
+        envelope: Envelope | None = None,
+        deadline: float | None = None,
+    ) -> bytes:
+        """SEND on ``wire`` until acknowledged (by ``deadline``, default ``ack_timeout``
+        from now); return the message id. Retries ``rate_limited`` with backoff."""
+        if envelope is None:
+            envelope = decode_envelope(data)
+        if len(data) > wire.conn.max_envelope_bytes:
+            raise HubError("too_large", f"envelope of {len(data)} bytes exceeds the hub's limit")
+        delays = self.hub.make_backoff()
+        if deadline is None:
+            deadline = self.loop.time() + self.hub.ack_timeout
+        while True:
+            if not wire.authenticated:
+                raise HubUnavailableError("not connected to the hub")
+            rid = wire.conn.send(data)
+            event = await wire.request(rid, max(0.0, deadline - self.loop.time()))
+            if isinstance(event, hp.ErrorReceived) and event.code == "rate_limited":
+                delay = next(delays)
+                if self.loop.time() + delay < deadline:
+                    await asyncio.sleep(delay)
+                    continue
+            _expect(event, hp.SendAcknowledged, envelope.recipient)
+            return envelope.message_id
+
+    async def send(self, data: bytes, envelope: Envelope) -> bytes:
+        """SEND and wait for the ack (``ack_timeout`` in all).
+
+        Raises HubUnavailableError at once while disconnected: the envelope is
+        in the agent's outbox, and the next login re-sends it. Only while a
+        login is re-sending the outbox (which it read before this envelope was
+        added) does it wait for the connection instead.
+        """
+        deadline = self.loop.time() + self.hub.ack_timeout
+        if not self.connected.is_set() and not self.flushing:
+            raise HubUnavailableError("not connected to the hub; the envelope stays in the outbox")
+        try:
+            await asyncio.wait_for(self.connected.wait(), self.hub.ack_timeout)
+        except asyncio.TimeoutError:
+            raise HubUnavailableError("not connected to the hub") from None
+        if self.failure is not None:
+            raise HubUnavailableError(f"disconnected from the hub: {self.failure}")
+        wire = self.wire
+        if wire is None or not wire.authenticated:
+            raise HubUnavailableError("not connected to the hub")
+        return await self._send_on(wire, data, envelope, deadline)
+
+    async def request(self, build: Callable[[hp.ClientConnection], int]) -> hp.Event:
+        """Issue one request on this agent's connection and return the answer event."""
+        wire = self.wire
+        if wire is None or not wire.authenticated:
+            raise HubUnavailableError("not connected to the hub")
+        return await wire.request(build(wire.conn), self.hub.request_timeout)
+
+    # -- receiving --------------------------------------------------------
+
+    def _on_event(self, event: hp.Event) -> None:
+        if isinstance(event, hp.SendAcknowledged):
+            # The ack came after deliver() gave up waiting: still drop it from the outbox.
+            self.loop.run_in_executor(None, self.endpoint.envelope_acked, event.message_id)
+        elif isinstance(event, hp.EnvelopePushed):
+            if event.message_id not in self._queued:
+                self._queued.add(event.message_id)
+                self._inbox.put(event)
+        elif isinstance(event, hp.PrekeysLowReceived):
+            task = self.loop.create_task(self._replenish(event.remaining))
+            self.hub.tasks.add(task)
+            task.add_done_callback(self.hub.tasks.discard)
+
+    async def _replenish(self, remaining: int) -> None:
+        try:
+            await self._call(self.endpoint.prekeys_low, remaining)
+            bundle = await self._call(self.endpoint.prekey_bundle_bytes)
+            prekeys = await self._call(self.endpoint.one_time_prekeys)
+        except Exception as exc:
+            logger.warning("%s: topping up prekeys failed: %s", self.agent_id, exc)
+            return
+        await self.upload(bundle, prekeys)
+
+    async def upload(self, bundle: bytes, prekeys: list[bytes]) -> None:
+        """Publish ``bundle`` and upload ``prekeys`` on the current connection (logs failures)."""
+        wire = self.wire
+        if wire is None or not wire.authenticated:
+            return
+        try:
+            rid = wire.conn.publish_bundle(bundle)
+            _expect(await wire.request(rid, self.hub.request_timeout), hp.RequestSucceeded)
+            await self._upload_prekeys(wire, prekeys)
+        except Exception as exc:
+            logger.warning("%s: uploading prekeys failed: %s", self.agent_id, exc)
+
+    def _dispatch_forever(self) -> None:
+        """Dispatcher thread: hand pushes to the endpoint in order, ack them, run handlers.
+
+        ``receive_envelope`` commits a message; the ACK follows at once. The
+        endpoint's handlers (``dispatch_pending``, if it has one) run whenever
+        the queue is empty, every ``_DISPATCH_EVERY`` messages, and after each login.
+        """
+        since_dispatch = 0
+        while True:
+            item = self._inbox.get()
+            self._dispatching.wait()
+            if item is _STOP or self.closing:
+                return
+            if isinstance(item, hp.EnvelopePushed):
+                ack = self._receive(item)
+                since_dispatch += 1
+                with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
+                    self.loop.call_soon_threadsafe(self._processed, item.message_id, ack)
+            if since_dispatch >= _DISPATCH_EVERY or self._inbox.empty():
+                since_dispatch = 0
+                self._run_handlers()
+
+    def _receive(self, item: hp.EnvelopePushed) -> bool:
+        """Hand one envelope to the endpoint; return whether the hub may drop it."""
+        try:
+            self.endpoint.receive_envelope(item.envelope)
+        except IdentityChangedError as exc:
+            # Held on the hub (not acked) until the user trusts the new key; it is
+            # pushed again after the next login.
+            logger.warning("%s: holding envelope %s: %s", self.agent_id, item.message_id.hex(), exc)
+            return False
+        except (CryptoError, DecodeError) as exc:
+            # Poison: it can never be processed. Ack it so the hub drops it.
+            logger.warning(
+                "%s: dropping envelope %s: %s", self.agent_id, item.message_id.hex(), exc
+            )
+        except Exception:
+            logger.exception(
+                "%s: receiving envelope %s failed", self.agent_id, item.message_id.hex()
+            )
+            return False  # left on the hub; redelivered after the next login
+        return True
+
+    def _run_handlers(self) -> None:
+        dispatch = getattr(self.endpoint, "dispatch_pending", None)
+        if dispatch is None:
+            return
+        try:
+            dispatch()
+        except Exception:
+            logger.exception("%s: running message handlers failed", self.agent_id)
+
+    def _processed(self, message_id: bytes, ack: bool) -> None:
+        self._queued.discard(message_id)
+        if not ack:
+            return
+        if not self._acks:
+            self.loop.call_soon(self.flush_acks)
+        self._acks.append(message_id)
+
+    def flush_acks(self) -> None:
+        """Send the batched ACKs (dropped if disconnected: the hub redelivers)."""
+        acks, self._acks = self._acks, []
+        wire = self.wire
+        if acks and wire is not None and wire.authenticated:
+            wire.conn.ack(acks)
+            wire.write()
+
+
+# --- the public client -----------------------------------------------------
+
+
+class NetworkHub:
+    """A hub reached over the network (implements :class:`~agentmesh.hub.base.Hub`).
+
+    ``NetworkHub(host, port=7700, *, tls=False, ...)``: ``tls`` is False, True
+    (verify the hub's certificate with the system trust store) or an
+    ``ssl.SSLContext``. Keyword-only settings: ``connect_timeout`` (TCP/TLS
+    connect and HELLO), ``ack_timeout`` (how long :meth:`deliver` waits for
+    the hub's SEND_ACK, including a reconnect), ``request_timeout`` (other
+    requests), ``ping_interval``, ``reconnect_initial``/``reconnect_max``
+    (seconds, see :func:`backoff`), ``expected_hub_address`` (refuse a hub
+    that signs logins for another name) and ``server_hostname``.
+
+    The constructor does no I/O; the I/O thread starts with the first call
+    that needs it. All methods are thread-safe and blocking, and must not be
+    called from the hub's own I/O thread. Use :meth:`close` (or ``with``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        tls: bool | ssl.SSLContext = False,
+        server_hostname: str | None = None,
+        connect_timeout: float = 10.0,
+        ack_timeout: float = 30.0,
+        request_timeout: float = 30.0,
+        ping_interval: float = 20.0,
+        reconnect_initial: float = 0.1,
+        reconnect_max: float = 10.0,
+        expected_hub_address: str | None = None,
+        max_frame_size: int = hp.CLIENT_MAX_FRAME_SIZE,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.ack_timeout = ack_timeout
+        self.request_timeout = request_timeout
+        self.ping_interval = ping_interval
+        self.reconnect_initial = reconnect_initial
+        self.reconnect_max = reconnect_max
+        self.expected_hub_address = expected_hub_address
+        self.max_frame_size = max_frame_size
+        self._server_hostname = server_hostname
+        self._tls = tls
+        self._ssl_context: ssl.SSLContext | None = None
+        self._io: _IOThread | None = None
+        self._links: dict[str, _Link] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"NetworkHub({self.host!r}, {self.port}, tls={self._tls is not False})"
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _thread(self) -> _IOThread:
+        with self._lock:
+            if self._closed:
+                raise LocalProtocolError("this NetworkHub is closed")
+            if self._io is None:
+                self._io = _IOThread()
+            return self._io
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        """The client TLS context (the system trust store for ``tls=True``), made on first use."""
+        if isinstance(self._tls, ssl.SSLContext):
+            return self._tls
+        if self._tls and self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def make_backoff(self) -> Iterator[float]:
+        return backoff(self.reconnect_initial, self.reconnect_max)
+
+    async def open_wire(self, on_event: Callable[[hp.Event], None] | None = None) -> _Wire:
+        """Connect and wait for HELLO (loop thread). Raises HubUnavailableError."""
+        loop = asyncio.get_running_loop()
+        conn = hp.ClientConnection(
+            max_frame_size=self.max_frame_size, expected_hub_address=self.expected_hub_address
+        )
+        wire = _Wire(conn, on_event)
+        context = self._ssl()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: wire,
+                    self.host,
+                    self.port,
+                    ssl=context,
+                    server_hostname=(self._server_hostname or self.host) if context else None,
+                ),
+                self.connect_timeout,
+            )
+            await asyncio.wait_for(asyncio.shield(wire.hello), self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            wire.close()
+            raise HubUnavailableError(
+                f"cannot reach the hub at {self.host}:{self.port}: {exc or 'timeout'}"
+            ) from exc
+        except BaseException:
+            wire.close()
+            raise
+        return wire
+
+    def _link(self, agent_id: str) -> _Link:
+        link = self._links.get(agent_id)
+        if link is None:
+            raise LocalProtocolError(f"agent {agent_id!r} is not registered with this NetworkHub")
+        return link
+
+    async def _any_request(self, build: Callable[[hp.ClientConnection], int]) -> hp.Event:
+        """Ask on a logged-in connection; raise if there is none."""
+        for link in list(self._links.values()):
+            if link.wire is not None and link.wire.authenticated:
+                return await link.request(build)
+        if self._links:
+            raise HubUnavailableError("not connected to the hub")
+        raise HubError("login_required", "register an agent with this NetworkHub first")
+
+    async def _anonymous_request(self, build: Callable[[hp.ClientConnection], int]) -> hp.Event:
+        """Ask on a logged-in connection if any, else on a short anonymous one."""
+        links = list(self._links.values())
+        if any(link.wire is not None and link.wire.authenticated for link in links):
+            return await self._any_request(build)
+        wire = await self.open_wire()
+        try:
+            return await wire.request(build(wire.conn), self.request_timeout)
+        finally:
+            wire.close()
+
+    # -- Hub --------------------------------------------------------------
+
+    def register(self, agent: HubEndpoint) -> None:
+        """Log ``agent`` in (binding its id to its key on first use), publish its bundle,
+        upload its one-time prekeys and re-send its outbox; then receive its pushes.
+
+        Raises AuthFailedError if the id is bound to another key,
+        HubUnavailableError if the hub cannot be reached.
+        """
+        io = self._thread()
+        agent_id = agent.agent_id
+        self.unregister(agent_id)
+        link = _Link(self, agent, io.loop)
+        with self._lock:
+            self._links[agent_id] = link
+        try:
+            io.run(link.start(), self.connect_timeout + 2 * self.request_timeout)
+        except BaseException:
+            with self._lock:
+                if self._links.get(agent_id) is link:
+                    del self._links[agent_id]
+            with contextlib.suppress(Exception):
+                io.run(link.close(), self.request_timeout)
+            raise
+
+    def unregister(self, agent_id: str) -> None:
+        """Close ``agent_id``'s connection; the hub keeps its binding and mailbox."""
+        with self._lock:
+            link = self._links.pop(agent_id, None)
+            io = self._io
+        if link is not None and io is not None:
+            with contextlib.suppress(HubUnavailableError):
+                io.run(link.close(), self.request_timeout)
+            link.join(self.request_timeout)
+
+    def deliver(self, envelope: bytes) -> None:
+        """Send ``envelope`` on its sender's connection; return after the hub committed it.
+
+        Then calls ``endpoint.envelope_acked(message_id)``. Raises
+        ``ValueError("Peer 'x' not found on hub")`` for an unknown recipient,
+        MailboxFullError, HubError for other refusals, and HubUnavailableError
+        when not connected or without an acknowledgement within ``ack_timeout``
+        (the agent keeps the envelope in its outbox; it is re-sent after the
+        next reconnect).
+        """
+        parsed = decode_envelope(envelope)
+        link = self._link(parsed.sender)
+        message_id = self._thread().run(link.send(envelope, parsed), self.ack_timeout + 1.0)
+        link.endpoint.envelope_acked(message_id)
+
+    def fetch_prekey_bundle(self, agent_id: str) -> bytes:
+        """The peer's bundle with one-time prekeys (each handed out once).
+
+        Needs a registered agent (the request is rate-limited per login).
+        Raises ``ValueError("Peer 'x' not found on hub")``.
+        """
+        event = self._thread().run(
+            self._any_request(lambda conn: conn.fetch_bundle(agent_id)),
+            self.request_timeout + 1.0,
+        )
+        if isinstance(event, hp.ErrorReceived) and event.code == "not_found":
+            raise ValueError(f"Peer '{agent_id}' not found on hub")
+        bundle = _expect(event, hp.BundleReceived).bundle
+        try:
+            if PrekeyBundle.decode(bundle).agent_id != agent_id:
+                raise HubError(
+                    "bad_bundle", f"the hub returned another agent's bundle for {agent_id!r}"
+                )
+        except DecodeError as exc:
+            raise HubError("bad_bundle", f"the hub returned an unreadable bundle: {exc}") from exc
+        return bundle
+
+    def get_bundle(self, agent_id: str) -> dict[str, Any]:
+        """Version 1: the peer's public bundle as a JSON-safe dict."""
+        return PrekeyBundle.decode(self.fetch_prekey_bundle(agent_id)).to_dict()
+
+    def list_agents(self) -> list[str]:
+        """Every agent id bound on the hub (works without a registered agent)."""
+        event = self._thread().run(
+            self._anonymous_request(lambda conn: conn.list_agents()), self.request_timeout + 1.0
+        )
+        return list(_expect(event, hp.AgentsReceived).agent_ids)
+
+    def stats(self) -> dict[str, int]:
+        """The hub's counters (``queued``, ``agents``, ``connections``, ...)."""
+        event = self._thread().run(
+            self._anonymous_request(lambda conn: conn.get_stats()), self.request_timeout + 1.0
+        )
+        return dict(_expect(event, hp.StatsReceived).stats)
+
+    def message_count(self) -> int:
+        """Envelopes queued on the hub, not yet acknowledged by their recipients."""
+        return self.stats().get("queued", 0)
+
+    def rotate_key(
+        self,
+        agent_id: str,
+        new_signing_key: bytes,
+        sign_old: Callable[[bytes], bytes],
+        sign_new: Callable[[bytes], bytes],
+    ) -> None:
+        """Rebind ``agent_id`` on the hub to ``new_signing_key``.
+
+        ``sign_old``/``sign_new`` sign the rotation challenge with the current
+        and the new identity key. Afterwards the agent must log in with the
+        new key (re-register) and publish a bundle made with it.
+        """
+        link = self._link(agent_id)
+        old_key = link.endpoint.signing_public_key
+
+        async def rotate() -> hp.Event:
+            wire = link.wire
+            if wire is None or not wire.authenticated:
+                raise HubUnavailableError("not connected to the hub")
+            challenge = wire.conn.rotation_challenge(old_key, new_signing_key)
+            old_sig = await link._call(sign_old, challenge)
+            new_sig = await link._call(sign_new, challenge)
+            return await link.request(
+                lambda conn: conn.rotate_key(new_signing_key, old_sig, new_sig)
+            )
+
+        event = self._thread().run(rotate(), self.request_timeout + 1.0)
+        _expect(event, hp.RequestSucceeded)
+
+    def refresh_prekeys(self, agent: HubEndpoint) -> None:
+        """Publish ``agent``'s current bundle and upload its new one-time prekeys.
+
+        Called by ``Agent`` (possibly while it holds its own lock) after it
+        rotated or topped up its prekeys. Reads the agent synchronously, then
+        uploads in the background without waiting, so it never blocks on the
+        network nor on the agent. Failures are logged; everything is uploaded
+        again after the next login anyway.
+        """
+        link = self._links.get(agent.agent_id)
+        if link is None or self._io is None:
+            return
+        bundle, prekeys = agent.prekey_bundle_bytes(), agent.one_time_prekeys()
+        self._io.submit(link.upload(bundle, prekeys))
+
+    def close(self) -> None:
+        """Close every connection and stop the I/O thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            agent_ids = list(self._links)
+        for agent_id in agent_ids:
+            self.unregister(agent_id)
+        with self._lock:
+            self._closed = True
+            io, self._io = self._io, None
+        if io is not None:
+            io.stop()
+
+    def __enter__(self) -> NetworkHub:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

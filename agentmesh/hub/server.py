@@ -1,0 +1,1006 @@
+"""The network hub: an asyncio server driving :class:`ServerConnection` objects.
+
+Owns the sockets, timers and the writer thread; the protocol rules live in
+:mod:`agentmesh.protocol.hub_protocol` and every SQL statement in
+:class:`agentmesh.hub.store.HubStore`.
+
+Threads
+    One event-loop thread runs every connection (``asyncio.Protocol``, no
+    streams). One *writer thread* owns all database work: it takes jobs from a
+    queue, and every run of SEND jobs it finds waiting (up to ``batch_max``)
+    becomes ONE :meth:`HubStore.enqueue` call, i.e. one transaction (group
+    commit). Senders get SEND_ACK only after that commit; recipients' ACKs are
+    batched into deletes the same way. Results come back to the loop with
+    ``call_soon_threadsafe`` in commit order.
+
+Delivery
+    An online recipient gets a PUSH right after the commit. On login it gets
+    everything queued for it, paged from the store in ``seq`` (FIFO) order,
+    with at most ``push_window`` unacknowledged pushes in flight. Whatever is
+    not acknowledged stays stored and is pushed again at the next login.
+
+Limits (each answered with an ERROR frame and a log line, never a crash):
+``max_envelope_bytes``, mailbox quotas (count and bytes), ``max_connections``,
+``handshake_timeout_s``, ``idle_timeout_s`` (with PING after
+``ping_interval_s`` of silence), a per-connection token bucket
+(``rate_per_s``/``rate_burst``), and malformed frames (ERROR, then close).
+
+Never logs keys, signatures or envelope contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import importlib
+import ipaddress
+import logging
+import os
+import queue
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from agentmesh.crypto.prekeys import compose_bundle
+from agentmesh.errors import AuthFailedError, ConfigurationError, HubError
+from agentmesh.hub.store import (
+    DB_ENV_VAR,
+    EnqueueResult,
+    EnqueueStatus,
+    HubStore,
+    NewEnvelope,
+    StoredEnvelope,
+)
+from agentmesh.protocol import hub_protocol as hp
+from agentmesh.protocol.frames import Error, encode_frame
+
+logger = logging.getLogger("agentmesh.hub.server")
+
+_T = TypeVar("_T")
+#: Milliseconds since the epoch.
+Clock = Callable[[], int]
+DEFAULT_PORT = 7700
+DEFAULT_DB = "hub.sqlite"
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubOptions:
+    """Every tunable of the hub (keyword-only; see ``agentmesh-hub --help``)."""
+
+    max_envelope_bytes: int = hp.DEFAULT_MAX_ENVELOPE_BYTES
+    ttl_s: float = 7 * 24 * 3600.0
+    mailbox_max_messages: int = 10_000
+    mailbox_max_bytes: int = 256 * 1024 * 1024
+    max_connections: int = 1024
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 120.0
+    ping_interval_s: float = 30.0
+    rate_per_s: float = 2000.0
+    rate_burst: int = 4000
+    push_window: int = 256
+    batch_max: int = 1024
+    purge_interval_s: float = 60.0
+    prekeys_low_water: int = 20
+    #: Pause reading a connection while this many bytes of its SENDs await commit.
+    max_pending_send_bytes: int = 8 * 1024 * 1024
+    hub_address: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    synchronous: str = "FULL"
+    use_uvloop: bool = True
+    clock: Clock = field(default=_wall_clock_ms)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_envelope_bytes": self.max_envelope_bytes,
+            "ttl_s": self.ttl_s,
+            "mailbox_max_messages": self.mailbox_max_messages,
+            "mailbox_max_bytes": self.mailbox_max_bytes,
+            "max_connections": self.max_connections,
+            "handshake_timeout_s": self.handshake_timeout_s,
+            "idle_timeout_s": self.idle_timeout_s,
+            "ping_interval_s": self.ping_interval_s,
+            "rate_per_s": self.rate_per_s,
+            "rate_burst": self.rate_burst,
+            "push_window": self.push_window,
+            "batch_max": self.batch_max,
+            "purge_interval_s": self.purge_interval_s,
+            "max_pending_send_bytes": self.max_pending_send_bytes,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be positive, not {value!r}")
+        if self.max_envelope_bytes > 0xFFFFFFFF - hp.FRAME_OVERHEAD:
+            raise ConfigurationError("max_envelope_bytes is too large")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigurationError("tls_cert and tls_key must be given together")
+
+    def make_ssl_context(self) -> ssl.SSLContext | None:
+        """The server TLS context (from ``ssl_context`` or the cert/key files), or None."""
+        if self.ssl_context is not None:
+            return self.ssl_context
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"cannot load TLS certificate/key: {exc}") from exc
+        return context
+
+
+class TokenBucket:
+    """A token bucket; the caller passes a monotonic ``now`` (seconds)."""
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self._rate, self._burst = rate, burst
+        self._tokens, self._stamp = burst, now
+
+    def take(self, now: float) -> bool:
+        """Take one token if there is one."""
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+# --- the writer thread -----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _SendJob:
+    item: NewEnvelope
+    done: Callable[[EnqueueResult | BaseException], None]
+
+
+@dataclass(slots=True)
+class _AckJob:
+    recipient: str
+    message_ids: tuple[bytes, ...]
+
+
+@dataclass(slots=True)
+class _CallJob:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+_STOP = object()
+
+
+class StoreWorker:
+    """The one thread that talks to the database, with group commit.
+
+    ``submit_send``/``submit_ack`` may be called from the loop thread only;
+    completion callbacks run on the loop, in commit order.
+    """
+
+    def __init__(
+        self, store: HubStore, loop: asyncio.AbstractEventLoop, options: HubOptions
+    ) -> None:
+        self.store = store
+        self._loop = loop
+        self._options = options
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="agentmesh-hub-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every queued job, then end the thread (blocks until it has)."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def submit_send(
+        self, item: NewEnvelope, done: Callable[[EnqueueResult | BaseException], None]
+    ) -> None:
+        self._queue.put(_SendJob(item, done))
+
+    def submit_ack(self, recipient: str, message_ids: tuple[bytes, ...]) -> None:
+        self._queue.put(_AckJob(recipient, message_ids))
+
+    def call(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
+        """Run ``fn`` on the writer thread, in queue order; await the returned future."""
+        future: asyncio.Future[_T] = self._loop.create_future()
+        self._queue.put(_CallJob(fn, future))
+        return future
+
+    # -- thread side ------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            jobs = [self._queue.get()]
+            while len(jobs) < self._options.batch_max:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if any(job is _STOP for job in jobs):
+                stopping = True
+                jobs = [job for job in jobs if job is not _STOP]
+            self._run_batch(jobs)
+
+    def _run_batch(self, jobs: list[object]) -> None:
+        # Consecutive jobs of one kind are coalesced; the kinds keep their order.
+        start = 0
+        while start < len(jobs):
+            kind = type(jobs[start])
+            end = start + 1
+            while end < len(jobs) and type(jobs[end]) is kind:
+                end += 1
+            run = jobs[start:end]
+            if kind is _SendJob:
+                self._commit_sends([j for j in run if isinstance(j, _SendJob)])
+            elif kind is _AckJob:
+                self._commit_acks([j for j in run if isinstance(j, _AckJob)])
+            else:
+                for job in run:
+                    assert isinstance(job, _CallJob)
+                    self._call(job)
+            start = end
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _commit_sends(self, jobs: list[_SendJob]) -> None:
+        results: list[EnqueueResult | BaseException] = []
+        try:
+            results.extend(
+                self.store.enqueue(
+                    [job.item for job in jobs],
+                    now_ms=self._options.clock(),
+                    max_count_per_recipient=self._options.mailbox_max_messages,
+                    max_bytes_per_recipient=self._options.mailbox_max_bytes,
+                )
+            )
+        except Exception as exc:
+            logger.exception("group commit of %d envelopes failed", len(jobs))
+            results = [exc] * len(jobs)
+        self._post(_finish_sends, jobs, results)
+
+    def _commit_acks(self, jobs: list[_AckJob]) -> None:
+        by_recipient: dict[str, list[bytes]] = {}
+        for job in jobs:
+            by_recipient.setdefault(job.recipient, []).extend(job.message_ids)
+        for recipient, message_ids in by_recipient.items():
+            try:
+                self.store.ack(recipient, message_ids)
+            except Exception:
+                # Not deleted: the envelopes are pushed again and deduplicated by the agent.
+                logger.exception("deleting %d acknowledged envelopes failed", len(message_ids))
+
+    def _call(self, job: _CallJob) -> None:
+        try:
+            result = job.fn()
+        except BaseException as exc:
+            self._post(_settle, job.future, None, exc)
+        else:
+            self._post(_settle, job.future, result, None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _finish_sends(jobs: list[_SendJob], results: list[EnqueueResult | BaseException]) -> None:
+    for job, result in zip(jobs, results, strict=True):
+        job.done(result)
+
+
+# --- one connection --------------------------------------------------------
+
+#: Requests answered after a database call (SEND has its own, batched path).
+_Request = (
+    hp.BundleRequested
+    | hp.BundlePublished
+    | hp.PrekeysUploaded
+    | hp.AgentsRequested
+    | hp.StatsRequested
+    | hp.KeyRotationRequested
+)
+_REQUESTS = (
+    hp.BundleRequested,
+    hp.BundlePublished,
+    hp.PrekeysUploaded,
+    hp.AgentsRequested,
+    hp.StatsRequested,
+    hp.KeyRotationRequested,
+)
+
+
+class _Session(asyncio.Protocol):
+    """One client connection: a :class:`ServerConnection` plus its timers and mailbox cursor."""
+
+    def __init__(self, hub: _Hub) -> None:
+        self.hub = hub
+        self.options = hub.options
+        self.conn: hp.ServerConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.agent_id: str | None = None
+        #: At most one pending timer per purpose ("handshake", "keepalive", "retry").
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._last_rx = 0.0
+        self._bucket: TokenBucket | None = None
+        self._rate_logged_at = -1e9
+        self._pending_send_bytes = 0
+        self._paused = False
+        self._alive = False  # between connection_made (accepted) and connection_lost
+        # delivery state
+        self.inflight: dict[bytes, int] = {}
+        self.cursor = 0
+        self.backlog = True
+        self.paging = False
+        #: A commit arrived while a page was being read: read once more afterwards
+        #: (its callback may run before the page's result is handled).
+        self.offered_while_paging = False
+        self.low_notified = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        hub = self.hub
+        if len(hub.sessions) >= self.options.max_connections or hub.stopping:
+            code = "shutting_down" if hub.stopping else "too_many_connections"
+            logger.warning("refusing connection from %s: %s", self.peer, code)
+            transport.write(encode_frame(Error(0, code, "try again later", fatal=True)))
+            transport.close()
+            return
+        hub.sessions.add(self)
+        self._alive = True
+        loop = hub.loop
+        now = loop.time()
+        self._last_rx = now
+        self._bucket = TokenBucket(self.options.rate_per_s, self.options.rate_burst, now)
+        self.conn = hp.ServerConnection(
+            nonce=os.urandom(32),
+            hub_address=hub.hub_address,
+            max_envelope_bytes=self.options.max_envelope_bytes,
+        )
+        self._schedule("handshake", self.options.handshake_timeout_s, self._handshake_expired)
+        self._schedule("keepalive", self._keepalive_delay(), self._keepalive)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self._last_rx = self.hub.loop.time()
+        for event in conn.receive_data(data):
+            self._dispatch(event)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._alive = False
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self.hub.sessions.discard(self)
+        if self.agent_id is not None and self.hub.online.get(self.agent_id) is self:
+            del self.hub.online[self.agent_id]
+            logger.info("%s went offline (%d unacknowledged)", self.agent_id, len(self.inflight))
+
+    @property
+    def usable(self) -> bool:
+        """The transport is up and the protocol not closed."""
+        return self._alive and self.conn is not None and not self.conn.closed
+
+    # -- output -----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write what the connection has to send; close the transport once CLOSED."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or transport.is_closing():
+            return
+        data = conn.data_to_send()
+        if data:
+            transport.write(data)
+        if conn.closed:
+            transport.close()
+
+    def fail(self, code: str, text: str) -> None:
+        """Send a fatal ERROR and close (logged by the caller)."""
+        if self.conn is not None:
+            self.conn.fail(code, text)
+            self.flush()
+
+    # -- timers -----------------------------------------------------------
+
+    def _schedule(self, purpose: str, delay: float, callback: Callable[[], None]) -> None:
+        previous = self._timers.pop(purpose, None)
+        if previous is not None:
+            previous.cancel()
+        if self._alive:
+            self._timers[purpose] = self.hub.loop.call_later(delay, callback)
+
+    def _handshake_expired(self) -> None:
+        conn = self.conn
+        if conn is not None and not conn.closed and conn.state is not hp.State.AUTHENTICATED:
+            logger.warning(
+                "closing %s: no login within %ss", self.peer, self.options.handshake_timeout_s
+            )
+            self.fail("handshake_timeout", "no login in time")
+
+    def _keepalive_delay(self) -> float:
+        return min(self.options.ping_interval_s, self.options.idle_timeout_s)
+
+    def _keepalive(self) -> None:
+        conn = self.conn
+        if conn is None or not self.usable:
+            return
+        silent = self.hub.loop.time() - self._last_rx
+        if silent >= self.options.idle_timeout_s:
+            logger.warning("closing %s (%s): idle for %.0fs", self.peer, self.agent_id, silent)
+            self.fail("idle_timeout", "no data received in time")
+            return
+        if silent >= self.options.ping_interval_s:
+            conn.ping()
+            self.flush()
+        self._schedule("keepalive", self._keepalive_delay(), self._keepalive)
+
+    # -- events -----------------------------------------------------------
+
+    def _allowed(self, request_id: int) -> bool:
+        """Apply the token bucket to one request; refuse it with ``rate_limited`` if empty."""
+        assert self._bucket is not None and self.conn is not None
+        now = self.hub.loop.time()
+        if self._bucket.take(now):
+            return True
+        if now - self._rate_logged_at > 5.0:
+            self._rate_logged_at = now
+            logger.warning("rate limit: refusing requests from %s (%s)", self.peer, self.agent_id)
+        self.conn.reply_error(request_id, "rate_limited", "too many requests; slow down")
+        return False
+
+    def _dispatch(self, event: hp.Event) -> None:
+        conn = self.conn
+        assert conn is not None
+        if isinstance(event, hp.SendRequested):
+            if self._allowed(event.request_id):
+                self._on_send(event)
+        elif isinstance(event, hp.AckReceived):
+            self._on_ack(event)
+        elif isinstance(event, hp.PongReceived):
+            pass
+        elif isinstance(event, hp.LoginRequested):
+            self._spawn(self._on_login(event))
+        elif isinstance(event, hp.ConnectionFailed):
+            logger.warning(
+                "closing %s (%s): %s%s",
+                self.peer,
+                self.agent_id,
+                event.code,
+                " (sent by peer)" if event.sent_by_peer else "",
+            )
+        elif isinstance(event, hp.RequestRejected):
+            logger.warning("refused request from %s (%s): %s", self.peer, self.agent_id, event.code)
+        elif isinstance(event, _REQUESTS):
+            if self._allowed(event.request_id):
+                self._spawn(self._on_request(event))
+        else:  # pragma: no cover - every event type is handled above
+            raise AssertionError(f"unhandled event {event!r}")
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.hub.loop.create_task(coro)
+        self.hub.tasks.add(task)
+        task.add_done_callback(self.hub.tasks.discard)
+
+    async def _db(self, fn: Callable[[], _T]) -> _T:
+        return await self.hub.worker.call(fn)
+
+    async def _on_login(self, event: hp.LoginRequested) -> None:
+        conn = self.conn
+        assert conn is not None
+        store, now = self.hub.store, self.options.clock()
+
+        def bind() -> bool:
+            created = store.bind_agent(event.agent_id, event.signing_key, now)
+            if event.bundle:
+                store.publish_bundle(event.agent_id, event.bundle, now)
+            return created
+
+        try:
+            created = await self._db(bind)
+        except AuthFailedError as exc:
+            logger.warning("login refused for %r from %s: %s", event.agent_id, self.peer, exc.code)
+            conn.refuse_login(exc.code, f"agent id {event.agent_id!r} is bound to another key")
+            self.flush()
+            return
+        except Exception:
+            logger.exception("login of %r failed", event.agent_id)
+            conn.refuse_login("internal", "the hub could not complete the login")
+            self.flush()
+            return
+        if not self.usable:
+            return  # gone while the database worked; the binding stays
+        conn.accept_login(created)
+        self.agent_id = event.agent_id
+        previous = self.hub.online.get(event.agent_id)
+        if previous is not None and previous is not self:
+            logger.info("%s logged in again; closing its older connection", event.agent_id)
+            previous.fail("replaced", "another connection logged in as this agent")
+        self.hub.online[event.agent_id] = self
+        logger.info(
+            "%s logged in from %s%s", event.agent_id, self.peer, " (new)" if created else ""
+        )
+        self.flush()
+        self.pump_mailbox()
+
+    async def _on_request(self, event: _Request) -> None:
+        conn = self.conn
+        assert conn is not None
+        store, clock = self.hub.store, self.options.clock
+        try:
+            if isinstance(event, hp.BundleRequested):
+                await self._on_fetch(event)
+            elif isinstance(event, hp.BundlePublished):
+                bundle, owner = event.bundle, event.agent_id
+                await self._db(lambda: store.publish_bundle(owner, bundle, clock()))
+                conn.reply_ok(event.request_id)
+            elif isinstance(event, hp.PrekeysUploaded):
+                items = [
+                    (p.kind, p.prekey_id, blob)
+                    for p, blob in zip(event.prekeys, event.encoded, strict=True)
+                ]
+                owner = event.agent_id
+                await self._db(lambda: store.add_one_time_prekeys(owner, items))
+                self.low_notified = False
+                conn.reply_ok(event.request_id)
+            elif isinstance(event, hp.AgentsRequested):
+                conn.reply_agents(event.request_id, await self._db(store.list_agents))
+            elif isinstance(event, hp.StatsRequested):
+                stats = dict(await self._db(store.stats))
+                stats.update(
+                    queued=stats.get("envelopes", 0),
+                    connections=len(self.hub.sessions),
+                    online=len(self.hub.online),
+                )
+                conn.reply_stats(event.request_id, stats)
+            elif isinstance(event, hp.KeyRotationRequested):
+                await self._on_rotate(event)
+        except HubError as exc:
+            logger.warning("request from %s (%s) refused: %s", self.peer, self.agent_id, exc.code)
+            conn.reply_error(event.request_id, exc.code, str(exc))
+        except Exception:
+            logger.exception("request from %s (%s) failed", self.peer, self.agent_id)
+            conn.reply_error(event.request_id, "internal", "the hub failed; retry")
+        self.flush()
+
+    async def _on_fetch(self, event: hp.BundleRequested) -> None:
+        conn = self.conn
+        assert conn is not None
+        store, now, peer = self.hub.store, self.options.clock(), event.agent_id
+
+        def fetch() -> tuple[bytes, int] | None:
+            found = store.fetch_bundle(peer, now)
+            if found is None:
+                return None
+            bundle = compose_bundle(found.bundle, found.one_time_x25519, found.one_time_kem)
+            return bundle, min(found.remaining_x25519, found.remaining_kem)
+
+        result = await self._db(fetch)
+        if result is None:
+            conn.reply_error(event.request_id, "not_found", f"Peer '{peer}' not found on hub")
+            return
+        bundle, remaining = result
+        conn.reply_bundle(event.request_id, bundle)
+        owner = self.hub.online.get(peer)
+        if (
+            remaining < self.options.prekeys_low_water
+            and owner is not None
+            and owner.conn is not None
+            and not owner.low_notified
+        ):
+            owner.low_notified = True
+            owner.conn.notify_prekeys_low(remaining)
+            owner.flush()
+
+    async def _on_rotate(self, event: hp.KeyRotationRequested) -> None:
+        conn = self.conn
+        assert conn is not None
+        store, now = self.hub.store, self.options.clock()
+        await self._db(
+            lambda: store.rotate_agent_key(event.agent_id, event.old_key, event.new_key, now)
+        )
+        conn.confirm_rotation(event.request_id, event.new_key)
+        logger.info("%s rotated its identity key", event.agent_id)
+
+    # -- sending ----------------------------------------------------------
+
+    def _on_send(self, event: hp.SendRequested) -> None:
+        expires = self.options.clock() + int(self.options.ttl_s * 1000)
+        item = NewEnvelope(event.message_id, event.sender, event.recipient, event.envelope, expires)
+        size = len(event.envelope)
+        self._pending_send_bytes += size
+
+        def done(result: EnqueueResult | BaseException) -> None:
+            self._pending_send_bytes -= size
+            self._send_committed(event, result)
+            if self._paused and self._pending_send_bytes * 2 < self.options.max_pending_send_bytes:
+                self._set_paused(False)
+
+        self.hub.worker.submit_send(item, done)
+        if self._pending_send_bytes > self.options.max_pending_send_bytes:
+            self._set_paused(True)
+
+    def _set_paused(self, paused: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or paused == self._paused:
+            return
+        if not paused and self.hub.stopping:
+            return
+        self._paused = paused
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _send_committed(
+        self, event: hp.SendRequested, result: EnqueueResult | BaseException
+    ) -> None:
+        conn = self.conn
+        assert conn is not None
+        mid = event.message_id
+        if isinstance(result, BaseException):
+            conn.reply_error(event.request_id, "internal", "the hub could not store it; retry", mid)
+        elif result.status is EnqueueStatus.STORED:
+            conn.reply_send_ack(event.request_id, mid, duplicate=False)
+            assert result.seq is not None
+            recipient = self.hub.online.get(event.recipient)
+            if recipient is not None:
+                recipient.offer(
+                    StoredEnvelope(result.seq, mid, event.sender, event.recipient, event.envelope)
+                )
+        elif result.status is EnqueueStatus.DUPLICATE:
+            conn.reply_send_ack(event.request_id, mid, duplicate=True)
+        elif result.status is EnqueueStatus.MAILBOX_FULL:
+            logger.warning(
+                "mailbox of %s is full; refused envelope from %s", event.recipient, event.sender
+            )
+            conn.reply_error(
+                event.request_id, "mailbox_full", f"mailbox of '{event.recipient}' is full", mid
+            )
+        else:
+            logger.info("envelope from %s to unknown recipient %r", event.sender, event.recipient)
+            conn.reply_error(
+                event.request_id,
+                "unknown_recipient",
+                f"Peer '{event.recipient}' not found on hub",
+                mid,
+            )
+        self.hub.mark_dirty(self)
+
+    # -- delivery ---------------------------------------------------------
+
+    def _push(self, item: StoredEnvelope) -> None:
+        assert self.conn is not None
+        self.conn.push(item.seq, item.message_id, item.body)
+        self.inflight[item.message_id] = item.seq
+        self.cursor = item.seq
+
+    def offer(self, item: StoredEnvelope) -> None:
+        """A new envelope for this (online) agent was committed: push it now if in order."""
+        if item.seq <= self.cursor:
+            return
+        if self.backlog or self.paging or len(self.inflight) >= self.options.push_window:
+            self.backlog = True
+            self.offered_while_paging = self.offered_while_paging or self.paging
+            self.pump_mailbox()
+            return
+        self._push(item)
+        self.hub.mark_dirty(self)
+
+    def pump_mailbox(self) -> None:
+        """Page stored envelopes after ``cursor`` while the in-flight window has room."""
+        if not self.usable or self.paging or not self.backlog or self.agent_id is None:
+            return
+        room = self.options.push_window - len(self.inflight)
+        if room < max(1, self.options.push_window // 2) and self.inflight:
+            return  # wait for acknowledgements
+        self.paging = True
+        self.offered_while_paging = False
+        self._spawn(self._page(self.agent_id, self.cursor, room))
+
+    async def _page(self, agent_id: str, after: int, limit: int) -> None:
+        store, now = self.hub.store, self.options.clock()
+        try:
+            rows = await self._db(
+                lambda: store.pending(agent_id, after_seq=after, limit=limit, now_ms=now)
+            )
+        except Exception:
+            logger.exception("reading the mailbox of %s failed; retrying", agent_id)
+            self.paging = False
+            self._schedule("retry", 1.0, self.pump_mailbox)
+            return
+        self.paging = False
+        if not self.usable:
+            return
+        for row in rows:
+            if row.seq > self.cursor:
+                self._push(row)
+        self.backlog = len(rows) >= limit or self.offered_while_paging
+        self.flush()
+        self.pump_mailbox()
+
+    def _on_ack(self, event: hp.AckReceived) -> None:
+        # Only ids pushed on this connection reach the database (no delete spam);
+        # an ack for an earlier connection's push is repeated after the re-push.
+        acked = tuple(mid for mid in event.message_ids if self.inflight.pop(mid, None) is not None)
+        if acked:
+            self.hub.worker.submit_ack(event.agent_id, acked)
+        self.pump_mailbox()
+
+
+# --- the hub ---------------------------------------------------------------
+
+
+class _Hub:
+    """State shared by the sessions of one running server (loop thread only)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        store: HubStore,
+        options: HubOptions,
+        hub_address: str,
+    ) -> None:
+        self.loop = loop
+        self.store = store
+        self.options = options
+        self.hub_address = hub_address
+        self.worker = StoreWorker(store, loop, options)
+        self.sessions: set[_Session] = set()
+        self.online: dict[str, _Session] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._dirty: set[_Session] = set()
+        self.stopping = False
+
+    def mark_dirty(self, session: _Session) -> None:
+        """Flush ``session`` once, after the current callback (coalesces many replies)."""
+        if not self._dirty:
+            self.loop.call_soon(self.flush_dirty)
+        self._dirty.add(session)
+
+    def flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for session in dirty:
+            session.flush()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class NetworkHubServer:
+    """The AgentMesh hub server.
+
+    ``NetworkHubServer(host="0.0.0.0", port=7700, db=None, **options)``; ``db``
+    is a SQLite path or SQLAlchemy URL, defaulting to ``$AGENTMESH_DB`` and then
+    ``hub.sqlite``. ``options`` are :class:`HubOptions` fields. The constructor
+    does no I/O.
+
+    :meth:`start` with ``block=True`` serves in the calling thread until
+    :meth:`stop`, SIGTERM or SIGINT; with ``block=False`` it serves on a
+    background thread and returns once the socket is listening (raising any
+    start-up error, e.g. :class:`ConfigurationError` for a database written by
+    a newer AgentMesh). :attr:`port` is the bound port (useful with ``port=0``).
+    """
+
+    def __init__(
+        self,
+        host: str = "0.0.0.0",  # noqa: S104 - version 1's default; a warning is logged without TLS
+        port: int = DEFAULT_PORT,
+        db: str | None = None,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - {f.name for f in dataclasses.fields(HubOptions)}
+        if unknown:
+            raise ConfigurationError(f"unknown hub option(s): {', '.join(sorted(unknown))}")
+        self.host = host
+        self._requested_port = port
+        self.db = db or os.environ.get(DB_ENV_VAR) or DEFAULT_DB
+        self.options = HubOptions(**options)
+        self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """The listening port (the requested one until :meth:`start` has bound it)."""
+        return self._port if self._port is not None else self._requested_port
+
+    def start(self, block: bool = True) -> None:
+        """Serve; see the class docstring. Raises the start-up error, if any."""
+        if self._thread is not None or self._loop is not None:
+            raise RuntimeError("server already started")
+        if block:
+            self._run(install_signals=threading.current_thread() is threading.main_thread())
+            return
+        self._thread = threading.Thread(
+            target=self._run, kwargs={"install_signals": False}, name="agentmesh-hub", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._startup_error
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop accepting, finish in-flight commits, close every connection; wait for it."""
+        loop, stop_event = self._loop, self._stop_event
+        if loop is not None and stop_event is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop_event.set)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if not thread.is_alive():  # stopped: start() may be called again
+                self._thread, self._port = None, None
+                self._ready.clear()
+
+    def __enter__(self) -> NetworkHubServer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # -- internals --------------------------------------------------------
+
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        if self.options.use_uvloop:
+            try:
+                uvloop = importlib.import_module("uvloop")
+            except ImportError:
+                pass
+            else:
+                loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+                return loop
+        return asyncio.new_event_loop()
+
+    def _run(self, install_signals: bool) -> None:
+        loop = self._new_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve(install_signals))
+        except BaseException as exc:
+            if self._ready.is_set() or self._thread is None:
+                raise
+            self._startup_error = exc  # start() raises it in the caller's thread
+        finally:
+            self._ready.set()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._loop = None
+
+    async def _serve(self, install_signals: bool) -> None:
+        loop = asyncio.get_running_loop()
+        options = self.options
+        self._stop_event = stop_event = asyncio.Event()
+        ssl_context = options.make_ssl_context()
+        store = HubStore(self.db, synchronous=options.synchronous)
+        try:
+            try:
+                store.ensure_schema()
+            except SQLAlchemyError as exc:
+                raise ConfigurationError(f"cannot open the hub database {store!r}: {exc}") from exc
+            hub = _Hub(loop, store, options, "")
+            server = await loop.create_server(
+                lambda: _Session(hub),
+                self.host,
+                self._requested_port,
+                ssl=ssl_context,
+                ssl_handshake_timeout=options.handshake_timeout_s if ssl_context else None,
+                backlog=1024,
+            )
+        except BaseException:
+            store.close()
+            raise
+        self._port = server.sockets[0].getsockname()[1]
+        hub.hub_address = options.hub_address or f"{self.host}:{self._port}"
+        hub.worker.start()
+        if ssl_context is None and not _is_loopback(self.host):
+            logger.warning(
+                "listening on %s:%d without TLS: envelopes stay end-to-end encrypted, but "
+                "metadata and logins are visible on the network; use --tls-cert/--tls-key",
+                self.host,
+                self._port,
+            )
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(signum, stop_event.set)
+        logger.info("hub listening on %s:%d (db %s)", self.host, self._port, store)
+        purger = loop.create_task(self._purge_forever(hub))
+        self._ready.set()
+        try:
+            await stop_event.wait()
+        finally:
+            purger.cancel()
+            await self._shutdown(server, hub)
+            if install_signals:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.remove_signal_handler(signum)
+
+    async def _purge_forever(self, hub: _Hub) -> None:
+        limit = 10_000
+        while True:
+            await asyncio.sleep(self.options.purge_interval_s)
+            try:
+                while True:
+                    now = self.options.clock()
+                    purged = await hub.worker.call(
+                        functools.partial(hub.store.purge_expired, now, limit)
+                    )
+                    if purged:
+                        logger.info("purged %d expired envelopes", purged)
+                    if purged < limit:
+                        break
+            except Exception:
+                logger.exception("purging expired envelopes failed")
+
+    async def _shutdown(self, server: asyncio.Server, hub: _Hub) -> None:
+        logger.info("hub shutting down")
+        hub.stopping = True
+        server.close()
+        for session in list(hub.sessions):
+            if session.transport is not None and not session.transport.is_closing():
+                with contextlib.suppress(Exception):
+                    session.transport.pause_reading()
+        # Everything queued before this point is committed and its callbacks have run.
+        with contextlib.suppress(Exception):
+            await hub.worker.call(lambda: None)
+        if hub.tasks:
+            await asyncio.wait(list(hub.tasks), timeout=5.0)
+        hub.flush_dirty()
+        for session in list(hub.sessions):
+            session.fail("shutting_down", "the hub is shutting down; reconnect later")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 5.0)
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, hub.worker.stop)
+        hub.store.close()
+        logger.info("hub stopped")

@@ -1,0 +1,867 @@
+"""The network hub end to end: a real ``agentmesh.hub_server`` subprocess on a temp SQLite file.
+
+Clients are :class:`NetworkHub` objects driving fake endpoints (real Ed25519
+identities and signed prekeys, envelopes with random ciphertext), raw sockets
+speaking the frame protocol, and, for the plaintext check, real Agents.
+Waits are bounded polls, never timing assertions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import agentmesh
+from agentmesh import Agent
+from agentmesh.crypto.identity import IdentityKeyPair
+from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets, SignedPrekey
+from agentmesh.errors import (
+    AuthFailedError,
+    HubError,
+    HubUnavailableError,
+    MailboxFullError,
+)
+from agentmesh.hub.base import DeliveryReport
+from agentmesh.hub.client import NetworkHub, _chunk_prekeys, backoff, is_retryable
+from agentmesh.hub.server import NetworkHubServer, TokenBucket
+from agentmesh.hub.store import HubStore
+from agentmesh.protocol import frames as f
+from agentmesh.protocol import hub_protocol as hp
+from agentmesh.protocol.envelope import RatchetHeader, decode_envelope, encode_header
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(agentmesh.__file__).resolve().parents[1]
+LISTENING = re.compile(r"hub listening on 127\.0\.0\.1:(\d+)")
+
+
+KEY = IdentityKeyPair.generate().public.signing
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+# --- the hub subprocess ------------------------------------------------------
+
+
+class HubProcess:
+    """``python -m agentmesh.hub_server`` on 127.0.0.1, logging to a file."""
+
+    count = 0
+
+    def __init__(self, workdir: Path, *args: str, db: str | None = "hub.sqlite", **env: str):
+        self.workdir = workdir
+        self.args = list(args)
+        self.db = workdir / db if db else None
+        self.env = env
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        HubProcess.count += 1
+        self.log_path = workdir / f"hub-{HubProcess.count}.log"
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "agentmesh.hub_server", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--log-level", "INFO", *self.args]
+        if self.db is not None:
+            cmd += ["--db", str(self.db)]
+        return cmd
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(
+                self._command(), stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=self.workdir
+            )
+
+    def start(self) -> HubProcess:
+        offset = len(self.log())
+        self.proc = self._spawn()
+        deadline = time.monotonic() + 30
+        while True:
+            found = LISTENING.search(self.log()[offset:])
+            if found:
+                self.port = int(found.group(1))
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"hub did not start:\n{self.log()}")
+            time.sleep(0.02)
+
+    def run_to_exit(self) -> int:
+        return self._spawn().wait(30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def client(self, **options: Any) -> NetworkHub:
+        settings: dict[str, Any] = {
+            "connect_timeout": 5.0,
+            "ack_timeout": 10.0,
+            "reconnect_initial": 0.05,
+            "reconnect_max": 0.3,
+        }
+        settings.update(options)
+        return NetworkHub("127.0.0.1", self.port, **settings)
+
+
+@pytest.fixture
+def start_hub(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
+    hubs: list[HubProcess] = []
+
+    def start(*args: str, **kwargs: Any) -> HubProcess:
+        hub = HubProcess(tmp_path, *args, **kwargs).start()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in hubs:
+        hub.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    hub = HubProcess(tmp_path_factory.mktemp("shared")).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[[HubProcess], NetworkHub]]:
+    made: list[NetworkHub] = []
+
+    def make(hub: HubProcess, **options: Any) -> NetworkHub:
+        client = hub.client(**options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+# --- a fake agent --------------------------------------------------------------
+
+
+class FakeEndpoint:
+    """A HubEndpoint with real keys; envelopes carry random ciphertext."""
+
+    def __init__(self, agent_id: str, *, pool: int = 30, identity: IdentityKeyPair | None = None):
+        self._agent_id = agent_id
+        self.identity = identity or IdentityKeyPair.generate()
+        now = int(time.time() * 1000)
+        self.prekeys = PrekeySecrets.create(self.identity, now)
+        self.prekeys.top_up(self.identity, now, pool_size=pool)
+        self.pool = pool
+        self.received: list[bytes] = []
+        self.outbox: dict[bytes, bytes] = {}
+        self.low: list[int] = []
+        self.lock = threading.Lock()
+
+    @property
+    def agent_id(self) -> str:
+        return self._agent_id
+
+    @property
+    def signing_public_key(self) -> bytes:
+        return self.identity.public.signing
+
+    def sign_login(self, challenge: bytes) -> bytes:
+        assert challenge.startswith(hp.LOGIN_CONTEXT)
+        return self.identity.sign(challenge)
+
+    def prekey_bundle_bytes(self) -> bytes:
+        return self.prekeys.bundle(self._agent_id, self.identity.public).encode()
+
+    def one_time_prekeys(self) -> list[bytes]:
+        with self.lock:
+            return [key.encode() for key in self.prekeys.unpublished_prekeys()]
+
+    def one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:
+        with self.lock:
+            self.prekeys.mark_published([SignedPrekey.decode(e).prekey_id for e in encoded])
+
+    def prekeys_low(self, remaining: int) -> None:
+        with self.lock:
+            self.low.append(remaining)
+            self.prekeys.one_time.clear()
+            self.prekeys.one_time_kem.clear()
+            self.prekeys.top_up(self.identity, int(time.time() * 1000), pool_size=self.pool)
+
+    def receive_envelope(self, data: bytes) -> DeliveryReport:
+        envelope = decode_envelope(data)
+        assert envelope.recipient == self._agent_id
+        with self.lock:
+            duplicate = envelope.message_id in self.received
+            self.received.append(envelope.message_id)
+        return DeliveryReport(accepted=True, duplicate=duplicate)
+
+    def unacked_envelopes(self) -> list[bytes]:
+        with self.lock:
+            return list(self.outbox.values())
+
+    def envelope_acked(self, message_id: bytes) -> None:
+        with self.lock:
+            self.outbox.pop(message_id, None)
+
+    def envelope(self, recipient: str, *, sender: str | None = None, size: int = 64) -> bytes:
+        """A new envelope, put in the outbox (as an Agent does before delivering)."""
+        message_id = os.urandom(16)
+        ratchet = RatchetHeader(os.urandom(32), 0, 0)
+        header = encode_header(
+            message_id, int(time.time() * 1000), sender or self._agent_id, recipient, ratchet, None
+        )
+        data = header + size.to_bytes(4, "big") + os.urandom(size)
+        with self.lock:
+            self.outbox[message_id] = data
+        return data
+
+    def send(self, hub: NetworkHub, recipient: str, **kwargs: Any) -> bytes:
+        data = self.envelope(recipient, **kwargs)
+        hub.deliver(data)
+        return decode_envelope(data).message_id
+
+    def got(self, count: int) -> Callable[[], bool]:
+        return lambda: len(self.received) >= count
+
+
+# --- a raw protocol client -----------------------------------------------------
+
+
+class RawClient:
+    """A blocking socket driving a ClientConnection (for protocol-level abuse)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.conn = hp.ClientConnection()
+        self.events: list[hp.Event] = []
+
+    def pump_until(self, done: Callable[[list[hp.Event]], bool]) -> list[hp.Event]:
+        while not done(self.events):
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.events += self.conn.receive_data(data)
+            self.flush()
+        return self.events
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def login(self, agent_id: str, identity: IdentityKeyPair, bundle: bytes = b"") -> hp.Event:
+        self.pump_until(lambda events: any(isinstance(e, hp.HelloReceived) for e in events))
+        signature = identity.sign(self.conn.login_challenge(agent_id))
+        rid = self.conn.login(agent_id, identity.public.signing, signature, bundle)
+        self.flush()
+        return self.answer(rid)
+
+    def answer(self, request_id: int) -> hp.Event:
+        def answered(events: list[hp.Event]) -> bool:
+            return any(getattr(e, "request_id", None) == request_id for e in events)
+
+        self.flush()
+        events = self.pump_until(answered)
+        return next(e for e in events if getattr(e, "request_id", None) == request_id)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def frames_until_eof(sock: socket.socket) -> list[f.Frame]:
+    decoder = f.FrameDecoder(max_frame_size=1 << 24)
+    out: list[f.Frame] = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        out += decoder.feed(data)
+    return out
+
+
+# --- unit tests of the client's pure helpers ----------------------------------
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    assert [round(d, 3) for d in _take(backoff(0.1, 1.0, rng=lambda: 0.5), 6)] == [
+        0.05,
+        0.1,
+        0.2,
+        0.4,
+        0.5,
+        0.5,
+    ]
+    assert all(0 <= d < 1.0 for d in _take(backoff(0.1, 1.0), 50))
+
+
+def _take(it: Iterator[float], n: int) -> list[float]:
+    return [next(it) for _ in range(n)]
+
+
+def test_is_retryable() -> None:
+    assert is_retryable(HubUnavailableError("down"))
+    assert is_retryable(ConnectionRefusedError())
+    assert is_retryable(HubError("shutting_down", ""))
+    assert not is_retryable(AuthFailedError("identity_mismatch", ""))
+    assert not is_retryable(HubError("bad_bundle", ""))
+
+
+def test_token_bucket() -> None:
+    bucket = TokenBucket(rate=10.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(0.1) and not bucket.take(0.1)
+
+
+def test_prekey_chunks_fit_the_frame_limit() -> None:
+    prekeys = [b"x" * 1255] * 100
+    chunks = _chunk_prekeys(prekeys, 16 * 1024)
+    assert [prekey for chunk in chunks for prekey in chunk] == prekeys
+    for chunk in chunks:
+        frame = f.encode_frame(f.UploadPrekeys(1, tuple(chunk)))
+        assert len(frame) - 4 <= 16 * 1024
+
+
+# --- delivery --------------------------------------------------------------------
+
+
+def test_online_delivery_in_order(shared_hub: HubProcess, clients: Any) -> None:
+    hub = clients(shared_hub)
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    hub.register(alice)
+    hub.register(bob)
+    sent = [alice.send(hub, bob.agent_id) for _ in range(50)]
+    assert not alice.outbox
+    wait_until(bob.got(50))
+    assert bob.received == sent
+    assert {alice.agent_id, bob.agent_id} <= set(hub.list_agents())
+    bundle = PrekeyBundle.decode(hub.fetch_prekey_bundle(bob.agent_id)).verify()
+    assert bundle.identity.signing == bob.signing_public_key
+    assert bundle.one_time_prekey is not None
+    as_dict = hub.get_bundle(alice.agent_id)
+    assert as_dict["agent_id"] == alice.agent_id and "bundle" in as_dict
+    with pytest.raises(ValueError, match=r"Peer 'nobody-x' not found on hub"):
+        hub.fetch_prekey_bundle("nobody-x")
+    with pytest.raises(ValueError, match=r"Peer 'nobody-x' not found on hub"):
+        alice.send(hub, "nobody-x")
+    # Anonymous questions work without a registered agent.
+    anonymous = clients(shared_hub)
+    assert bob.agent_id in anonymous.list_agents()
+    assert anonymous.stats()["online"] >= 2
+    assert isinstance(anonymous.message_count(), int)
+
+
+def fan_in(hub: NetworkHub, senders: int, each: int) -> None:
+    """``senders`` agents send ``each`` envelopes to one online recipient, concurrently;
+    check every one arrives once and FIFO per sender."""
+    bob = FakeEndpoint(unique("bob"))
+    hub.register(bob)
+    agents = [FakeEndpoint(unique("s")) for _ in range(senders)]
+    for agent in agents:
+        hub.register(agent)
+    sent: dict[str, list[bytes]] = {}
+
+    def run(agent: FakeEndpoint) -> None:
+        sent[agent.agent_id] = [agent.send(hub, bob.agent_id) for _ in range(each)]
+
+    threads = [threading.Thread(target=run, args=(agent,)) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_until(bob.got(senders * each))
+    assert len(set(bob.received)) == senders * each
+    for ids in sent.values():
+        assert [m for m in bob.received if m in set(ids)] == ids
+
+
+def test_concurrent_senders_are_group_committed(shared_hub: HubProcess, clients: Any) -> None:
+    fan_in(clients(shared_hub), senders=8, each=25)
+
+
+def test_tiny_push_window_under_concurrent_load(tmp_path: Path) -> None:
+    # In-process hub: with a window of 2, commits keep arriving while pages are read.
+    server = NetworkHubServer("127.0.0.1", 0, str(tmp_path / "w.sqlite"), push_window=2)
+    server.start(block=False)
+    try:
+        with NetworkHub("127.0.0.1", server.port) as hub:
+            fan_in(hub, senders=4, each=50)
+    finally:
+        server.stop()
+
+
+def test_store_and_forward_across_a_hub_kill(start_hub: Any, clients: Any) -> None:
+    hub_proc = start_hub()
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    bob_hub = clients(hub_proc)
+    bob_hub.register(bob)
+    bob_hub.close()  # bob is bound, then offline
+    hub = clients(hub_proc, ack_timeout=1.0)
+    hub.register(alice)
+    sent = [alice.send(hub, bob.agent_id) for _ in range(30)]
+
+    hub_proc.kill()  # SIGKILL: acked envelopes must survive
+    while_down = alice.envelope(bob.agent_id)
+    with pytest.raises(HubUnavailableError):
+        hub.deliver(while_down)
+    assert decode_envelope(while_down).message_id in alice.outbox
+    sent.append(decode_envelope(while_down).message_id)
+
+    hub_proc.start()  # same port, same database
+    wait_until(lambda: not alice.outbox)  # re-sent from the outbox after reconnecting
+    sent += [alice.send(hub, bob.agent_id) for _ in range(10)]
+
+    bob_again = clients(hub_proc)
+    bob_again.register(bob)
+    wait_until(bob.got(len(sent)))
+    wait_until(lambda: bob_again.message_count() == 0)  # all acknowledged and deleted
+    assert bob.received == sent  # every message once, FIFO
+
+
+def test_unacked_pushes_are_redelivered_on_the_next_login(
+    shared_hub: HubProcess, clients: Any
+) -> None:
+    hub = clients(shared_hub)
+    alice = FakeEndpoint(unique("alice"))
+    hub.register(alice)
+    bob = FakeEndpoint(unique("bob"))
+    failing = threading.Event()
+    failing.set()
+    attempts: list[bytes] = []
+    original = bob.receive_envelope
+
+    def flaky(data: bytes) -> DeliveryReport:
+        attempts.append(data)
+        if failing.is_set():
+            raise OSError("disk full")  # not poison: must stay on the hub
+        return original(data)
+
+    bob.receive_envelope = flaky  # type: ignore[method-assign]
+    bob_hub = clients(shared_hub)
+    bob_hub.register(bob)
+    mid = alice.send(hub, bob.agent_id)
+    wait_until(lambda: attempts)
+    bob_hub.unregister(bob.agent_id)
+    failing.clear()
+    bob_hub.register(bob)
+    wait_until(bob.got(1))
+    assert bob.received == [mid]
+
+
+# --- identity ------------------------------------------------------------------
+
+
+def test_takeover_is_refused(shared_hub: HubProcess, clients: Any) -> None:
+    hub = clients(shared_hub)
+    victim = FakeEndpoint(unique("victim"))
+    hub.register(victim)
+    thief_hub = clients(shared_hub)
+    thief = FakeEndpoint(victim.agent_id)  # same id, another key
+    with pytest.raises(AuthFailedError) as info:
+        thief_hub.register(thief)
+    assert info.value.code == "identity_mismatch"
+    # The victim is undisturbed and still receives its mail.
+    sender = FakeEndpoint(unique("sender"))
+    hub.register(sender)
+    mid = sender.send(hub, victim.agent_id)
+    wait_until(victim.got(1))
+    assert victim.received == [mid]
+    assert thief.received == []
+
+
+def test_key_rotation(shared_hub: HubProcess, clients: Any) -> None:
+    hub = clients(shared_hub)
+    old = FakeEndpoint(unique("rot"))
+    hub.register(old)
+    new_identity = IdentityKeyPair.generate()
+    hub.rotate_key(old.agent_id, new_identity.public.signing, old.identity.sign, new_identity.sign)
+    hub.unregister(old.agent_id)
+    with pytest.raises(AuthFailedError):
+        clients(shared_hub).register(FakeEndpoint(old.agent_id, identity=old.identity))
+    clients(shared_hub).register(FakeEndpoint(old.agent_id, identity=new_identity))
+
+
+def test_forged_sender_is_refused(shared_hub: HubProcess) -> None:
+    mallory, victim = unique("mallory"), unique("victim")
+    identity = IdentityKeyPair.generate()
+    raw = RawClient(shared_hub.port)
+    try:
+        assert isinstance(raw.login(mallory, identity), hp.LoginAccepted)
+        forged = FakeEndpoint(victim).envelope(mallory)  # claims to come from the victim
+        answer = raw.answer(raw.conn.send(forged))
+        assert isinstance(answer, hp.ErrorReceived)
+        assert (answer.code, answer.fatal) == ("forged_sender", False)
+        assert answer.message_id == decode_envelope(forged).message_id
+        # The connection stays usable.
+        assert isinstance(raw.answer(raw.conn.list_agents()), hp.AgentsReceived)
+    finally:
+        raw.close()
+
+
+def test_duplicate_message_id_is_stored_once(shared_hub: HubProcess, clients: Any) -> None:
+    hub = clients(shared_hub)
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    hub.register(alice)
+    bob_hub = clients(shared_hub)
+    bob_hub.register(bob)
+    bob_hub.close()
+    data = alice.envelope(bob.agent_id)
+    before = hub.stats()["queued"]
+    hub.deliver(data)
+    hub.deliver(data)  # the retry after a lost ack: acknowledged, not stored again
+    assert hub.stats()["queued"] == before + 1
+    clients(shared_hub).register(bob)
+    wait_until(bob.got(1))
+    wait_until(lambda: hub.stats()["queued"] == before)
+    assert bob.received == [decode_envelope(data).message_id]
+
+
+def test_prekeys_low_reaches_the_owner(shared_hub: HubProcess, clients: Any) -> None:
+    hub = clients(shared_hub)
+    owner = FakeEndpoint(unique("owner"), pool=20)
+    hub.register(owner)
+    asker = FakeEndpoint(unique("asker"))
+    hub.register(asker)
+    hub.fetch_prekey_bundle(owner.agent_id)  # 19 left of each kind: below the mark of 20
+    wait_until(lambda: owner.low == [19])
+    wait_until(lambda: not owner.one_time_prekeys())  # the top-up was uploaded
+    ids = set()
+    for _ in range(25):
+        bundle = PrekeyBundle.decode(hub.fetch_prekey_bundle(owner.agent_id))
+        assert bundle.one_time_prekey is not None
+        ids.add(bundle.one_time_prekey.prekey_id)
+    assert len(ids) == 25  # each one-time prekey handed out once
+
+
+# --- abuse and limits ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("garbage", "code"),
+    [
+        (b"\x00\x00\x00\x05\xee1234", "bad_frame"),
+        (b"\x7f\xff\xff\xff", "frame_too_large"),
+        (b"\x00\x00\x00\x00", "bad_frame"),
+        (f.encode_frame(f.Send(1, b"early")), "unexpected_frame"),
+        (f.encode_frame(f.Login(1, 1, "x", bytes(32), bytes(64))), "weak_key"),
+        (f.encode_frame(f.Login(1, 1, "x", KEY, bytes(64))), "bad_signature"),
+        (f.encode_frame(f.Login(1, 7, "x", bytes(32), bytes(64))), "unsupported_version"),
+    ],
+)
+def test_malformed_frames_get_an_error_then_close(
+    shared_hub: HubProcess, garbage: bytes, code: str
+) -> None:
+    with socket.create_connection(("127.0.0.1", shared_hub.port), timeout=15) as sock:
+        sock.sendall(garbage)
+        frames = frames_until_eof(sock)
+    assert isinstance(frames[0], f.Hello)
+    assert frames[-1] == f.Error(0, code, frames[-1].text, fatal=True)  # type: ignore[attr-defined]
+
+
+def test_abuse_does_not_disturb_legitimate_agents(shared_hub: HubProcess, clients: Any) -> None:
+    idle = [
+        socket.create_connection(("127.0.0.1", shared_hub.port), timeout=15) for _ in range(300)
+    ]
+    try:
+        hub = clients(shared_hub)
+        alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+        hub.register(alice)
+        hub.register(bob)
+        assert hub.stats()["connections"] >= 302
+        for _ in range(3):  # garbage, truncated frames and random bytes on other connections
+            for junk in (b"\xff" * 64, b"\x00\x00\x00\x40\x20abc", os.urandom(4096)):
+                with socket.create_connection(("127.0.0.1", shared_hub.port), timeout=15) as s:
+                    s.sendall(junk)
+                    s.shutdown(socket.SHUT_WR)
+                    frames_until_eof(s)
+        sent = [alice.send(hub, bob.agent_id) for _ in range(20)]
+        wait_until(bob.got(20))
+        assert bob.received == sent
+    finally:
+        for sock in idle:
+            sock.close()
+    assert shared_hub.proc is not None and shared_hub.proc.poll() is None
+    assert "frame_too_large" in shared_hub.log() or "bad_frame" in shared_hub.log()
+
+
+def test_handshake_timeout_closes_silent_connections(start_hub: Any) -> None:
+    hub_proc = start_hub("--handshake-timeout", "0.3")
+    with socket.create_connection(("127.0.0.1", hub_proc.port), timeout=15) as sock:
+        frames = frames_until_eof(sock)
+    assert isinstance(frames[0], f.Hello)
+    assert frames[-1] == f.Error(0, "handshake_timeout", "no login in time", fatal=True)
+    assert "no login within" in hub_proc.log()
+
+
+def test_idle_connections_are_pinged_then_closed(start_hub: Any, clients: Any) -> None:
+    hub_proc = start_hub("--idle-timeout", "0.6", "--ping-interval", "0.2")
+    hub = clients(hub_proc, ping_interval=60.0)  # only the hub pings
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    hub.register(alice)
+    hub.register(bob)
+    silent = RawClient(hub_proc.port)
+    try:
+        assert isinstance(
+            silent.login(unique("mute"), IdentityKeyPair.generate()), hp.LoginAccepted
+        )
+        frames = frames_until_eof(silent.sock)  # never answers the PINGs
+    finally:
+        silent.close()
+    assert isinstance(frames[0], f.Ping)
+    assert frames[-1] == f.Error(0, "idle_timeout", "no data received in time", fatal=True)
+    # The NetworkHub answered every PING, so its connections are still the same ones.
+    mid = alice.send(hub, bob.agent_id)
+    wait_until(bob.got(1))
+    assert bob.received == [mid]
+    assert hub_proc.log().count("logged in from") == 3
+
+
+def test_rate_limit_refuses_excess_requests(tmp_path: Path) -> None:
+    server = NetworkHubServer(
+        "127.0.0.1", 0, str(tmp_path / "r.sqlite"), rate_per_s=0.001, rate_burst=3
+    )
+    server.start(block=False)
+    raw = RawClient(server.port)
+    try:
+        raw.pump_until(lambda events: bool(events))  # HELLO
+        answers = [raw.answer(raw.conn.list_agents()) for _ in range(6)]
+    finally:
+        raw.close()
+        server.stop()
+    assert [type(a) for a in answers[:3]] == [hp.AgentsReceived] * 3
+    for answer in answers[3:]:
+        assert isinstance(answer, hp.ErrorReceived)
+        assert (answer.code, answer.fatal) == ("rate_limited", False)
+
+
+def test_max_connections(start_hub: Any, clients: Any) -> None:
+    hub_proc = start_hub("--max-connections", "2")
+    first = [socket.create_connection(("127.0.0.1", hub_proc.port), timeout=15) for _ in range(2)]
+    try:
+        for sock in first:
+            assert isinstance(f.FrameDecoder().feed(sock.recv(65536))[0], f.Hello)
+        with socket.create_connection(("127.0.0.1", hub_proc.port), timeout=15) as extra:
+            assert frames_until_eof(extra) == [
+                f.Error(0, "too_many_connections", "try again later", fatal=True)
+            ]
+        with pytest.raises(HubUnavailableError):
+            clients(hub_proc).register(FakeEndpoint(unique("late")))
+    finally:
+        for sock in first:
+            sock.close()
+    wait_until(lambda: _registers(clients(hub_proc)))
+    assert "too_many_connections" in hub_proc.log()
+
+
+def _registers(hub: NetworkHub) -> bool:
+    try:
+        hub.register(FakeEndpoint(unique("later")))
+    except HubUnavailableError:
+        return False
+    return True
+
+
+def test_quota_and_envelope_size(start_hub: Any, clients: Any) -> None:
+    hub_proc = start_hub("--mailbox-max-messages", "3", "--max-envelope-bytes", "2048")
+    hub = clients(hub_proc)
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    hub.register(alice)
+    bob_hub = clients(hub_proc)
+    bob_hub.register(bob)
+    bob_hub.close()
+    sent = [alice.send(hub, bob.agent_id) for _ in range(3)]
+    with pytest.raises(MailboxFullError):
+        alice.send(hub, bob.agent_id)
+    assert len(alice.outbox) == 1  # kept by the agent for a later retry
+    alice.outbox.clear()
+    with pytest.raises(HubError) as info:
+        alice.send(hub, bob.agent_id, size=4096)
+    assert info.value.code == "too_large"
+    # The hub enforces the limit too (a client that skips the check).
+    carol = FakeEndpoint(unique("carol"))
+    raw = RawClient(hub_proc.port)
+    try:
+        assert isinstance(raw.login(carol.agent_id, carol.identity), hp.LoginAccepted)
+        answer = raw.answer(raw.conn.send(b"\x01"))
+        assert isinstance(answer, hp.ErrorReceived) and answer.code == "bad_envelope"
+        big = carol.envelope(bob.agent_id, size=4096)
+        raw.sock.sendall(f.encode_frame(f.Send(77, big)))
+        answer = raw.answer(77)
+        assert isinstance(answer, hp.ErrorReceived) and answer.code == "too_large"
+    finally:
+        raw.close()
+    assert "mailbox of" in hub_proc.log() and "too_large" in hub_proc.log()
+    clients(hub_proc).register(bob)
+    wait_until(bob.got(3))
+    assert bob.received == sent
+
+
+def test_expired_envelopes_are_not_delivered(start_hub: Any, clients: Any) -> None:
+    hub_proc = start_hub("--ttl", "0.5", "--purge-interval", "0.1")
+    hub = clients(hub_proc)
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    hub.register(alice)
+    bob_hub = clients(hub_proc)
+    bob_hub.register(bob)
+    bob_hub.close()
+    alice.send(hub, bob.agent_id)
+    wait_until(lambda: "purged 1 expired envelopes" in hub_proc.log())
+    assert hub.message_count() == 0
+    clients(hub_proc).register(bob)
+    fresh = alice.send(hub, bob.agent_id)
+    wait_until(bob.got(1))
+    assert bob.received == [fresh]  # FIFO: the expired one would have come first
+
+
+# --- transport and operations ----------------------------------------------------
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "hub.crt", tmp_path / "hub.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_round_trip(start_hub: Any, clients: Any, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    hub_proc = start_hub("--tls-cert", str(cert), "--tls-key", str(key))
+    context = ssl.create_default_context(cafile=str(cert))
+    hub = clients(hub_proc, tls=context, server_hostname="localhost")
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    hub.register(alice)
+    hub.register(bob)
+    mid = alice.send(hub, bob.agent_id)
+    wait_until(bob.got(1))
+    assert bob.received == [mid]
+    # Without trusting the certificate the client refuses to talk.
+    with pytest.raises(HubUnavailableError):
+        clients(hub_proc, tls=True, connect_timeout=2.0).register(FakeEndpoint(unique("x")))
+
+
+def test_database_holds_no_plaintext(start_hub: Any, tmp_path: Path) -> None:
+    hub_proc = start_hub()
+    marker = "PLAINTEXT-MARKER-" + uuid.uuid4().hex
+    keys = tmp_path / "keys"
+    with hub_proc.client() as alice_hub, hub_proc.client() as bob_hub:
+        bob = Agent("bob", hub=bob_hub, keypair_path=keys / "bob.key")
+        bob.close()
+        alice = Agent("alice", hub=alice_hub)
+        alice.send("bob", marker, note=marker)
+        assert alice_hub.message_count() == 1
+        # While stored (bob offline) and after delivery, no trace of the plaintext.
+        assert hub_proc.db is not None
+        stored = b"".join(p.read_bytes() for p in hub_proc.db.parent.glob(hub_proc.db.name + "*"))
+        assert b"alice" in stored and marker.encode() not in stored
+        got: list[str] = []
+        bob = Agent("bob", hub=bob_hub, keypair_path=keys / "bob.key")
+        bob.on_message(lambda m: got.append(m.text))
+        wait_until(lambda: got == [marker])
+        alice.close()
+        bob.close()
+    stored = b"".join(p.read_bytes() for p in hub_proc.db.parent.glob(hub_proc.db.name + "*"))
+    assert marker.encode() not in stored
+    assert marker not in hub_proc.log()
+
+
+def test_database_from_environment(start_hub: Any, clients: Any, tmp_path: Path) -> None:
+    db = tmp_path / "from-env.sqlite"
+    hub_proc = start_hub(db=None, AGENTMESH_DB=str(db))
+    clients(hub_proc).register(FakeEndpoint(unique("env")))
+    assert db.exists() and not (tmp_path / "hub.sqlite").exists()
+
+
+def test_newer_database_revision_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "newer.sqlite"
+    store = HubStore(str(db))
+    store.ensure_schema()
+    store.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    hub_proc = HubProcess(tmp_path, db="newer.sqlite")
+    assert hub_proc.run_to_exit() == 2
+    assert "newer AgentMesh" in hub_proc.log()
+
+
+def test_sigterm_stops_cleanly(start_hub: Any, clients: Any) -> None:
+    hub_proc = start_hub()
+    hub = clients(hub_proc)
+    alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
+    hub.register(alice)
+    hub.register(bob)
+    alice.send(hub, bob.agent_id)
+    wait_until(bob.got(1))
+    assert hub_proc.terminate() == 0
+    assert "hub stopped" in hub_proc.log()
