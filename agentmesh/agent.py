@@ -44,12 +44,14 @@ from agentmesh.errors import (
     HubError,
     HubUnavailableError,
     IdentityChangedError,
+    LocalProtocolError,
     ReplayError,
 )
 from agentmesh.hub.base import DeliveryReport, Hub
 from agentmesh.ids import validate_agent_id
 from agentmesh.keyfile import load_or_create_key_file
 from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
 from agentmesh.protocol.payload import decode_payload, encode_payload
 from agentmesh.state import AgentState, StateLock, state_path_for
 
@@ -548,6 +550,13 @@ class Agent:
         return self._identity.public.signing
 
     def sign_login(self, challenge: bytes) -> bytes:
+        """Sign a hub login or key-rotation challenge, and nothing else.
+
+        Raises LocalProtocolError for bytes without a hub-protocol context, so a
+        hub (or anyone holding this callback) cannot get arbitrary data signed.
+        """
+        if not challenge.startswith((LOGIN_CONTEXT, ROTATE_CONTEXT)):
+            raise LocalProtocolError("refusing to sign bytes that are not a hub login challenge")
         return self._identity.sign(challenge)
 
     def prekey_bundle_bytes(self) -> bytes:

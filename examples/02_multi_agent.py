@@ -28,7 +28,8 @@ for w in workers:
 def collect(msg):
     if msg.type == "result":
         results[msg.payload["task_id"]] = msg.payload["value"]
-        print(f"[coordinator] {msg.sender} finished {msg.payload['task_id']}: {msg.payload['value']}")
+        task, value = msg.payload["task_id"], msg.payload["value"]
+        print(f"[coordinator] {msg.sender} finished {task}: {value}")
 
 
 tasks = {f"task-{i}": list(range(i * 10, i * 10 + 5)) for i in range(8)}
@@ -36,7 +37,9 @@ peers = sorted(p for p in coordinator.list_peers() if p.startswith("worker-"))
 for n, (task_id, numbers) in enumerate(tasks.items()):
     worker_id = peers[n % len(peers)]
     print(f"[coordinator] {task_id} -> {worker_id}")
-    coordinator.send(worker_id, text="please add these", type="task", task_id=task_id, numbers=numbers)
+    coordinator.send(
+        worker_id, text="please add these", type="task", task_id=task_id, numbers=numbers
+    )
 
 assert results == {t: sum(nums) for t, nums in tasks.items()}, results
 print(f"all {len(results)} results back; total = {sum(results.values())}")

@@ -64,6 +64,22 @@ _LOW_ORDER_POINTS = frozenset(
 )
 _ZERO32 = bytes(32)
 
+# Ed25519 encodings of small-order points, sign bit cleared (libsodium's
+# blocklist: 0, 1, the two order-8 points, p-1, p and p+1). A signature under
+# such a key verifies for many messages, so none may serve as an identity key.
+_SMALL_ORDER_ED25519 = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+)
+
 
 def random_bytes(n: int) -> bytes:
     """Cryptographically secure random bytes (the default ``rng``)."""
@@ -144,9 +160,17 @@ def ed25519_public_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+def is_small_order_ed25519(raw: bytes) -> bool:
+    """Whether ``raw`` encodes a small-order Ed25519 point (never a valid identity key)."""
+    return len(raw) == 32 and raw[:31] + bytes((raw[31] & 0x7F,)) in _SMALL_ORDER_ED25519
+
+
 def ed25519_public_from_bytes(raw: bytes) -> Ed25519PublicKey:
+    """Parse an Ed25519 public key; wrong lengths and small-order points raise InvalidKeyError."""
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != ED25519_KEY_LEN:
         raise InvalidKeyError("Ed25519 public key must be 32 bytes")
+    if is_small_order_ed25519(bytes(raw)):
+        raise InvalidKeyError("Ed25519 public key is a small-order point")
     try:
         return Ed25519PublicKey.from_public_bytes(bytes(raw))
     except ValueError as exc:

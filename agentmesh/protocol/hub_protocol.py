@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from agentmesh.codec import Writer
+from agentmesh.crypto import primitives as p
 from agentmesh.crypto.prekeys import KIND_KEM, KIND_X25519, PrekeyBundle, SignedPrekey
 from agentmesh.crypto.primitives import ed25519_verify
 from agentmesh.errors import CryptoError, DecodeError, LocalProtocolError
@@ -89,26 +90,9 @@ CLIENT_MAX_FRAME_SIZE = 16 * 1024 * 1024 + FRAME_OVERHEAD
 _U32_MAX = 0xFFFFFFFF
 
 
-#: Ed25519 encodings of small-order points, sign bit cleared (libsodium's blocklist:
-#: 0, 1, the two order-8 points, p-1, p and p+1). Signatures under such a key
-#: verify for many messages, so anyone could log in as an id bound to one.
-_SMALL_ORDER_ED25519 = frozenset(
-    bytes.fromhex(h)
-    for h in (
-        "0000000000000000000000000000000000000000000000000000000000000000",
-        "0100000000000000000000000000000000000000000000000000000000000000",
-        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
-        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    )
-)
-
-
 def is_weak_signing_key(key: bytes) -> bool:
     """Whether ``key`` encodes a small-order Ed25519 point (refused as an identity key)."""
-    return len(key) == 32 and key[:31] + bytes((key[31] & 0x7F,)) in _SMALL_ORDER_ED25519
+    return p.is_small_order_ed25519(key)
 
 
 def login_message(nonce: bytes, agent_id: str, hub_address: str) -> bytes:

@@ -595,3 +595,28 @@ def test_close_is_idempotent_and_context_manager(hub, tmp_path) -> None:
     alice.close()
     # The identity is free again.
     Agent("alice", hub=hub, keypair_path=tmp_path / "a.json").close()
+
+
+def test_sign_login_refuses_bytes_that_are_not_a_login_challenge():
+    """The login-signing callback cannot be abused as a general signing oracle."""
+    import pytest
+
+    from agentmesh import Agent
+    from agentmesh.errors import LocalProtocolError
+
+    agent = Agent("signer")
+    with pytest.raises(LocalProtocolError):
+        agent.sign_login(b"pay mallory 100 coins")
+    assert len(agent.sign_login(b"AgentMesh-login-v1" + bytes(32))) == 64
+
+
+def test_small_order_ed25519_identity_keys_are_rejected():
+    """An identity built on a small-order Ed25519 point never verifies."""
+    import pytest
+
+    from agentmesh.crypto import primitives
+    from agentmesh.errors import InvalidKeyError
+
+    for weak in (bytes(32), b"\x01" + bytes(31), bytes.fromhex("ec" + "ff" * 30 + "7f")):
+        with pytest.raises(InvalidKeyError):
+            primitives.ed25519_public_from_bytes(weak)
