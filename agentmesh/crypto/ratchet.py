@@ -1,4 +1,8 @@
-"""The Double Ratchet (Signal Double Ratchet spec, revision 4, section 3).
+"""The Double Ratchet (Signal's "The Double Ratchet Algorithm", section 3).
+
+Section numbers are those of revision 1 (2016-11-20): 3.2 "State variables",
+3.3 "Initialization", 3.4 "Encrypting messages", 3.5 "Decrypting messages",
+5.2 "Recommended cryptographic algorithms", 6.4 "Deletion of skipped message keys".
 
 Recommended algorithms of section 5.2, except the AEAD (chosen by the
 session layer, see :mod:`agentmesh.crypto.session`):
@@ -8,7 +12,7 @@ session layer, see :mod:`agentmesh.crypto.session`):
 * ``KDF_CK(ck)`` = HMAC-SHA256(ck, 0x01) → message key, HMAC-SHA256(ck, 0x02)
   → next chain key.
 
-Skipped message keys (section 3.2 ``MKSKIPPED``, section 4.5 on limits) are
+Skipped message keys (section 3.2 ``MKSKIPPED``, section 6.4 on deletion) are
 capped per chain (``max_skip``) and in total (``max_skipped_total``, oldest
 evicted first), erased once used, and expire after ``max_skip_age_steps``
 DH-ratchet steps. See docs/PROTOCOL.md for the defaults and why.
