@@ -10,7 +10,8 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from deterministic import FUZZ
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agentmesh.crypto import primitives as p
@@ -25,7 +26,6 @@ from agentmesh.crypto.identity import (
 from agentmesh.crypto.keypair import AgentKeyPair, public_identity_from_bundle
 from agentmesh.errors import AgentMeshError, DecodeError, InvalidKeyError, SignatureError
 
-FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None)
 FINGERPRINT = re.compile(r"^([0-9a-f]{4}:){7}[0-9a-f]{4}$")
 SAFETY_NUMBER = re.compile(r"^(\d{5} ){11}\d{5}$")
 

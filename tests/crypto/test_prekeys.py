@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from deterministic import FUZZ, Rng
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agentmesh.crypto.identity import IdentityKeyPair
@@ -35,21 +35,8 @@ from agentmesh.protocol.envelope import decode_envelope
 
 NOW = 1_700_000_000_000
 DAY = 24 * 3600 * 1000
-FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None)
 
 
-class Rng:
-    def __init__(self, label: str) -> None:
-        self._label = label.encode()
-        self._counter = 0
-        self._buffer = b""
-
-    def __call__(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            self._buffer += hashlib.sha256(self._label + self._counter.to_bytes(4, "big")).digest()
-            self._counter += 1
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
 
 
 RNG = Rng("prekeys")

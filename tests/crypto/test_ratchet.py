@@ -7,10 +7,9 @@ sides mean the ratchet agrees. Covers KDF properties, skipped-key caps
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
-from hypothesis import given, settings
+from deterministic import FUZZ, Rng
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agentmesh.codec import Reader, Writer
@@ -24,22 +23,6 @@ from agentmesh.crypto.ratchet import (
 )
 from agentmesh.errors import AgentMeshError, CryptoError, DecodeError, InvalidKeyError, ReplayError
 from agentmesh.protocol.envelope import RatchetHeader
-
-FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None)
-
-
-class Rng:
-    def __init__(self, label: str) -> None:
-        self._label = label.encode()
-        self._counter = 0
-        self._buffer = b""
-
-    def __call__(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            self._buffer += hashlib.sha256(self._label + self._counter.to_bytes(4, "big")).digest()
-            self._counter += 1
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
 
 
 class Duo:

@@ -9,10 +9,10 @@ hypothesis state machine over two parties.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 
 import pytest
+from deterministic import FUZZ, Rng
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -35,23 +35,8 @@ from agentmesh.errors import (
 from agentmesh.protocol.envelope import Envelope, RatchetHeader, decode_envelope, encode_header
 
 NOW_MS = 1_700_000_000_000
-FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None)
 
 
-class Rng:
-    """Deterministic counter-mode SHA-256 stream (tests only)."""
-
-    def __init__(self, label: str) -> None:
-        self._label = label.encode()
-        self._counter = 0
-        self._buffer = b""
-
-    def __call__(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            self._buffer += hashlib.sha256(self._label + self._counter.to_bytes(4, "big")).digest()
-            self._counter += 1
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
 
 
 class Pair:

@@ -6,12 +6,10 @@ operator runs it; HubStore.ensure_schema runs the same scripts programmatically.
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,33 +17,15 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pgschema import fresh_pg_schema
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
 
 from agentmesh.errors import ConfigurationError
 from agentmesh.hub import models
 from agentmesh.hub.store import HubStore, migrations_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PG_URL = os.environ.get("AGENTMESH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 HUB_TABLES = {"agents", "one_time_prekeys", "envelopes", "mailboxes"}
-
-
-@functools.cache
-def _pg_unavailable() -> str | None:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return "PostgreSQL tests need the psycopg driver (pip install 'psycopg[binary]')"
-    engine = create_engine(PG_URL, connect_args={"connect_timeout": 2})
-    try:
-        with engine.connect():
-            pass
-    except Exception as exc:
-        return f"PostgreSQL not reachable at {PG_URL}: {type(exc).__name__}"
-    finally:
-        engine.dispose()
-    return None
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -54,20 +34,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'hub.sqlite'}"
         return
-    reason = _pg_unavailable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with fresh_pg_schema() as url:
+        yield url
 
 
 def alembic_cli(db: str, *args: str) -> subprocess.CompletedProcess[str]:

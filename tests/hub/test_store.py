@@ -8,8 +8,6 @@ server or the psycopg driver is missing.
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,8 +17,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from pgschema import fresh_pg_schema
+from sqlalchemy import func, select
 
 from agentmesh.errors import (
     AuthFailedError,
@@ -41,7 +39,6 @@ from agentmesh.hub.store import (
 )
 from agentmesh.ids import InvalidAgentIdError
 
-PG_URL = os.environ.get("AGENTMESH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
 NOW = 1_700_000_000_000
@@ -54,43 +51,14 @@ FULL = EnqueueStatus.MAILBOX_FULL
 UNKNOWN = EnqueueStatus.UNKNOWN_RECIPIENT
 
 
-@functools.cache
-def _pg_unavailable() -> str | None:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return "PostgreSQL tests need the psycopg driver (pip install 'psycopg[binary]')"
-    engine = create_engine(PG_URL, connect_args={"connect_timeout": 2})
-    try:
-        with engine.connect():
-            pass
-    except Exception as exc:
-        return f"PostgreSQL not reachable at {PG_URL}: {type(exc).__name__}"
-    finally:
-        engine.dispose()
-    return None
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a new PostgreSQL schema."""
     if request.param == "sqlite":
         yield str(tmp_path / "hub.sqlite")
         return
-    reason = _pg_unavailable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with fresh_pg_schema() as url:
+        yield url
 
 
 @pytest.fixture
