@@ -61,6 +61,15 @@ SCHEMA_VERSION = b"1"
 _PIN_SQL = "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)"
 
 
+def _write_session(
+    db: sqlite3.Connection, peer_id: str, record: bytes, pin_identity: bytes | None, now_ms: int
+) -> None:
+    """Inside a transaction: store a peer's session record, pinning its identity if new."""
+    if pin_identity is not None:
+        db.execute(_PIN_SQL, (peer_id, pin_identity, now_ms))
+    db.execute("INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record))
+
+
 def state_path_for(keypair_path: str | os.PathLike[str]) -> Path:
     """``alice.json`` → ``alice.state.sqlite`` beside it."""
     path = Path(keypair_path)
@@ -199,10 +208,7 @@ class AgentState:
 
     def pin(self, peer_id: str, identity: bytes, now_ms: int) -> None:
         with self._tx() as db:
-            db.execute(
-                _PIN_SQL,
-                (peer_id, identity, now_ms),
-            )
+            db.execute(_PIN_SQL, (peer_id, identity, now_ms))
 
     def set_pending_identity(self, peer_id: str, identity: bytes) -> None:
         with self._tx() as db:
@@ -234,14 +240,7 @@ class AgentState:
     ) -> None:
         """Send order step 2: the new session state and the outbox row, in one transaction."""
         with self._tx() as db:
-            if pin_identity is not None:
-                db.execute(
-                    _PIN_SQL,
-                    (peer_id, pin_identity, now_ms),
-                )
-            db.execute(
-                "INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record)
-            )
+            _write_session(db, peer_id, record, pin_identity, now_ms)
             db.execute(
                 "INSERT INTO outbox (message_id, recipient, envelope, created_ms) "
                 "VALUES (?, ?, ?, ?)",
@@ -284,14 +283,7 @@ class AgentState:
     ) -> None:
         """Receive order step 2: session, replay record and inbox row in one transaction."""
         with self._tx() as db:
-            if pin_identity is not None:
-                db.execute(
-                    _PIN_SQL,
-                    (peer_id, pin_identity, now_ms),
-                )
-            db.execute(
-                "INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record)
-            )
+            _write_session(db, peer_id, record, pin_identity, now_ms)
             if prekeys is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('prekeys', ?)", (prekeys,)
