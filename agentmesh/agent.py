@@ -59,6 +59,8 @@ from agentmesh.state import AgentState, StateLock, state_path_for
 DEFAULT_REPLAY_WINDOW_MS = 30 * 24 * 3600 * 1000
 
 Handler = Callable[["Message"], Any]
+#: How often send/receive check the prekey schedule (rotation, pool top-up).
+_MAINTENANCE_INTERVAL_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class Agent:
         self._closed = False
         self._received = 0
         self._dispatching = False
+        self._last_maintenance_ms = clock_ms()
         self._lock_file: StateLock | None = None
         if keypair_path is not None:
             key_path = Path(keypair_path)
@@ -269,6 +272,7 @@ class Agent:
         if recipient_id == self._id:
             raise ValueError("An agent cannot send to itself")
         plaintext = encode_payload(payload)
+        self._maintain_prekeys_if_due()
         bundle = None if self._can_send_to(recipient_id) else self._fetch_bundle(recipient_id)
         with self._lock:
             record, pin = self._sending_record(recipient_id, bundle)
@@ -495,6 +499,7 @@ class Agent:
                 self._prekeys = new_prekeys
                 self._maintain_prekeys()
             self._received += 1
+            self._maintain_prekeys_if_due()
             if self._received % 1024 == 0:
                 self._state.forget_seen_before(now - self._replay_window_ms)
         return DeliveryReport(accepted=True)
@@ -614,6 +619,16 @@ class Agent:
 
     def _save_prekeys(self) -> None:
         self._state.set_meta("prekeys", self._prekeys.to_bytes())
+
+    def _maintain_prekeys_if_due(self) -> None:
+        """Run the prekey schedule at most once a minute, so a long-running agent
+        rotates its signed prekeys on time even if it never logs in again."""
+        now = self._clock()
+        if now - self._last_maintenance_ms < _MAINTENANCE_INTERVAL_MS:
+            return
+        with self._lock:
+            self._last_maintenance_ms = now
+            self._maintain_prekeys()
 
     def _maintain_prekeys(self, *, force: bool = False) -> None:
         """Top the one-time pool up (and rotate) when it runs low; re-publish to the hub."""

@@ -303,3 +303,31 @@ def test_key_file_alone_cannot_decrypt_even_via_a_hub(tmp_path, keydir) -> None:
     with pytest.raises(CryptoError):
         LocalHub.deliver(hub2, recorded[0])
     thief.close()
+
+
+def test_signed_prekeys_rotate_on_schedule_and_old_ones_are_erased(tmp_path):
+    """A long-running agent rotates its signed prekey after a week of sending, keeps the
+    old private key for the grace period (late initial messages still decrypt), then erases it."""
+    from agentmesh import Agent, LocalHub
+    from agentmesh.crypto.prekeys import SIGNED_PREKEY_GRACE_MS, SIGNED_PREKEY_ROTATION_MS
+
+    now = [1_700_000_000_000]
+    hub = LocalHub()
+    alice = Agent("alice", hub=hub, clock_ms=lambda: now[0])
+    bob = Agent("bob", hub=hub, clock_ms=lambda: now[0])
+    bob.on_message(lambda m: None)
+    alice.on_message(lambda m: None)
+    first = alice.public_bundle["signed_prekey"]["id"]
+
+    now[0] += SIGNED_PREKEY_ROTATION_MS + 1
+    alice.send("bob", text="a week later")
+    second = alice.public_bundle["signed_prekey"]["id"]
+    assert second != first
+    assert first in alice._prekeys.signed  # kept for the grace period
+    bob.send("alice", text="still fine")
+
+    now[0] += SIGNED_PREKEY_GRACE_MS + 1
+    alice.send("bob", text="after the grace period")
+    assert first not in alice._prekeys.signed  # erased
+    published = hub.get_bundle("alice")["signed_prekey"]["id"]
+    assert published == alice.public_bundle["signed_prekey"]["id"]
