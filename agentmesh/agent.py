@@ -53,7 +53,7 @@ from agentmesh.keyfile import load_or_create_key_file
 from agentmesh.protocol.envelope import decode_envelope
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
 from agentmesh.protocol.payload import decode_payload, encode_payload
-from agentmesh.state import AgentState, StateLock, state_path_for
+from agentmesh.state import AgentState, InboxRow, StateLock, state_path_for
 
 #: Replay window: ids are remembered this long, and older messages are refused.
 DEFAULT_REPLAY_WINDOW_MS = 30 * 24 * 3600 * 1000
@@ -90,6 +90,19 @@ class Message:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class _Inbound:
+    """What :meth:`Agent.receive_envelopes` decrypted so far and will commit together."""
+
+    __slots__ = ("ids", "messages", "pins", "prekeys", "records")
+
+    def __init__(self, prekeys: PrekeySecrets) -> None:
+        self.prekeys = prekeys
+        self.records: dict[str, SessionRecord] = {}
+        self.pins: dict[str, bytes] = {}
+        self.ids: set[bytes] = set()
+        self.messages: list[InboxRow] = []
 
 
 class Agent:
@@ -132,6 +145,13 @@ class Agent:
         self._replay_window_ms = replay_window_ms
         self._pool_size = prekey_pool_size
         self._handlers: list[Handler] = []
+        #: Parsed session records by peer, as last committed (saves a parse per message).
+        self._records: dict[str, SessionRecord] = {}
+        # send(wait=False): envelopes committed but not yet synced and handed to the hub.
+        self._queue: list[bytes] = []
+        self._queue_busy = False
+        self._queue_ready = threading.Condition()
+        self._transmitter: threading.Thread | None = None
         self._lock = threading.RLock()  # guards sessions/prekeys (send and receive)
         self._dispatch_lock = threading.RLock()  # handlers run one message at a time
         self._closed = False
@@ -221,6 +241,7 @@ class Agent:
                 with self._lock:
                     if candidate is pending:
                         self._state.repin(peer_id, candidate, self._clock())
+                        self._records.pop(peer_id, None)
                 self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
                 if self.hub is not None and candidate is pending:
                     self.hub.register(self)  # redeliver what was held back
@@ -245,26 +266,54 @@ class Agent:
 
     # -- sending ----------------------------------------------------------
 
-    def send(self, recipient_id: str, text: str = "", **kwargs: Any) -> None:
+    def send(self, recipient_id: str, text: str = "", *, wait: bool = True, **kwargs: Any) -> None:
         """Encrypt and send ``{"type": "message", "text": text, **kwargs}``.
 
-        ``type=`` overrides the type; every extra keyword reaches ``msg.payload``.
+        ``type=`` overrides the type; every other extra keyword reaches
+        ``msg.payload`` (``wait`` is not a payload field: see :meth:`send_payload`).
         """
         payload: dict[str, Any] = {"type": "message", "text": text}
         payload.update(kwargs)
-        self.send_payload(recipient_id, payload)
+        self.send_payload(recipient_id, payload, wait=wait)
 
-    def send_payload(self, recipient_id: str, payload: dict[str, Any]) -> None:
+    def send_payload(
+        self, recipient_id: str, payload: dict[str, Any], *, wait: bool = True
+    ) -> None:
         """Encrypt ``payload`` (a JSON-safe dict) for ``recipient_id`` and hand it to the hub.
 
-        Returns once the hub has durably accepted the envelope (with LocalHub:
-        once the recipient's handlers have run), or, if the hub is unreachable,
-        once the envelope is safely in this agent's outbox; it is then resent
-        on reconnect. Raises RuntimeError("No hub configured") without a hub,
-        ValueError("Peer 'x' not found on hub") for an unknown recipient,
-        IdentityChangedError if the recipient's identity key changed, and
-        MailboxFullError if the recipient's mailbox is full (the envelope stays
-        in the outbox and is retried on reconnect).
+        With ``wait=True`` (the default) it returns once the hub has durably
+        accepted the envelope (with LocalHub: once the recipient's handlers have
+        run), or, if the hub is unreachable, once the envelope is safely in this
+        agent's outbox; it is then resent on reconnect. Raises
+        RuntimeError("No hub configured") without a hub, ValueError("Peer 'x' not
+        found on hub") for an unknown recipient, IdentityChangedError if the
+        recipient's identity key changed, and MailboxFullError if the
+        recipient's mailbox is full (the envelope stays in the outbox and is
+        retried on reconnect).
+
+        With ``wait=False`` (pipelining, for hubs that support it such as
+        :class:`~agentmesh.NetworkHub`; with others it is the same as
+        ``wait=True``) it returns as soon as the envelope and the new session
+        state are committed to the state file, without waiting for the disk or
+        the hub (group commit):
+
+        * from then on a crash of this process (even ``kill -9``) cannot lose the
+          envelope: it is in the outbox and sent after the restart;
+        * a background thread makes the commits durable against power loss with
+          one fsync for every envelope queued meanwhile, and only then hands them
+          to the hub connection, in call order: nothing leaves this machine that
+          a power failure could make this agent forget (a power failure between
+          the return and that fsync can lose the message, never the ratchet's
+          consistency);
+        * the hub's acknowledgement removes it from the outbox; until then it is
+          resent after a reconnect or a restart (the hub drops duplicates);
+        * a refusal by the hub (unknown recipient, full mailbox) is logged, not
+          raised, and the envelope stays in the outbox (retried on reconnect);
+        * at most ``NetworkHub(send_window=...)`` envelopes await an
+          acknowledgement; beyond that the background thread waits.
+
+        Envelopes sent with either ``wait`` reach the hub, and so each recipient,
+        in call order. :meth:`flush` waits until the hub has acknowledged everything.
         """
         if self.hub is None:
             raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
@@ -284,15 +333,77 @@ class Agent:
                 self._identity, plaintext, message_id=message_id, timestamp_ms=self._clock()
             )
             data = envelope.to_bytes()
+            new_record = record.promote(session, replaces=record.active)
+            pipelined = not wait and getattr(self.hub, "submit", None) is not None
             self._state.commit_sent(
                 recipient_id,
-                record.promote(session, replaces=record.active).to_bytes(),
+                new_record.to_bytes(),
                 message_id,
                 data,
                 self._clock(),
                 pin_identity=pin,
+                durable=not pipelined,
             )
+            self._records[recipient_id] = new_record
+            if pipelined:
+                with self._queue_ready:  # under the lock: queued in commit order
+                    self._queue.append(data)
+                    self._queue_ready.notify_all()
+                    self._start_transmitter()
+                return
+        self._wait_queue_sent(None)  # keep call order behind earlier pipelined sends
         self._transmit(message_id, data)
+
+    def _start_transmitter(self) -> None:
+        if self._transmitter is None:
+            self._transmitter = threading.Thread(
+                target=self._transmit_forever, name=f"agentmesh-send-{self._id}", daemon=True
+            )
+            self._transmitter.start()
+
+    def _transmit_forever(self) -> None:
+        """Background thread of ``send(wait=False)``: one fsync per group, then transmit."""
+        while True:
+            with self._queue_ready:
+                while not self._queue and not self._closed:
+                    self._queue_ready.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+                self._queue_busy = True
+            try:
+                self._transmit_batch(batch)
+            finally:
+                with self._queue_ready:
+                    self._queue_busy = False
+                    self._queue_ready.notify_all()
+
+    def _transmit_batch(self, batch: list[bytes]) -> None:
+        hub = self.hub
+        submit = getattr(hub, "submit", None)
+        try:
+            self._state.sync()  # durable before anything leaves (one fsync for all)
+        except Exception:
+            self.log.exception("could not sync the state file; %d envelopes wait", len(batch))
+            return  # still in the outbox: sent after the next successful sync or login
+        if submit is None:
+            return
+        for data in batch:
+            try:
+                submit(data)
+            except HubUnavailableError as exc:
+                self.log.warning("hub unreachable; envelopes kept in the outbox: %s", exc)
+                return  # the rest is in the outbox too: the next login re-sends it
+            except Exception:
+                self.log.exception("handing envelopes to the hub failed; kept in the outbox")
+                return
+
+    def _wait_queue_sent(self, timeout: float | None) -> bool:
+        """Wait until pipelined envelopes queued so far were handed to the hub."""
+        with self._queue_ready:
+            return self._queue_ready.wait_for(
+                lambda: not self._queue and not self._queue_busy, timeout
+            )
 
     def _transmit(self, message_id: bytes, data: bytes) -> None:
         assert self.hub is not None
@@ -301,14 +412,43 @@ class Agent:
         except HubUnavailableError as exc:
             self.log.warning("hub unreachable; message kept in the outbox for resend: %s", exc)
             return
-        self._state.remove_from_outbox(message_id)
+        self._state.defer_outbox_removal([message_id])
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the hub has acknowledged every envelope in the outbox.
+
+        Returns True once the outbox is empty, False if ``timeout`` seconds
+        passed first (e.g. the hub is unreachable: the outbox is resent on
+        reconnect). Useful after ``send(..., wait=False)``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait_acked = getattr(self.hub, "wait_acked", None)
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._wait_queue_sent(remaining)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if wait_acked is not None:
+                wait_acked(self._id, remaining)
+            if self._state.outbox_size() == 0:
+                return True
+            if remaining is not None and remaining <= 0:
+                return False
+            time.sleep(0.01 if remaining is None else min(0.01, remaining))
+
+    def _record(self, peer_id: str) -> SessionRecord | None:
+        """The peer's committed session record (parsed once, then cached). Lock held."""
+        record = self._records.get(peer_id)
+        if record is None:
+            raw = self._state.session_record(peer_id)
+            if raw is None:
+                return None
+            record = self._records[peer_id] = SessionRecord.from_bytes(raw)
+        return record
 
     def _can_send_to(self, peer_id: str) -> bool:
         with self._lock:
-            raw = self._state.session_record(peer_id)
-            if raw is None:
-                return False
-            active = SessionRecord.from_bytes(raw).active
+            record = self._record(peer_id)
+            active = None if record is None else record.active
             return active is not None and active.ratchet.can_send
 
     def _fetch_bundle(self, peer_id: str) -> PrekeyBundle:
@@ -329,8 +469,7 @@ class Agent:
         Starts a new session from ``bundle`` if there is none. Returns the record
         and the identity to pin (None if already pinned). Call with the lock held.
         """
-        raw = self._state.session_record(peer_id)
-        record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
+        record = self._record(peer_id) or SessionRecord()
         pinned = self._state.pinned_identity(peer_id)
         if pinned is not None and pinned[1] is not None:
             self._raise_identity_changed(peer_id, pinned[0], pinned[1])
@@ -378,6 +517,7 @@ class Agent:
             if pin is not None:
                 self._state.pin(peer_id, pin, self._clock())
             self._state.save_session(peer_id, record.to_bytes())
+            self._records[peer_id] = record
 
     def connect_with_bundle(self, bundle: dict[str, Any]) -> None:
         """Set up a session from a peer's ``public_bundle`` handed over directly (peer to peer)."""
@@ -400,11 +540,11 @@ class Agent:
                 limits=self._limits,
                 rng=self._rng,
             )
-            raw = self._state.session_record(peer_id)
-            record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
+            record = (self._record(peer_id) or SessionRecord()).promote(session)
             if pin is not None:
                 self._state.pin(peer_id, pin, self._clock())
-            self._state.save_session(peer_id, record.promote(session).to_bytes())
+            self._state.save_session(peer_id, record.to_bytes())
+            self._records[peer_id] = record
 
     def list_peers(self) -> list[str]:
         """The other agents registered on the hub (never this one)."""
@@ -439,69 +579,120 @@ class Agent:
         DecodeError, CryptoError subclasses or IdentityChangedError; then no
         state has changed. Handlers run in :meth:`dispatch_pending`.
         """
+        [outcome] = self.receive_envelopes([data])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
+        """:meth:`receive_envelope` for several envelopes, committed in ONE transaction.
+
+        Each envelope is decrypted in order (on copies, each building on the
+        state the previous ones left); then the new session records, replay
+        records and inbox rows of all that decrypted are committed together,
+        before this returns, so the hub may be acknowledged for each of them.
+        Returns one outcome per envelope, in order: a DeliveryReport, or the
+        exception :meth:`receive_envelope` would have raised for it (that
+        envelope changed nothing). If the commit itself fails, every envelope
+        that was to be committed gets that exception.
+        """
+        outcomes: list[DeliveryReport | Exception] = []
+        with self._lock:
+            batch = _Inbound(self._prekeys)
+            now = self._clock()
+            batch.ids = self._state.seen_among([bytes(data[2:18]) for data in items])
+            for data in items:
+                try:
+                    outcomes.append(self._decrypt_into(batch, data, now))
+                except Exception as exc:
+                    outcomes.append(exc)
+            if not batch.messages:
+                return outcomes
+            try:
+                self._state.commit_received_batch(
+                    {peer: record.to_bytes() for peer, record in batch.records.items()},
+                    batch.pins,
+                    batch.prekeys.to_bytes() if batch.prekeys is not self._prekeys else None,
+                    batch.messages,
+                    now,
+                )
+            except Exception as exc:
+                return [
+                    exc if isinstance(o, DeliveryReport) and not o.duplicate else o
+                    for o in outcomes
+                ]
+            self._records.update(batch.records)
+            if batch.prekeys is not self._prekeys:
+                self._prekeys = batch.prekeys
+                self._maintain_prekeys()
+            before, self._received = self._received, self._received + len(batch.messages)
+            self._maintain_prekeys_if_due()
+            if before // 1024 != self._received // 1024:
+                self._state.forget_seen_before(now - self._replay_window_ms)
+        return outcomes
+
+    def _decrypt_into(self, batch: _Inbound, data: bytes, now: int) -> DeliveryReport:
+        """Decrypt one envelope on top of ``batch`` and add it there (lock held)."""
         envelope = decode_envelope(bytes(data))
         if envelope.recipient != self._id:
             raise AuthenticationError(f"envelope is addressed to {envelope.recipient!r}")
-        with self._lock:
-            if self._state.seen(envelope.message_id):
-                return DeliveryReport(accepted=True, duplicate=True)
-            now = self._clock()
-            if envelope.timestamp < now - self._replay_window_ms:
-                raise ReplayError("message is older than the replay window")
-            pin = None
-            changed: bytes | None = None
-            pinned = self._state.pinned_identity(envelope.sender)
-            if envelope.prekey is not None:
-                presented = PublicIdentity(
-                    envelope.prekey.identity_signing,
-                    envelope.prekey.identity_exchange,
-                    envelope.prekey.identity_binding,
-                ).encode()
-                if pinned is None:
-                    pin = presented
-                elif not p.constant_time_equal(
-                    PublicIdentity.decode(pinned[0]).signing, envelope.prekey.identity_signing
-                ):
-                    changed = presented  # recorded below, only if the envelope decrypts
-            elif pinned is not None and pinned[1] is not None:
-                self._raise_identity_changed(envelope.sender, pinned[0], pinned[1])
-            raw = self._state.session_record(envelope.sender)
-            record = SessionRecord.from_bytes(raw) if raw is not None else SessionRecord()
-            new_record, new_prekeys, message = record.decrypt(
-                envelope,
-                identity=self._identity,
-                prekeys=self._prekeys,
-                sign_messages=self._sign,
-                limits=self._limits,
-                rng=self._rng,
-            )
-            try:
-                decode_payload(message.payload)
-            except DecodeError as exc:
-                raise CryptoError("message payload is not a JSON object") from exc
-            if changed is not None and pinned is not None:
-                # A forged or tampered envelope must not mark the peer as changed
-                # (and block the conversation): only one that decrypts does.
-                self._state.set_pending_identity(envelope.sender, changed)
-                self._raise_identity_changed(envelope.sender, pinned[0], changed)
-            self._state.commit_received(
-                envelope.sender,
-                new_record.to_bytes(),
-                new_prekeys.to_bytes() if new_prekeys is not None else None,
+        if envelope.message_id in batch.ids:  # committed before, or earlier in this batch
+            return DeliveryReport(accepted=True, duplicate=True)
+        if envelope.timestamp < now - self._replay_window_ms:
+            raise ReplayError("message is older than the replay window")
+        sender = envelope.sender
+        pin = None
+        changed: bytes | None = None
+        new_pin = batch.pins.get(sender)
+        pinned = (new_pin, None) if new_pin is not None else self._state.pinned_identity(sender)
+        if envelope.prekey is not None:
+            presented = PublicIdentity(
+                envelope.prekey.identity_signing,
+                envelope.prekey.identity_exchange,
+                envelope.prekey.identity_binding,
+            ).encode()
+            if pinned is None:
+                pin = presented
+            elif not p.constant_time_equal(
+                PublicIdentity.decode(pinned[0]).signing, envelope.prekey.identity_signing
+            ):
+                changed = presented  # recorded below, only if the envelope decrypts
+        elif pinned is not None and pinned[1] is not None:
+            self._raise_identity_changed(sender, pinned[0], pinned[1])
+        record = batch.records.get(sender) or self._record(sender) or SessionRecord()
+        new_record, new_prekeys, message = record.decrypt(
+            envelope,
+            identity=self._identity,
+            prekeys=batch.prekeys,
+            sign_messages=self._sign,
+            limits=self._limits,
+            rng=self._rng,
+        )
+        try:
+            decode_payload(message.payload)
+        except DecodeError as exc:
+            raise CryptoError("message payload is not a JSON object") from exc
+        if changed is not None and pinned is not None:
+            # A forged or tampered envelope must not mark the peer as changed
+            # (and block the conversation): only one that decrypts does.
+            self._state.set_pending_identity(sender, changed)
+            self._raise_identity_changed(sender, pinned[0], changed)
+        batch.records[sender] = new_record
+        if pin is not None:
+            batch.pins[sender] = pin
+        if new_prekeys is not None:
+            batch.prekeys = new_prekeys
+        batch.ids.add(envelope.message_id)
+        batch.messages.append(
+            InboxRow(
+                0,
                 envelope.message_id,
+                sender,
                 message.payload,
                 envelope.timestamp,
                 message.signature,
-                now,
-                pin_identity=pin,
             )
-            if new_prekeys is not None:
-                self._prekeys = new_prekeys
-                self._maintain_prekeys()
-            self._received += 1
-            self._maintain_prekeys_if_due()
-            if self._received % 1024 == 0:
-                self._state.forget_seen_before(now - self._replay_window_ms)
+        )
         return DeliveryReport(accepted=True)
 
     def dispatch_pending(self) -> int:
@@ -582,13 +773,27 @@ class Agent:
     def prekeys_low(self, remaining: int) -> None:
         self.log.info("hub reports %d one-time prekeys left; topping up", remaining)
         with self._lock:
+            # The keys the hub handed out are gone from it even if never used (a drain
+            # by bundle fetches): publish fresh ones, or the pool stays empty for good.
+            self._prekeys.replenish(
+                self._identity,
+                self._clock(),
+                self._rng,
+                remaining=remaining,
+                pool_size=self._pool_size,
+            )
             self._maintain_prekeys(force=True)
 
     def unacked_envelopes(self) -> list[bytes]:
+        self._state.sync()  # a (re)login re-sends these: they must be on disk first
         return [env for _, env in self._state.outbox()]
 
     def envelope_acked(self, message_id: bytes) -> None:
-        self._state.remove_from_outbox(message_id)
+        self._state.defer_outbox_removal([message_id])
+
+    def envelopes_acked(self, message_ids: list[bytes]) -> None:
+        """The hub stored these envelopes: drop them from the outbox (with the next write)."""
+        self._state.defer_outbox_removal(message_ids)
 
     def _check_state_owner(self) -> None:
         """Refuse a state file that belongs to another identity (e.g. a replaced key file)."""
@@ -655,12 +860,17 @@ class Agent:
         """Leave the hub, close the state file and release the identity lock. Idempotent."""
         if self._closed:
             return
+        self._wait_queue_sent(5.0)  # hand pipelined envelopes over while still connected
         self._closed = True
+        with self._queue_ready:
+            self._queue_ready.notify_all()
         if self.hub is not None:
             try:
                 self.hub.unregister(self._id)
             except Exception:  # closing must not fail because the hub is gone
                 self.log.debug("hub unregister failed", exc_info=True)
+        if self._transmitter is not None and self._transmitter is not threading.current_thread():
+            self._transmitter.join(10.0)
         with self._lock, self._dispatch_lock:
             self._state.close()
             if self._lock_file is not None:

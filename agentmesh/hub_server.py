@@ -27,6 +27,8 @@ _TUNABLES: list[tuple[str, type[int] | type[float], str, str]] = [
     ("--idle-timeout", float, "idle_timeout_s", "close a connection silent this many seconds"),
     ("--ping-interval", float, "ping_interval_s", "PING a connection silent this many seconds"),
     ("--purge-interval", float, "purge_interval_s", "seconds between purges of expired mail"),
+    ("--rate-per-s", float, "rate_per_s", "requests per second per connection (token bucket)"),
+    ("--rate-burst", int, "rate_burst", "burst of the per-connection token bucket"),
 ]
 
 

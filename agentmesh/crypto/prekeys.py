@@ -41,6 +41,9 @@ SIGNED_PREKEY_ROTATION_MS = 7 * 24 * 3600 * 1000
 SIGNED_PREKEY_GRACE_MS = 14 * 24 * 3600 * 1000
 ONE_TIME_POOL_SIZE = 100
 ONE_TIME_LOW_WATER = 20
+#: One-time private keys kept per kind, in pools: handed-out keys wait for their
+#: initial message until this many newer ones exist (see ``PrekeySecrets.replenish``).
+ONE_TIME_KEEP_FACTOR = 4
 
 
 def _b64(data: bytes) -> str:
@@ -341,6 +344,34 @@ class PrekeySecrets:
                 self.unpublished.append(secret.public.prekey_id)
                 added += 1
         return added
+
+    def replenish(
+        self,
+        identity: IdentityKeyPair,
+        now_ms: int,
+        rng: p.RandomBytes = p.random_bytes,
+        *,
+        remaining: int,
+        pool_size: int = ONE_TIME_POOL_SIZE,
+    ) -> int:
+        """The hub has only ``remaining`` of our one-time prekeys (of each kind) left:
+        make fresh ones so that it holds ``pool_size`` again; return how many were made.
+
+        The keys it handed out stay here (their initial messages may still come)
+        until a table holds more than ``ONE_TIME_KEEP_FACTOR * pool_size``; then the
+        oldest are erased, which bounds the state a drain by bundle fetches can grow.
+        """
+        missing = max(0, pool_size - remaining)
+        if missing == 0:
+            return 0
+        for table, kind in ((self.one_time, KIND_X25519), (self.one_time_kem, KIND_KEM)):
+            for _ in range(missing):
+                secret = self._make(identity, kind, now_ms, rng)
+                table[secret.public.prekey_id] = secret
+                self.unpublished.append(secret.public.prekey_id)
+            while len(table) > ONE_TIME_KEEP_FACTOR * pool_size:
+                del table[next(iter(table))]  # the oldest: handed out longest ago
+        return 2 * missing
 
     def bundle(self, agent_id: str, identity: PublicIdentity) -> PrekeyBundle:
         """The bundle to publish: current signed prekey and last-resort KEM prekey."""

@@ -117,7 +117,7 @@ def _chunk_prekeys(prekeys: list[bytes], max_frame_size: int) -> list[list[bytes
     size = _UPLOAD_OVERHEAD
     for prekey in prekeys:
         cost = 2 + len(prekey)
-        if current and (size + cost > max_frame_size or len(current) == 0xFFFF):
+        if current and (size + cost > max_frame_size or len(current) >= hp.MAX_PREKEYS_PER_UPLOAD):
             chunks.append(current)
             current, size = [], _UPLOAD_OVERHEAD
         current.append(prekey)
@@ -300,6 +300,8 @@ _STOP = object()
 _DISPATCH = object()
 #: Run the endpoint's handlers at least this often while pushes keep arriving.
 _DISPATCH_EVERY = 64
+#: At most this many queued pushes go to ``endpoint.receive_envelopes`` (one commit).
+_RECEIVE_BATCH = 128
 
 
 class _Link:
@@ -321,6 +323,19 @@ class _Link:
         self._pinger: asyncio.Task[None] | None = None
         self._acks: list[bytes] = []
         self._queued: set[bytes] = set()
+        # Pipelined sends (NetworkHub.submit). ``_flow`` guards ``_in_flight``: envelopes
+        # submitted and not yet acknowledged, refused, or handed back to the outbox.
+        self._flow = threading.Condition()
+        self._in_flight = 0
+        #: Loop thread: request id -> (message id, envelope) of pipelined SENDs on ``wire``.
+        self._pipelined: dict[int, tuple[bytes, bytes]] = {}
+        #: Loop thread: submitted while a login re-sends the outbox; sent right after it.
+        self._held: list[tuple[bytes, bytes]] = []
+        #: Loop thread: acknowledged message ids for the endpoint, and whether each was
+        #: a pipelined send (counted in ``_in_flight``).
+        self._acked_ids: list[tuple[bytes, bool]] = []
+        self._write_pending = False
+        self._upload_lock = asyncio.Lock()
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._dispatching = threading.Event()
         self._dispatcher = threading.Thread(
@@ -340,6 +355,9 @@ class _Link:
         self.closing = True
         self.failure = HubUnavailableError("unregistered from this NetworkHub")
         self.connected.set()  # wake senders waiting for a reconnect
+        self._give_back()
+        with self._flow:
+            self._flow.notify_all()  # wake pipelined senders waiting for room
         for task in (self._pinger, self._supervisor):
             if task is not None:
                 task.cancel()
@@ -400,6 +418,7 @@ class _Link:
         self.connected.clear()
         self._dispatching.clear()
         self._acks.clear()  # unacked pushes are redelivered after the next login
+        self._give_back()  # unacknowledged pipelined sends: the next login re-sends the outbox
 
     async def _connect(self) -> _Wire:
         hub, endpoint = self.hub, self.endpoint
@@ -416,10 +435,14 @@ class _Link:
             await self._flush_outbox(wire)
         except BaseException:
             self.flushing = False
+            self._give_back()
             wire.close()
             raise
         self.flushing = False
         self.connected.set()
+        held, self._held = self._held, []
+        for data, message_id in held:
+            self._send_pipelined(wire, data, message_id)
         self._inbox.put(_DISPATCH)
         self._dispatching.set()
         self._pinger = self.loop.create_task(self._keepalive(wire))
@@ -430,10 +453,22 @@ class _Link:
         return await self.loop.run_in_executor(None, fn, *args)
 
     async def _upload_prekeys(self, wire: _Wire, prekeys: list[bytes]) -> None:
-        for chunk in _chunk_prekeys(prekeys, wire.conn.peer_max_frame_size):
-            rid = wire.conn.upload_prekeys(chunk)
-            _expect(await wire.request(rid, self.hub.request_timeout), hp.RequestSucceeded)
-            await self._call(self.endpoint.one_time_prekeys_uploaded, chunk)
+        # One upload at a time, and never a key the hub already stored: it may have
+        # handed that key out (and deleted it) since, and a second copy would be
+        # handed out again, to a sender whose initial message then cannot decrypt.
+        # (A login, a PREKEYS_LOW top-up and a refresh can all read the same
+        # not-yet-marked keys.)
+        async with self._upload_lock:
+            stored = self.hub.stored_prekeys.setdefault(self.agent_id, set())
+            known = [p for p in prekeys if p in stored]
+            if known:
+                await self._call(self.endpoint.one_time_prekeys_uploaded, known)
+            fresh = [p for p in prekeys if p not in stored]
+            for chunk in _chunk_prekeys(fresh, wire.conn.peer_max_frame_size):
+                rid = wire.conn.upload_prekeys(chunk)
+                _expect(await wire.request(rid, self.hub.request_timeout), hp.RequestSucceeded)
+                stored.update(chunk)
+                await self._call(self.endpoint.one_time_prekeys_uploaded, chunk)
 
     async def _flush_outbox(self, wire: _Wire) -> None:
         self.flushing = True
@@ -519,6 +554,117 @@ class _Link:
             raise HubUnavailableError("not connected to the hub")
         return await self._send_on(wire, data, envelope, deadline)
 
+    # -- pipelined sending (NetworkHub.submit) -----------------------------
+
+    def submit(self, data: bytes, envelope: Envelope) -> None:
+        """Caller thread: queue a SEND without waiting for its ack (see NetworkHub.submit)."""
+        window = self.hub.send_window
+        with self._flow:
+            room = self._flow.wait_for(
+                lambda: self._in_flight < window or self.closing or self.failure is not None,
+                self.hub.ack_timeout,
+            )
+            if self.failure is not None:
+                raise HubUnavailableError(f"disconnected from the hub: {self.failure}")
+            if not room:
+                raise HubUnavailableError(
+                    f"{window} envelopes unacknowledged for {self.hub.ack_timeout}s"
+                )
+            self._in_flight += 1
+        try:
+            self.loop.call_soon_threadsafe(self._submit, data, envelope.message_id)
+        except RuntimeError:  # the loop is gone
+            self._resolve(1)
+            raise HubUnavailableError("this NetworkHub is closed") from None
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Caller thread: wait until no pipelined send is unresolved; False on timeout."""
+        with self._flow:
+            return self._flow.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _resolve(self, count: int) -> None:
+        with self._flow:
+            self._in_flight -= count
+            self._flow.notify_all()
+
+    def _give_back(self) -> None:
+        """Loop thread: forget unacknowledged pipelined sends (they stay in the outbox)."""
+        lost = len(self._pipelined) + len(self._held)
+        self._pipelined.clear()
+        self._held.clear()
+        if lost:
+            self._resolve(lost)
+
+    def _submit(self, data: bytes, message_id: bytes) -> None:
+        wire = self.wire
+        if self.connected.is_set() and wire is not None and wire.authenticated:
+            self._send_pipelined(wire, data, message_id)
+        elif self.flushing and not self.closing:
+            self._held.append((data, message_id))
+        else:
+            self._resolve(1)  # not connected: the next login re-sends the outbox
+
+    def _send_pipelined(self, wire: _Wire, data: bytes, message_id: bytes) -> None:
+        if not wire.authenticated:
+            self._resolve(1)
+            return
+        try:
+            request_id = wire.conn.send(data)
+        except LocalProtocolError as exc:  # larger than this hub accepts
+            logger.warning("%s: envelope %s not sent: %s", self.agent_id, message_id.hex(), exc)
+            self._resolve(1)
+            return
+        self._pipelined[request_id] = (message_id, data)
+        if not self._write_pending:  # one write for every SEND queued in this loop turn
+            self._write_pending = True
+            self.loop.call_soon(self._write, wire)
+
+    def _write(self, wire: _Wire) -> None:
+        self._write_pending = False
+        wire.write()
+
+    def _pipelined_refused(self, event: hp.ErrorReceived) -> None:
+        message_id, data = self._pipelined.pop(event.request_id)
+        wire = self.wire
+        if event.code == "rate_limited" and wire is not None:
+            delay = 0.05 + 0.2 * random.random()  # noqa: S311 - jitter, not crypto
+            self.loop.call_later(delay, self._send_pipelined, wire, data, message_id)
+            return
+        logger.warning(
+            "%s: the hub refused envelope %s (%s); it stays in the outbox",
+            self.agent_id,
+            message_id.hex(),
+            event.code,
+        )
+        self._resolve(1)
+
+    def _queue_ack(self, message_id: bytes, counted: bool) -> None:
+        if not self._acked_ids:
+            self.loop.call_soon(self._hand_acks)
+        self._acked_ids.append((message_id, counted))
+
+    def _hand_acks(self) -> None:
+        batch, self._acked_ids = self._acked_ids, []
+        if batch:
+            self.loop.run_in_executor(None, self._apply_acks, batch)
+
+    def _apply_acks(self, batch: list[tuple[bytes, bool]]) -> None:
+        """Executor thread: drop acknowledged envelopes from the endpoint's outbox."""
+        try:
+            ids = [message_id for message_id, _ in batch]
+            many = getattr(self.endpoint, "envelopes_acked", None)
+            if many is not None:
+                many(ids)
+            else:
+                for message_id in ids:
+                    self.endpoint.envelope_acked(message_id)
+        except Exception:
+            logger.exception("%s: recording %d acknowledgements failed", self.agent_id, len(batch))
+        finally:
+            counted = sum(1 for _, pipelined in batch if pipelined)
+            if counted:
+                self._resolve(counted)
+
     async def request(self, build: Callable[[hp.ClientConnection], int]) -> hp.Event:
         """Issue one request on this agent's connection and return the answer event."""
         wire = self.wire
@@ -530,8 +676,12 @@ class _Link:
 
     def _on_event(self, event: hp.Event) -> None:
         if isinstance(event, hp.SendAcknowledged):
-            # The ack came after deliver() gave up waiting: still drop it from the outbox.
-            self.loop.run_in_executor(None, self.endpoint.envelope_acked, event.message_id)
+            # A pipelined send's ack, or one that came after deliver() gave up waiting:
+            # either way, drop the envelope from the outbox.
+            pipelined = self._pipelined.pop(event.request_id, None) is not None
+            self._queue_ack(event.message_id, pipelined)
+        elif isinstance(event, hp.ErrorReceived) and event.request_id in self._pipelined:
+            self._pipelined_refused(event)
         elif isinstance(event, hp.EnvelopePushed):
             if event.message_id not in self._queued:
                 self._queued.add(event.message_id)
@@ -566,29 +716,66 @@ class _Link:
     def _dispatch_forever(self) -> None:
         """Dispatcher thread: hand pushes to the endpoint in order, ack them, run handlers.
 
-        ``receive_envelope`` commits a message; the ACK follows at once. The
-        endpoint's handlers (``dispatch_pending``, if it has one) run whenever
-        the queue is empty, every ``_DISPATCH_EVERY`` messages, and after each login.
+        Pushes waiting in the queue (up to ``_RECEIVE_BATCH``) go to the endpoint
+        together, so it commits them in one transaction; their ACKs follow at
+        once. The endpoint's handlers (``dispatch_pending``, if it has one) run
+        whenever the queue is empty, every ``_DISPATCH_EVERY`` messages, and after
+        each login.
         """
         since_dispatch = 0
+        follow: object = None
         while True:
-            item = self._inbox.get()
+            item, follow = (follow, None) if follow is not None else (self._inbox.get(), None)
             self._dispatching.wait()
             if item is _STOP or self.closing:
                 return
             if isinstance(item, hp.EnvelopePushed):
-                ack = self._receive(item)
-                since_dispatch += 1
+                batch = [item]
+                while len(batch) < _RECEIVE_BATCH:
+                    try:
+                        more = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not isinstance(more, hp.EnvelopePushed):
+                        follow = more  # _STOP or _DISPATCH: handled next, in order
+                        break
+                    batch.append(more)
+                results = self._receive_batch(batch)
+                since_dispatch += len(batch)
                 with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
-                    self.loop.call_soon_threadsafe(self._processed, item.message_id, ack)
-            if since_dispatch >= _DISPATCH_EVERY or self._inbox.empty():
+                    self.loop.call_soon_threadsafe(self._processed_batch, results)
+            if follow is None and (since_dispatch >= _DISPATCH_EVERY or self._inbox.empty()):
                 since_dispatch = 0
                 self._run_handlers()
+
+    def _receive_batch(self, batch: list[hp.EnvelopePushed]) -> list[tuple[bytes, bool]]:
+        """Hand envelopes to the endpoint; return (message id, may the hub drop it) each."""
+        many = getattr(self.endpoint, "receive_envelopes", None)
+        if many is None or len(batch) == 1:
+            return [(item.message_id, self._receive(item)) for item in batch]
+        try:
+            outcomes = many([item.envelope for item in batch])
+        except Exception:
+            logger.exception("%s: receiving %d envelopes failed", self.agent_id, len(batch))
+            return [(item.message_id, False) for item in batch]
+        return [
+            (item.message_id, self._verdict(item, outcome))
+            for item, outcome in zip(batch, outcomes, strict=True)
+        ]
 
     def _receive(self, item: hp.EnvelopePushed) -> bool:
         """Hand one envelope to the endpoint; return whether the hub may drop it."""
         try:
             self.endpoint.receive_envelope(item.envelope)
+        except Exception as exc:
+            return self._verdict(item, exc)
+        return True
+
+    def _verdict(self, item: hp.EnvelopePushed, outcome: object) -> bool:
+        """Whether the hub may drop ``item``, given what receiving it returned or raised."""
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
         except IdentityChangedError as exc:
             # Held on the hub (not acked) until the user trusts the new key; it is
             # pushed again after the next login.
@@ -615,13 +802,13 @@ class _Link:
         except Exception:
             logger.exception("%s: running message handlers failed", self.agent_id)
 
-    def _processed(self, message_id: bytes, ack: bool) -> None:
-        self._queued.discard(message_id)
-        if not ack:
-            return
-        if not self._acks:
-            self.loop.call_soon(self.flush_acks)
-        self._acks.append(message_id)
+    def _processed_batch(self, results: list[tuple[bytes, bool]]) -> None:
+        for message_id, ack in results:
+            self._queued.discard(message_id)
+            if ack:
+                if not self._acks:
+                    self.loop.call_soon(self.flush_acks)
+                self._acks.append(message_id)
 
     def flush_acks(self) -> None:
         """Send the batched ACKs (dropped if disconnected: the hub redelivers)."""
@@ -645,7 +832,9 @@ class NetworkHub:
     the hub's SEND_ACK, including a reconnect), ``request_timeout`` (other
     requests), ``ping_interval``, ``reconnect_initial``/``reconnect_max``
     (seconds, see :func:`backoff`), ``expected_hub_address`` (refuse a hub
-    that signs logins for another name) and ``server_hostname``.
+    that signs logins for another name), ``server_hostname`` and
+    ``send_window`` (how many envelopes :meth:`submit` keeps unacknowledged
+    per agent).
 
     The constructor does no I/O; the I/O thread starts with the first call
     that needs it. All methods are thread-safe and blocking, and must not be
@@ -667,7 +856,10 @@ class NetworkHub:
         reconnect_max: float = 10.0,
         expected_hub_address: str | None = None,
         max_frame_size: int = hp.CLIENT_MAX_FRAME_SIZE,
+        send_window: int = 1024,
     ) -> None:
+        if send_window < 1:
+            raise ValueError("send_window must be at least 1")
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -678,11 +870,14 @@ class NetworkHub:
         self.reconnect_max = reconnect_max
         self.expected_hub_address = expected_hub_address
         self.max_frame_size = max_frame_size
+        self.send_window = send_window
         self._server_hostname = server_hostname
         self._tls = tls
         self._ssl_context: ssl.SSLContext | None = None
         self._io: _IOThread | None = None
         self._links: dict[str, _Link] = {}
+        #: One-time prekeys the hub acknowledged, by agent (loop thread; see _upload_prekeys).
+        self.stored_prekeys: dict[str, set[bytes]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -816,6 +1011,34 @@ class NetworkHub:
         link = self._link(parsed.sender)
         message_id = self._thread().run(link.send(envelope, parsed), self.ack_timeout + 1.0)
         link.endpoint.envelope_acked(message_id)
+
+    def submit(self, envelope: bytes) -> None:
+        """Pipelined :meth:`deliver`: queue ``envelope`` on its sender's connection, don't wait.
+
+        Returns once the envelope is queued for the connection (the I/O thread
+        writes it right away); the hub's SEND_ACK later calls
+        ``endpoint.envelopes_acked`` (or ``envelope_acked``). Envelopes of one
+        sender are sent in call order. While ``send_window`` of them await an
+        ack this blocks (at most ``ack_timeout``, then HubUnavailableError).
+        Raises HubUnavailableError if the agent's link failed or closed. While
+        disconnected it returns at once: the envelope must already be in the
+        agent's outbox, which the next login re-sends. A refusal by the hub is
+        logged and the envelope left in the outbox; ``rate_limited`` is retried.
+        """
+        parsed = decode_envelope(envelope)
+        link = self._link(parsed.sender)
+        if self._io is not None and threading.current_thread() is self._io._thread:
+            raise LocalProtocolError("NetworkHub methods must not be called from its I/O thread")
+        link.submit(envelope, parsed)
+
+    def wait_acked(self, agent_id: str, timeout: float | None = None) -> bool:
+        """Wait until none of ``agent_id``'s submitted envelopes awaits an answer.
+
+        True when every one was acknowledged, refused, or handed back to the
+        outbox by a lost connection; False if ``timeout`` seconds passed first.
+        """
+        link = self._links.get(agent_id)
+        return True if link is None else link.wait_idle(timeout)
 
     def fetch_prekey_bundle(self, agent_id: str) -> bytes:
         """The peer's bundle with one-time prekeys (each handed out once).

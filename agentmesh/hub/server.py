@@ -9,9 +9,11 @@ Threads
     streams). One *writer thread* owns all database work: it takes jobs from a
     queue, and every run of SEND jobs it finds waiting (up to ``batch_max``)
     becomes ONE :meth:`HubStore.enqueue` call, i.e. one transaction (group
-    commit). Senders get SEND_ACK only after that commit; recipients' ACKs are
-    batched into deletes the same way. Results come back to the loop with
-    ``call_soon_threadsafe`` in commit order.
+    commit). Senders get SEND_ACK only after that commit. Recipients' ACKs
+    are held (at most ``_ACK_HOLD_S``) and deleted in the transaction of the
+    next SEND batch, or on their own when none comes: a delete needs no commit
+    of its own. Results come back to the loop with ``call_soon_threadsafe`` in
+    commit order.
 
 Delivery
     An online recipient gets a PUSH right after the commit. On login it gets
@@ -45,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -184,6 +187,10 @@ class _CallJob:
 
 
 _STOP = object()
+#: ACKs wait at most this long for a SEND batch to share its commit ...
+_ACK_HOLD_S = 0.05
+#: ... and are deleted on their own once this many are held.
+_ACK_HOLD_MAX = 8192
 
 
 class StoreWorker:
@@ -201,6 +208,10 @@ class StoreWorker:
         self._options = options
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="agentmesh-hub-writer", daemon=True)
+        # Writer thread only: acknowledged envelopes waiting to be deleted.
+        self._held: dict[str, list[bytes]] = {}
+        self._held_count = 0
+        self._held_since = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -229,7 +240,11 @@ class StoreWorker:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            jobs = [self._queue.get()]
+            try:
+                jobs = [self._queue.get(timeout=self._ack_wait())]
+            except queue.Empty:  # acks held long enough: delete them on their own
+                self._flush_acks()
+                continue
             while len(jobs) < self._options.batch_max:
                 try:
                     jobs.append(self._queue.get_nowait())
@@ -239,56 +254,81 @@ class StoreWorker:
                 stopping = True
                 jobs = [job for job in jobs if job is not _STOP]
             self._run_batch(jobs)
+        self._flush_acks()
 
     def _run_batch(self, jobs: list[object]) -> None:
-        # Consecutive jobs of one kind are coalesced; the kinds keep their order.
-        start = 0
-        while start < len(jobs):
-            kind = type(jobs[start])
-            end = start + 1
-            while end < len(jobs) and type(jobs[end]) is kind:
-                end += 1
-            run = jobs[start:end]
-            if kind is _SendJob:
-                self._commit_sends([j for j in run if isinstance(j, _SendJob)])
-            elif kind is _AckJob:
-                self._commit_acks([j for j in run if isinstance(j, _AckJob)])
+        # SENDs are group-committed; ACKs are held and deleted in the commit of the
+        # next SENDs (they need no commit of their own: a delete lost in a crash only
+        # means a redelivery, which the agent drops as a duplicate). Everything
+        # queued before a call is committed before it runs, in queue order.
+        sends: list[_SendJob] = []
+        for job in jobs:
+            if isinstance(job, _SendJob):
+                sends.append(job)
+            elif isinstance(job, _AckJob):
+                if not self._held:
+                    self._held_since = time.monotonic()
+                self._held.setdefault(job.recipient, []).extend(job.message_ids)
+                self._held_count += len(job.message_ids)
             else:
-                for job in run:
-                    assert isinstance(job, _CallJob)
-                    self._call(job)
-            start = end
+                assert isinstance(job, _CallJob)
+                self._commit_sends(sends)
+                sends = []
+                self._flush_acks()
+                self._call(job)
+        self._commit_sends(sends)
+        if self._held_count >= _ACK_HOLD_MAX:
+            self._flush_acks()
+
+    def _ack_wait(self) -> float | None:
+        """How long the queue may stay idle before held ACKs are deleted on their own."""
+        if not self._held:
+            return None
+        return max(0.0, self._held_since + _ACK_HOLD_S - time.monotonic())
+
+    def _take_acks(self) -> dict[str, list[bytes]]:
+        held, self._held, self._held_count = self._held, {}, 0
+        return held
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _commit_sends(self, jobs: list[_SendJob]) -> None:
+        if not jobs:
+            return
+        acks = self._take_acks()
         results: list[EnqueueResult | BaseException] = []
-        try:
-            results.extend(
-                self.store.enqueue(
-                    [job.item for job in jobs],
-                    now_ms=self._options.clock(),
-                    max_count_per_recipient=self._options.mailbox_max_messages,
-                    max_bytes_per_recipient=self._options.mailbox_max_bytes,
+        for attempt in (acks, {}):
+            try:
+                results = list(
+                    self.store.enqueue(
+                        [job.item for job in jobs],
+                        now_ms=self._options.clock(),
+                        max_count_per_recipient=self._options.mailbox_max_messages,
+                        max_bytes_per_recipient=self._options.mailbox_max_bytes,
+                        acks=attempt,
+                    )
                 )
-            )
-        except Exception as exc:
-            logger.exception("group commit of %d envelopes failed", len(jobs))
-            results = [exc] * len(jobs)
+                break
+            except Exception as exc:
+                logger.exception("group commit of %d envelopes failed", len(jobs))
+                results = [exc] * len(jobs)
+                if not attempt:
+                    break
+                # Not the acks' fault, probably; either way they are redelivered later.
         self._post(_finish_sends, jobs, results)
 
-    def _commit_acks(self, jobs: list[_AckJob]) -> None:
-        by_recipient: dict[str, list[bytes]] = {}
-        for job in jobs:
-            by_recipient.setdefault(job.recipient, []).extend(job.message_ids)
-        for recipient, message_ids in by_recipient.items():
-            try:
-                self.store.ack(recipient, message_ids)
-            except Exception:
-                # Not deleted: the envelopes are pushed again and deduplicated by the agent.
-                logger.exception("deleting %d acknowledged envelopes failed", len(message_ids))
+    def _flush_acks(self) -> None:
+        acks = self._take_acks()
+        if not acks:
+            return
+        try:
+            self.store.ack_many(acks)  # one transaction for every recipient
+        except Exception:
+            # Not deleted: the envelopes are pushed again and deduplicated by the agent.
+            count = sum(len(ids) for ids in acks.values())
+            logger.exception("deleting %d acknowledged envelopes failed", count)
 
     def _call(self, job: _CallJob) -> None:
         try:
@@ -539,9 +579,10 @@ class _Session(asyncio.Protocol):
             conn.refuse_login(exc.code, f"agent id {event.agent_id!r} is bound to another key")
             self.flush()
             return
-        except Exception:
+        except Exception as exc:
             logger.exception("login of %r failed", event.agent_id)
-            conn.refuse_login("internal", "the hub could not complete the login")
+            text = f"the hub could not complete the login{_storage_problem(exc)}"
+            conn.refuse_login("internal", text)
             self.flush()
             return
         if not self.usable:
@@ -675,7 +716,8 @@ class _Session(asyncio.Protocol):
         assert conn is not None
         mid = event.message_id
         if isinstance(result, BaseException):
-            conn.reply_error(event.request_id, "internal", "the hub could not store it; retry", mid)
+            text = f"the hub could not store it{_storage_problem(result)}; retry"
+            conn.reply_error(event.request_id, "internal", text, mid)
         elif result.status is EnqueueStatus.STORED:
             conn.reply_send_ack(event.request_id, mid, duplicate=False)
             assert result.seq is not None
@@ -800,6 +842,37 @@ class _Hub:
             session.flush()
 
 
+def _storage_problem(exc: BaseException) -> str:
+    """`` (why)`` the database refused a write, for a client to read (no SQL, no paths)."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    if "full" in text:
+        return " (its disk is full)"
+    if "locked" in text or "busy" in text:
+        return " (its database is locked by another process)"
+    if "readonly" in text or "read-only" in text or "i/o" in text:
+        return " (its database is read-only or its disk is failing)"
+    return ""
+
+
+def _refuse_read_only(store: HubStore) -> None:
+    """Refuse a SQLite database this process cannot write (file, WAL files, or folder).
+
+    Such a hub could neither log an agent in nor store a message; better not to start.
+    """
+    url = store.engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    path = Path(url.database)
+    wal = [Path(f"{path}-wal"), Path(f"{path}-shm")]
+    targets = [path, *wal] + ([] if all(w.exists() for w in wal) else [path.parent])
+    for target in targets:
+        if target.exists() and not os.access(target, os.W_OK):
+            raise ConfigurationError(
+                f"the hub database {path} is read-only ({target} is not writable); "
+                "make it writable, then start the hub again"
+            )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -922,6 +995,7 @@ class NetworkHubServer:
         ssl_context = options.make_ssl_context()
         store = HubStore(self.db, synchronous=options.synchronous)
         try:
+            _refuse_read_only(store)
             try:
                 store.ensure_schema()
             except SQLAlchemyError as exc:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hmac
 import importlib.resources
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -67,7 +68,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+)
 
 from agentmesh.errors import (
     AuthFailedError,
@@ -394,6 +401,10 @@ _SchemaState = Literal["head", "behind", "empty"]
 # --------------------------------------------------------------------------- the store
 
 
+#: One-time prekeys of each kind the hub keeps per agent (its pool is 100 of each):
+#: the bound keeps one agent from filling the database with prekeys.
+MAX_ONE_TIME_PREKEYS_PER_KIND = 1000
+
 class HubStore:
     """The hub's durable state in one SQLite file or PostgreSQL database.
 
@@ -659,6 +670,7 @@ class HubStore:
             if exists is None:
                 raise _unknown_agent(agent_id)
             if rows:
+                self._check_prekey_room(conn, agent_id, rows)
                 self._insert_prekeys_ignoring_duplicates(conn, agent_id, list(rows.values()))
             count = conn.scalar(
                 select(func.count())
@@ -666,6 +678,25 @@ class HubStore:
                 .where(one_time_prekeys.c.agent_id == agent_id)
             )
         return int(count or 0)
+
+    @staticmethod
+    def _check_prekey_room(
+        conn: Connection, agent_id: str, rows: dict[tuple[int, int], dict[str, Any]]
+    ) -> None:
+        """Refuse an upload that would leave more than MAX_ONE_TIME_PREKEYS_PER_KIND of a kind."""
+        for kind in {k for k, _ in rows}:
+            stored = conn.scalar(
+                select(func.count())
+                .select_from(one_time_prekeys)
+                .where(one_time_prekeys.c.agent_id == agent_id, one_time_prekeys.c.kind == kind)
+            )
+            adding = sum(1 for k, _ in rows if k == kind)
+            if int(stored or 0) + adding > MAX_ONE_TIME_PREKEYS_PER_KIND:
+                raise HubError(
+                    "too_many_prekeys",
+                    f"an agent may hold at most {MAX_ONE_TIME_PREKEYS_PER_KIND} one-time "
+                    "prekeys of each kind on the hub",
+                )
 
     @staticmethod
     def _insert_prekeys_ignoring_duplicates(
@@ -755,8 +786,13 @@ class HubStore:
         now_ms: int,
         max_count_per_recipient: int,
         max_bytes_per_recipient: int,
+        acks: dict[str, list[bytes]] | None = None,
     ) -> list[EnqueueResult]:
         """Queue a batch of envelopes in ONE transaction (group commit).
+
+        ``acks`` (``{recipient: message ids}``, as for :meth:`ack_many`) are
+        deleted in the same transaction, before the batch is stored, so the
+        deletes cost no commit of their own.
 
         Returns one :class:`EnqueueResult` per item, in order:
 
@@ -777,11 +813,21 @@ class HubStore:
         A concurrent enqueue of the same message id from another connection is
         retried and reported as duplicate.
         """
-        if not batch:
+        work = _ack_work(acks or {})
+        if not batch and not work:
             return []
         for attempt in range(_RACE_RETRIES):
             try:
                 with self._write() as conn:
+                    raw = _sqlite_cursor(conn)
+                    self._ack_in(conn, raw, work)
+                    if not batch:
+                        return []
+                    if raw is not None:
+                        with _as_sqlalchemy_errors():
+                            return _enqueue_sqlite(
+                                raw, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
+                            )
                     return self._enqueue(
                         conn, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
                     )
@@ -910,21 +956,37 @@ class HubStore:
         delete others' mail); unknown ids are ignored. Updates the counters and
         returns how many envelopes were deleted.
         """
-        ids = list(dict.fromkeys(message_ids))
-        if not ids:
+        return self.ack_many({recipient: message_ids})
+
+    def ack_many(self, acks: dict[str, list[bytes]]) -> int:
+        """:meth:`ack` for several recipients (``{recipient: message ids}``), in ONE transaction."""
+        work = _ack_work(acks)
+        if not work:
             return 0
-        deleted = 0
-        freed = 0
         with self._write() as conn:
+            return self._ack_in(conn, _sqlite_cursor(conn), work)
+
+    @staticmethod
+    def _ack_in(conn: Connection, raw: sqlite3.Cursor | None, work: dict[str, list[bytes]]) -> int:
+        """Delete acknowledged envelopes inside the caller's write transaction."""
+        deleted = 0
+        for recipient, ids in work.items():
+            if raw is not None:
+                with _as_sqlalchemy_errors():
+                    deleted += _ack_sqlite(raw, recipient, ids)
+                continue
+            gone = 0
+            freed = 0
             for chunk in _chunks(ids):
                 sizes = _delete_returning_sizes(
                     conn,
                     and_(envelopes.c.recipient == recipient, envelopes.c.message_id.in_(chunk)),
                 )
-                deleted += len(sizes)
+                gone += len(sizes)
                 freed += sum(size for _, size in sizes)
-            if deleted:
-                _add_to_counters(conn, {recipient: [-deleted, -freed]})
+            if gone:
+                _add_to_counters(conn, {recipient: [-gone, -freed]})
+            deleted += gone
         return deleted
 
     def purge_expired(self, now_ms: int, limit: int = 10000) -> int:
@@ -976,6 +1038,11 @@ class HubStore:
         return {"agents": int(agent_count or 0), "envelopes": int(count), "bytes": int(size)}
 
 
+def _ack_work(acks: dict[str, list[bytes]]) -> dict[str, list[bytes]]:
+    """Acks by recipient (sorted, so concurrent writers lock in one order), ids deduplicated."""
+    return {r: list(dict.fromkeys(ids)) for r, ids in sorted(acks.items()) if ids}
+
+
 def _delete_returning_sizes(conn: Connection, where: Any) -> list[tuple[str, int]]:
     """Delete the envelopes matching ``where``; return (recipient, size) of each."""
     if conn.dialect.delete_returning:
@@ -1012,3 +1079,150 @@ def _add_to_counters(conn: Connection, deltas: dict[str, list[int]]) -> None:
         ),
         params,
     )
+
+
+# --------------------------------------------------------------------------- SQLite hot path
+#
+# enqueue() and ack() run for every envelope; on SQLite they skip SQLAlchemy's
+# per-value bind and result processing and use the driver's cursor directly
+# (executemany), inside the same transaction (BEGIN IMMEDIATE) as the Core path
+# would. The SQL and the semantics are those of the Core statements above.
+
+#: SQLite with RETURNING (3.35+); older versions take the portable Core path.
+_SQLITE_FAST: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
+_INSERT_ENVELOPE_SQL: Final = (
+    "INSERT INTO envelopes (message_id, sender, recipient, body, size, created_at_ms, "
+    "expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_ADD_TO_COUNTERS_SQL: Final = (
+    "UPDATE mailboxes SET msg_count = msg_count + ?, byte_count = byte_count + ? "
+    "WHERE recipient = ?"
+)
+
+
+def _sqlite_cursor(conn: Connection) -> sqlite3.Cursor | None:
+    """The driver cursor of a SQLite connection (None for other databases)."""
+    if not _SQLITE_FAST or conn.dialect.name != "sqlite":
+        return None
+    driver = conn.connection.driver_connection
+    return driver.cursor() if isinstance(driver, sqlite3.Connection) else None
+
+
+@contextmanager
+def _as_sqlalchemy_errors() -> Iterator[None]:
+    """Raise driver errors as SQLAlchemy's (what the Core path raises, and callers expect)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        kind: type[DBAPIError] = DatabaseError
+        if isinstance(exc, sqlite3.IntegrityError):
+            kind = IntegrityError
+        elif isinstance(exc, sqlite3.OperationalError):
+            kind = OperationalError
+        raise kind(None, None, exc) from exc
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def _enqueue_sqlite(
+    cur: sqlite3.Cursor, batch: list[NewEnvelope], now_ms: int, max_count: int, max_bytes: int
+) -> list[EnqueueResult]:
+    """:meth:`HubStore._enqueue` on the driver cursor (the write lock is held)."""
+    boxes: dict[str, list[int]] = {}
+    recipients = sorted({item.recipient for item in batch})
+    for chunk in _chunks(recipients):
+        for recipient, count, size in cur.execute(
+            f"SELECT recipient, msg_count, byte_count FROM mailboxes "  # noqa: S608
+            f"WHERE recipient IN ({_marks(len(chunk))})",
+            chunk,
+        ):
+            boxes[recipient] = [int(count), int(size)]
+    held: set[bytes] = set()
+    message_ids = list({item.message_id for item in batch})
+    for id_chunk in _chunks(message_ids):
+        held.update(
+            bytes(row[0])
+            for row in cur.execute(
+                f"SELECT message_id FROM envelopes "  # noqa: S608
+                f"WHERE message_id IN ({_marks(len(id_chunk))})",
+                id_chunk,
+            )
+        )
+    results: list[EnqueueResult | None] = []
+    rows: list[tuple[bytes, str, str, bytes, int, int, int]] = []
+    positions: list[int] = []
+    added: dict[str, list[int]] = {}
+    for position, item in enumerate(batch):
+        if item.message_id in held:
+            results.append(_DUPLICATE)
+            continue
+        box = boxes.get(item.recipient)
+        if box is None:
+            results.append(_UNKNOWN_RECIPIENT)
+            continue
+        size = len(item.body)
+        if box[0] + 1 > max_count or box[1] + size > max_bytes:
+            results.append(_MAILBOX_FULL)
+            continue
+        box[0] += 1
+        box[1] += size
+        delta = added.setdefault(item.recipient, [0, 0])
+        delta[0] += 1
+        delta[1] += size
+        held.add(item.message_id)
+        results.append(None)
+        positions.append(position)
+        rows.append(
+            (
+                item.message_id,
+                item.sender,
+                item.recipient,
+                item.body,
+                size,
+                now_ms,
+                item.expires_at_ms,
+            )
+        )
+    if rows:
+        cur.executemany(_INSERT_ENVELOPE_SQL, rows)
+        # AUTOINCREMENT under the write lock gives one insert after another the
+        # next seq (SQLAlchemy's own "sort by parameter order" relies on it too);
+        # checked on the first and the last row all the same.
+        last = int(cur.execute("SELECT last_insert_rowid()").fetchone()[0])
+        first = last - len(rows) + 1
+        ends = cur.execute(
+            "SELECT seq, message_id FROM envelopes WHERE seq IN (?, ?)", (first, last)
+        ).fetchall()
+        found = {int(seq): bytes(mid) for seq, mid in ends}
+        if found.get(first) != rows[0][0] or found.get(last) != rows[-1][0]:
+            raise AssertionError("SQLite assigned envelope seqs out of order")  # pragma: no cover
+        for offset, position in enumerate(positions):
+            results[position] = EnqueueResult(EnqueueStatus.STORED, first + offset)
+        cur.executemany(
+            _ADD_TO_COUNTERS_SQL,
+            [(delta[0], delta[1], recipient) for recipient, delta in sorted(added.items())],
+        )
+    final: list[EnqueueResult] = []
+    for result in results:
+        assert result is not None
+        final.append(result)
+    return final
+
+
+def _ack_sqlite(cur: sqlite3.Cursor, recipient: str, ids: list[bytes]) -> int:
+    """:meth:`HubStore.ack` on the driver cursor (the write lock is held)."""
+    deleted = 0
+    freed = 0
+    for chunk in _chunks(ids):
+        sizes = cur.execute(
+            f"DELETE FROM envelopes WHERE recipient = ? "  # noqa: S608
+            f"AND message_id IN ({_marks(len(chunk))}) RETURNING size",
+            [recipient, *chunk],
+        ).fetchall()
+        deleted += len(sizes)
+        freed += sum(int(row[0]) for row in sizes)
+    if deleted:
+        cur.execute(_ADD_TO_COUNTERS_SQL, (-deleted, -freed, recipient))
+    return deleted

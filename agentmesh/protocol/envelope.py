@@ -32,6 +32,7 @@ lengths, invalid agent ids, oversize ciphertexts and trailing bytes with
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from agentmesh.codec import Reader, Writer
@@ -144,8 +145,54 @@ def _agent_id(r: Reader) -> str:
         raise DecodeError(f"envelope: {exc}") from exc
 
 
+_HEAD = struct.Struct(">BB16sQ")  # version, kind, message id, timestamp
+_RATCHET = struct.Struct(">32sII")
+_LENGTH = struct.Struct(">I")
+_MIN_NORMAL = _HEAD.size + 2 + _RATCHET.size + _LENGTH.size + 16
+
+
 def decode_envelope(data: bytes, *, max_ciphertext: int = MAX_CIPHERTEXT_LEN) -> Envelope:
     """Parse an envelope strictly. Raises DecodeError on any malformation."""
+    fast = _decode_normal(data, max_ciphertext) if type(data) is bytes else None
+    return fast if fast is not None else _decode_strict(data, max_ciphertext)
+
+
+def _decode_normal(data: bytes, max_ciphertext: int) -> Envelope | None:
+    """The common case (a well-formed normal envelope) in a few slices; None for anything
+    else, which :func:`_decode_strict` then parses (or refuses) with the same rules."""
+    size = len(data)
+    if size < _MIN_NORMAL or data[0] != ENVELOPE_VERSION or data[1] != KIND_NORMAL:
+        return None
+    sender_end = 27 + data[26]
+    if sender_end >= size:
+        return None
+    recipient_end = sender_end + 1 + data[sender_end]
+    header_end = recipient_end + _RATCHET.size
+    if header_end + 4 > size:
+        return None
+    (length,) = _LENGTH.unpack_from(data, header_end)
+    if not 16 <= length <= max_ciphertext or header_end + 4 + length != size:
+        return None
+    try:
+        sender = validate_agent_id(data[27:sender_end].decode("utf-8"))
+        recipient = validate_agent_id(data[sender_end + 1 : recipient_end].decode("utf-8"))
+    except (UnicodeDecodeError, InvalidAgentIdError):
+        return None
+    _, _, message_id, timestamp = _HEAD.unpack_from(data)
+    dh, pn, n = _RATCHET.unpack_from(data, recipient_end)
+    return Envelope(
+        message_id=message_id,
+        timestamp=timestamp,
+        sender=sender,
+        recipient=recipient,
+        ratchet=RatchetHeader(dh, pn, n),
+        prekey=None,
+        ciphertext=data[header_end + 4 :],
+        header_bytes=data[:header_end],
+    )
+
+
+def _decode_strict(data: bytes, max_ciphertext: int) -> Envelope:
     r = Reader(data, "envelope")
     version = r.u8()
     if version != ENVELOPE_VERSION:

@@ -22,7 +22,8 @@ docs/PROTOCOL.md ("Hub frames").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -524,8 +525,87 @@ FRAME_TYPES: Mapping[int, type[Frame]] = {
 }
 
 
+# Hot-path frames (SEND, SEND_ACK, PUSH, ACK) in one struct call each. Byte for byte
+# what write_body/read_body produce and accept; anything unusual takes the general
+# path, which raises the usual errors.
+_SEND_HEAD = struct.Struct(">IBII")
+_SEND_ACK = struct.Struct(">IBI16sB")
+_PUSH_HEAD = struct.Struct(">IBQ16sI")
+_TWO_U32 = struct.Struct(">II")
+_PUSH_BODY = struct.Struct(">Q16sI")
+_SEND_ACK_BODY = struct.Struct(">I16sB")
+
+
+def _encode_fast(frame: Frame) -> bytes | None:
+    kind = type(frame)
+    if kind is Send:
+        assert isinstance(frame, Send)
+        data = frame.envelope
+        if type(data) is bytes and len(data) <= _U32_MAX - 9:
+            return _SEND_HEAD.pack(len(data) + 9, Send.TYPE, frame.request_id, len(data)) + data
+    elif kind is SendAck:
+        assert isinstance(frame, SendAck)
+        if len(frame.message_id) == MESSAGE_ID_LEN:
+            return _SEND_ACK.pack(
+                22, SendAck.TYPE, frame.request_id, frame.message_id, int(frame.duplicate)
+            )
+    elif kind is Push:
+        assert isinstance(frame, Push)
+        data = frame.envelope
+        if len(frame.message_id) == MESSAGE_ID_LEN and type(data) is bytes:
+            if len(data) <= _U32_MAX - 29:
+                head = _PUSH_HEAD.pack(
+                    len(data) + 29, Push.TYPE, frame.seq, frame.message_id, len(data)
+                )
+                return head + data
+    return None
+
+
+def _decode_send(body: bytes) -> Frame | None:
+    if len(body) >= 8:
+        request_id, length = _TWO_U32.unpack_from(body)
+        if length == len(body) - 8:
+            return Send(request_id, body[8:])
+    return None
+
+
+def _decode_send_ack(body: bytes) -> Frame | None:
+    if len(body) == _SEND_ACK_BODY.size:
+        request_id, message_id, duplicate = _SEND_ACK_BODY.unpack(body)
+        if duplicate in (0, 1):
+            return SendAck(request_id, message_id, duplicate == 1)
+    return None
+
+
+def _decode_push(body: bytes) -> Frame | None:
+    if len(body) >= _PUSH_BODY.size:
+        seq, message_id, length = _PUSH_BODY.unpack_from(body)
+        if length == len(body) - _PUSH_BODY.size:
+            return Push(seq, message_id, body[_PUSH_BODY.size :])
+    return None
+
+
+def _decode_ack(body: bytes) -> Frame | None:
+    if len(body) >= 2:
+        count = int.from_bytes(body[:2], "big")
+        if len(body) == 2 + MESSAGE_ID_LEN * count:
+            return Ack(tuple(body[i : i + MESSAGE_ID_LEN] for i in range(2, len(body), 16)))
+    return None
+
+
+_FAST_DECODERS: dict[int, Callable[[bytes], Frame | None]] = {
+    Send.TYPE: _decode_send,
+    SendAck.TYPE: _decode_send_ack,
+    Push.TYPE: _decode_push,
+    Ack.TYPE: _decode_ack,
+}
+
+
 def encode_frame(frame: Frame) -> bytes:
     """Encode one frame with its length prefix. Raises ValueError for out-of-range fields."""
+    fast = _encode_fast(frame)
+    if fast is not None:
+        return fast
     w = Writer()
     frame.write_body(w)
     body = w.getvalue()
@@ -536,6 +616,11 @@ def encode_frame(frame: Frame) -> bytes:
 
 def decode_frame(frame_type: int, body: bytes) -> Frame:
     """Strictly parse one frame body of ``frame_type``. Raises DecodeError."""
+    fast = _FAST_DECODERS.get(frame_type)
+    if fast is not None and type(body) is bytes:
+        frame = fast(body)
+        if frame is not None:
+            return frame
     cls = FRAME_TYPES.get(frame_type)
     if cls is None:
         raise DecodeError(f"frame: unknown type 0x{frame_type:02x}")

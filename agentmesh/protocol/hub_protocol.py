@@ -79,6 +79,8 @@ from agentmesh.protocol.frames import (
 #: The protocol version this code speaks (HELLO/LOGIN carry it).
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
+#: Largest UPLOAD_PREKEYS batch the hub verifies (an agent's pool is 100 of each kind).
+MAX_PREKEYS_PER_UPLOAD = 256
 LOGIN_CONTEXT = b"AgentMesh-login-v1"
 ROTATE_CONTEXT = b"AgentMesh-rotate-v1"
 #: Default largest envelope a hub accepts.
@@ -695,6 +697,14 @@ class ServerConnection(_Connection):
 
     def _on_upload(self, frame: UploadPrekeys, signing_key: bytes) -> Event:
         assert self.agent_id is not None
+        if len(frame.prekeys) > MAX_PREKEYS_PER_UPLOAD:
+            # Refused before any signature is checked: verifying thousands of
+            # signatures per frame would let one agent stall the hub's loop.
+            return self._reject(
+                frame.request_id,
+                "too_many_prekeys",
+                f"at most {MAX_PREKEYS_PER_UPLOAD} prekeys per upload",
+            )
         try:
             prekeys = tuple(SignedPrekey.decode(item).verify(signing_key) for item in frame.prekeys)
         except (DecodeError, CryptoError) as exc:

@@ -609,3 +609,18 @@ def test_counters_match_queue(store: HubStore, script: list[tuple[Any, ...]]) ->
             assert store.queued_count(name) == len(held)
             assert len(held) <= max_count and sum(v[1] for v in held) <= max_bytes
     assert actual_counters(store) == stored_counters(store)
+
+
+def test_one_time_prekeys_per_agent_are_bounded(store: HubStore) -> None:
+    """An agent cannot fill the hub's database with one-time prekeys."""
+    from agentmesh.hub.store import MAX_ONE_TIME_PREKEYS_PER_KIND
+
+    store.bind_agent("alice", KEY_A, NOW)
+    items = [(1, i, b"k%d" % i) for i in range(MAX_ONE_TIME_PREKEYS_PER_KIND)]
+    assert store.add_one_time_prekeys("alice", items) == MAX_ONE_TIME_PREKEYS_PER_KIND
+    with pytest.raises(HubError) as refused:
+        store.add_one_time_prekeys("alice", [(1, 10**6, b"one too many")])
+    assert refused.value.code == "too_many_prekeys"
+    assert store.add_one_time_prekeys("alice", [(2, 1, b"other kind")]) == (
+        MAX_ONE_TIME_PREKEYS_PER_KIND + 1
+    )

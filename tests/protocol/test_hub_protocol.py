@@ -443,3 +443,14 @@ def test_transition_tables_only_name_known_frames() -> None:
         for state, frame_type in table:
             assert state is not hp.State.CLOSED
             assert frame_type in f.FRAME_TYPES.values()
+
+
+def test_oversized_prekey_uploads_are_refused_before_any_signature_check(link: Link) -> None:
+    """DoS: one UPLOAD_PREKEYS frame of thousands of prekeys must not make the hub
+    verify thousands of signatures; it is refused by count, unverified."""
+    junk = [b"\x01" + bytes(4) + (32).to_bytes(2, "big") + bytes(32) + bytes(64)] * (
+        hp.MAX_PREKEYS_PER_UPLOAD + 1
+    )
+    link.client.upload_prekeys(junk)
+    _, client_events = link.pump()
+    assert [(e.code, e.fatal) for e in client_events] == [("too_many_prekeys", False)]  # type: ignore[attr-defined]
