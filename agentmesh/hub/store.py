@@ -401,6 +401,48 @@ _SchemaState = Literal["head", "behind", "empty"]
 # --------------------------------------------------------------------------- the store
 
 
+
+def _admit(
+    batch: list[NewEnvelope],
+    held: set[bytes],
+    boxes: dict[str, list[int]],
+    max_count: int,
+    max_bytes: int,
+) -> tuple[list[EnqueueResult | None], list[tuple[int, NewEnvelope]], dict[str, list[int]]]:
+    """Decide each envelope of a batch: duplicate, unknown recipient, mailbox full, or admitted.
+
+    ``held`` holds the message ids already stored; ``boxes`` maps each known
+    recipient to its ``[count, bytes]`` counters. Both are updated as items are
+    admitted, so quotas count earlier items of the same batch. Returns the
+    results (None where admitted, to be filled with the stored seq), the
+    admitted ``(position, envelope)`` pairs in batch order, and each
+    recipient's ``[count, bytes]`` increase. The one place quotas are decided.
+    """
+    results: list[EnqueueResult | None] = []
+    admitted: list[tuple[int, NewEnvelope]] = []
+    added: dict[str, list[int]] = {}
+    for position, item in enumerate(batch):
+        if item.message_id in held:
+            results.append(_DUPLICATE)
+            continue
+        box = boxes.get(item.recipient)
+        if box is None:
+            results.append(_UNKNOWN_RECIPIENT)
+            continue
+        size = len(item.body)
+        if box[0] + 1 > max_count or box[1] + size > max_bytes:
+            results.append(_MAILBOX_FULL)
+            continue
+        box[0] += 1
+        box[1] += size
+        delta = added.setdefault(item.recipient, [0, 0])
+        delta[0] += 1
+        delta[1] += size
+        held.add(item.message_id)
+        results.append(None)
+        admitted.append((position, item))
+    return results, admitted, added
+
 #: One-time prekeys of each kind the hub keeps per agent (its pool is 100 of each):
 #: the bound keeps one agent from filling the database with prekeys.
 MAX_ONE_TIME_PREKEYS_PER_KIND = 1000
@@ -866,41 +908,20 @@ class HubStore:
                 )
             )
 
-        results: list[EnqueueResult | None] = []
-        rows: list[dict[str, Any]] = []
-        positions: list[int] = []
-        added: dict[str, list[int]] = {}
-        for position, item in enumerate(batch):
-            if item.message_id in held:
-                results.append(_DUPLICATE)
-                continue
-            box = boxes.get(item.recipient)
-            if box is None:
-                results.append(_UNKNOWN_RECIPIENT)
-                continue
-            size = len(item.body)
-            if box[0] + 1 > max_count or box[1] + size > max_bytes:
-                results.append(_MAILBOX_FULL)
-                continue
-            box[0] += 1
-            box[1] += size
-            delta = added.setdefault(item.recipient, [0, 0])
-            delta[0] += 1
-            delta[1] += size
-            held.add(item.message_id)
-            results.append(None)
-            positions.append(position)
-            rows.append(
-                {
-                    "message_id": item.message_id,
-                    "sender": item.sender,
-                    "recipient": item.recipient,
-                    "body": item.body,
-                    "size": size,
-                    "created_at_ms": now_ms,
-                    "expires_at_ms": item.expires_at_ms,
-                }
-            )
+        results, admitted, added = _admit(batch, held, boxes, max_count, max_bytes)
+        positions = [position for position, _ in admitted]
+        rows: list[dict[str, Any]] = [
+            {
+                "message_id": item.message_id,
+                "sender": item.sender,
+                "recipient": item.recipient,
+                "body": item.body,
+                "size": len(item.body),
+                "created_at_ms": now_ms,
+                "expires_at_ms": item.expires_at_ms,
+            }
+            for _, item in admitted
+        ]
 
         if rows:
             seqs = conn.scalars(
@@ -1150,41 +1171,20 @@ def _enqueue_sqlite(
                 id_chunk,
             )
         )
-    results: list[EnqueueResult | None] = []
-    rows: list[tuple[bytes, str, str, bytes, int, int, int]] = []
-    positions: list[int] = []
-    added: dict[str, list[int]] = {}
-    for position, item in enumerate(batch):
-        if item.message_id in held:
-            results.append(_DUPLICATE)
-            continue
-        box = boxes.get(item.recipient)
-        if box is None:
-            results.append(_UNKNOWN_RECIPIENT)
-            continue
-        size = len(item.body)
-        if box[0] + 1 > max_count or box[1] + size > max_bytes:
-            results.append(_MAILBOX_FULL)
-            continue
-        box[0] += 1
-        box[1] += size
-        delta = added.setdefault(item.recipient, [0, 0])
-        delta[0] += 1
-        delta[1] += size
-        held.add(item.message_id)
-        results.append(None)
-        positions.append(position)
-        rows.append(
-            (
-                item.message_id,
-                item.sender,
-                item.recipient,
-                item.body,
-                size,
-                now_ms,
-                item.expires_at_ms,
-            )
+    results, admitted, added = _admit(batch, held, boxes, max_count, max_bytes)
+    positions = [position for position, _ in admitted]
+    rows: list[tuple[bytes, str, str, bytes, int, int, int]] = [
+        (
+            item.message_id,
+            item.sender,
+            item.recipient,
+            item.body,
+            len(item.body),
+            now_ms,
+            item.expires_at_ms,
         )
+        for _, item in admitted
+    ]
     if rows:
         cur.executemany(_INSERT_ENVELOPE_SQL, rows)
         # AUTOINCREMENT under the write lock gives one insert after another the
