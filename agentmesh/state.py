@@ -164,8 +164,6 @@ class AgentState:
         self._lock = threading.RLock()
         #: Outbox rows the hub acknowledged, deleted by the next write transaction.
         self._acked: list[bytes] = []
-        #: A second connection to the file with synchronous=NORMAL (see ``_tx``).
-        self._relaxed: sqlite3.Connection | None = None
         #: A relaxed commit happened since the last FULL one.
         self._unsynced = False
         #: Descriptor of the WAL file, for :meth:`sync`.
@@ -205,17 +203,23 @@ class AgentState:
         def __enter__(self) -> sqlite3.Connection:
             state = self.state
             state._lock.acquire()
-            db = self.db = state._relaxed_db() if self.relaxed else state._db
+            db = state._db
             try:
+                if self.relaxed:  # this transaction only; __exit__ restores FULL
+                    db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("BEGIN IMMEDIATE")
                 self.acked, state._acked = state._acked, []
                 if self.acked:  # coalesced into this transaction (see defer_outbox_removal)
                     db.executemany(_DELETE_OUTBOX_SQL, [(m,) for m in self.acked])
             except BaseException:
                 state._acked[:0] = self.acked
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                state._lock.release()
+                try:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                finally:
+                    if self.relaxed:
+                        db.execute("PRAGMA synchronous=FULL")
+                    state._lock.release()
                 raise
             return db
 
@@ -226,31 +230,26 @@ class AgentState:
             tb: TracebackType | None,
         ) -> None:
             state = self.state
+            db = state._db
             try:
                 if exc_type is None:
-                    self.db.execute("COMMIT")
+                    db.execute("COMMIT")
                     # A FULL commit syncs the whole WAL: every earlier commit is on disk too.
                     state._unsynced = self.relaxed
                 else:
                     state._acked[:0] = self.acked  # not deleted after all: next time
-                    self.db.execute("ROLLBACK")
+                    db.execute("ROLLBACK")
             finally:
-                state._lock.release()
+                try:
+                    if self.relaxed:
+                        db.execute("PRAGMA synchronous=FULL")
+                finally:
+                    state._lock.release()
 
     def _tx(self, *, relaxed: bool = False) -> AgentState._Tx:
         """A write transaction; ``relaxed``: committed without waiting for the disk
         (``synchronous=NORMAL``; see :meth:`commit_sent` and :meth:`sync`)."""
         return AgentState._Tx(self, relaxed)
-
-    def _relaxed_db(self) -> sqlite3.Connection:
-        """The second connection, with ``synchronous=NORMAL`` (lock held)."""
-        if self._relaxed is None:
-            assert self.path is not None
-            relaxed = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            relaxed.execute("PRAGMA busy_timeout=5000")
-            relaxed.execute("PRAGMA synchronous=NORMAL")
-            self._relaxed = relaxed
-        return self._relaxed
 
     @property
     def unsynced(self) -> bool:
@@ -325,8 +324,6 @@ class AgentState:
                 if not self._handled:
                     with contextlib.suppress(OSError):
                         self._handled_log().unlink()
-            if self._relaxed is not None:
-                self._relaxed.close()
             if self._wal is not None:
                 os.close(self._wal)
                 self._wal = None
