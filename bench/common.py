@@ -101,6 +101,17 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """``(user, system)`` CPU seconds of ``pid`` so far, from /proc (zeros if unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks  # utime, stime
+
+
 def child_env() -> dict[str, str]:
     """The environment of every worker: this checkout first on the import path."""
     env = dict(os.environ)

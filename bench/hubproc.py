@@ -13,6 +13,7 @@ handshake timers. Prints ``READY {"port": N, "pid": N}``, serves until SIGTERM.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
 import sys
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     server = NetworkHubServer("127.0.0.1", args.port, args.db, **options)
     server.start(block=False)
-    emit("READY", port=server.port)
+    uvloop = args.uvloop and importlib.util.find_spec("uvloop") is not None
+    emit("READY", port=server.port, uvloop=uvloop)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.stop()
     return 0

@@ -20,6 +20,7 @@ from bench.common import (
     HubProc,
     Proc,
     WorkerError,
+    cpu_seconds,
     jain_index,
     now,
     raise_fd_limit,
@@ -74,8 +75,12 @@ def _peer(procs: list[Proc], d: Path, name: str, role: str, *args: str) -> Proc:
     return proc
 
 
+#: Extra ``bench.hubproc`` arguments for every hub of the run (``--hub-uvloop``).
+HUB_ARGS: list[str] = []
+
+
 def _hub(procs: list[Proc], d: Path) -> HubProc:
-    hub = HubProc(d)
+    hub = HubProc(d, "hub", *HUB_ARGS)
     procs.append(hub)
     return hub
 
@@ -192,9 +197,11 @@ def network_pair(
         watched = {"hub": hub, "sender": alice, "receiver": bob}
         if profile:
             _profile(s, name, watched)
+        cpu0 = {role: cpu_seconds(proc.pid) for role, proc in watched.items()}
         alice.send("GO")
         sent = alice.expect("RESULT", 900)
         got = bob.expect("RESULT", 900)
+        cpu1 = {role: cpu_seconds(proc.pid) for role, proc in watched.items()}
         profiles = _profiles(s, name, watched) if profile else {}
     seconds = got["t_last"] - sent["t_first"]
     return {
@@ -205,6 +212,14 @@ def network_pair(
         "rate": got["count"] / seconds if seconds > 0 else 0.0,
         "send_call_rate": count / (sent["t_sent"] - sent["t_first"]),
         "latency_ms": got["latency_ms"],
+        # CPU time per message in each process, user and system (includes the warm-up).
+        "cpu_us_per_message": {
+            role: {
+                kind: round((cpu1[role][i] - cpu0[role][i]) / max(got["count"], 1) * 1e6, 1)
+                for i, kind in enumerate(("user", "system"))
+            }
+            for role in cpu0
+        },
         "profile": profiles,
     }
 
