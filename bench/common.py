@@ -22,7 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -128,6 +129,17 @@ def emit(word: str, **data: Any) -> None:
     """Worker: report ``WORD {json}`` to the orchestrator."""
     sys.stdout.write(f"{word} {json.dumps(data)}\n")
     sys.stdout.flush()
+
+
+def run_role(role: Callable[[], None]) -> int:
+    """Worker ``main``: run ``role``; a failure prints a traceback and ``ERROR {json}``: 1."""
+    try:
+        role()
+    except Exception as exc:
+        traceback.print_exc()
+        emit("ERROR", error=f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
 
 
 def wait_command(expected: str | None = None) -> str:

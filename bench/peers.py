@@ -22,12 +22,11 @@ import asyncio
 import os
 import sqlite3
 import sys
-import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import PAYLOAD_SIZE, emit, now, wait_command
+from bench.common import PAYLOAD_SIZE, emit, now, run_role, wait_command
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 NATS_URL = "nats://127.0.0.1:4222"
@@ -320,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     queues = [f"bench_{args.tag}_{q}" for q in args.queues.split(",")]
     rabbit = args.system == "rabbit"
-    try:
+
+    def role() -> None:
         if args.role == "sqlite":
             emit("RESULT", **sqlite_loop(Path(args.dir), args.duration))
         elif args.role == "probe":
@@ -349,11 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             emit("RESULT", **result)
         else:
             raise ValueError(f"unknown role {args.role!r}")
-    except Exception as exc:
-        traceback.print_exc()
-        emit("ERROR", error=f"{type(exc).__name__}: {exc}")
-        return 1
-    return 0
+
+    return run_role(role)
 
 
 if __name__ == "__main__":

@@ -114,23 +114,28 @@ def build_rows(r: dict[str, Any]) -> list[Row]:
     peers = r.get("peers", {})
     rabbit, nats_ = peers.get("rabbit", {}), peers.get("nats", {})
 
-    def versus(label: str, measured: float, peer: dict[str, Any], key: str) -> None:
-        name = "RabbitMQ" if peer is rabbit else "NATS JetStream"
-        if "skipped" in peer or "error" in peer or key not in peer:
-            why = peer.get("skipped") or peer.get("error") or "not measured"
-            rows.append(Row(f"{label} vs {name}", _rate(measured), f"skipped: {why}"))
-            return
-        ratio, ok = _at_least(measured, peer[key]["rate"], 1.0)
-        rows.append(
-            Row(
-                f"{label} vs {name}",
-                _rate(measured),
-                _rate(peer[key]["rate"]),
-                ratio,
-                ">= 1.0 x peer",
-                ok,
+    def versus(
+        label: str, measured: float, key: str, suffix: str = "", judged: bool = True
+    ) -> None:
+        """A row against each peer's ``key`` figure: judged (>= 1.0 x peer) or (info)."""
+        for peer in (rabbit, nats_):
+            name = "RabbitMQ" if peer is rabbit else "NATS JetStream"
+            if "skipped" in peer or "error" in peer or key not in peer:
+                if judged:
+                    why = peer.get("skipped") or peer.get("error") or "not measured"
+                    rows.append(Row(f"{label} vs {name}", _rate(measured), f"skipped: {why}"))
+                continue
+            ratio, ok = _at_least(measured, peer[key]["rate"], 1.0)
+            rows.append(
+                Row(
+                    f"{label} vs {name}{suffix}",
+                    _rate(measured),
+                    _rate(peer[key]["rate"]),
+                    ratio,
+                    ">= 1.0 x peer" if judged else "(info)",
+                    ok if judged else None,
+                )
             )
-        )
 
     if "3" in r:
         pair = r["3"]
@@ -169,8 +174,7 @@ def build_rows(r: dict[str, Any]) -> list[Row]:
                     "(info)",
                 )
             )
-        versus("3 pair", pair["pipelined"]["rate"], rabbit, "pair")
-        versus("3 pair", pair["pipelined"]["rate"], nats_, "pair")
+        versus("3 pair", pair["pipelined"]["rate"], "pair")
     if "4" in r:
         lat = r["4"]["latency_ms"]
         achieved = r["4"].get("send_call_rate", 0.0)
@@ -210,19 +214,7 @@ def build_rows(r: dict[str, Any]) -> list[Row]:
                 ok,
             )
         )
-        for peer in (rabbit, nats_):
-            if "drain" in peer:
-                name = "RabbitMQ" if peer is rabbit else "NATS JetStream"
-                ratio, _ = _at_least(drain["rate"], peer["drain"]["rate"], 1.0)
-                rows.append(
-                    Row(
-                        f"5 drain vs {name}",
-                        _rate(drain["rate"]),
-                        _rate(peer["drain"]["rate"]),
-                        ratio,
-                        "(info)",
-                    )
-                )
+        versus("5 drain", drain["rate"], "drain", judged=False)
     if "6" in r:
         offline, online = r["6"]["offline"], r["6"]["online"]
         ratio, ok = _at_least(offline["rate"], 30000, 1.0)
@@ -247,21 +239,8 @@ def build_rows(r: dict[str, Any]) -> list[Row]:
                 ok,
             )
         )
-        versus("6 online", online["rate"], rabbit, "online16")
-        versus("6 online", online["rate"], nats_, "online16")
-        for peer in (rabbit, nats_):
-            if "ingest16" in peer:
-                name = "RabbitMQ" if peer is rabbit else "NATS JetStream"
-                ratio, _ = _at_least(offline["rate"], peer["ingest16"]["rate"], 1.0)
-                rows.append(
-                    Row(
-                        f"6 offline vs {name} publish-only",
-                        _rate(offline["rate"]),
-                        _rate(peer["ingest16"]["rate"]),
-                        ratio,
-                        "(info)",
-                    )
-                )
+        versus("6 online", online["rate"], "online16")
+        versus("6 offline", offline["rate"], "ingest16", " publish-only", judged=False)
     if "7" in r:
         f = r["7"]
         rows.append(

@@ -534,44 +534,23 @@ def peer(s: Settings, system: str) -> dict[str, Any]:
     sysarg = ["--system", system]
 
     def run(tag: str, queues: list[str], count: int, consume: bool, drain: bool) -> dict[str, Any]:
-        qs = ",".join(queues)
+        common = [*sysarg, "--tag", tag, "--queues", ",".join(queues)]
         with _processes() as procs:
-            _peer(procs, d, f"{tag}-prep", "prepare", *sysarg, "--tag", tag, "--queues", qs).expect(
-                "RESULT", 60
-            )
+
+            def publisher(*extra: str) -> Proc:
+                return _peer(
+                    procs, d, f"{tag}-pub", "publish", *common,
+                    "--count", str(count), "--window", win, *extra,
+                )  # fmt: skip
+
+            def consumer() -> Proc:
+                return _peer(procs, d, f"{tag}-cons", "consume", *common, "--expect", str(count))
+
+            _peer(procs, d, f"{tag}-prep", "prepare", *common).expect("RESULT", 60)
             try:
                 if drain:
-                    pub = _peer(
-                        procs,
-                        d,
-                        f"{tag}-pub",
-                        "publish",
-                        *sysarg,
-                        "--tag",
-                        tag,
-                        "--queues",
-                        qs,
-                        "--count",
-                        str(count),
-                        "--window",
-                        win,
-                        "--no-go",
-                    )
-                    pub.expect("RESULT", 1800)
-                    drainer = _peer(
-                        procs,
-                        d,
-                        f"{tag}-cons",
-                        "consume",
-                        *sysarg,
-                        "--tag",
-                        tag,
-                        "--queues",
-                        qs,
-                        "--expect",
-                        str(count),
-                    )
-                    got = drainer.expect("RESULT", 1800)
+                    publisher("--no-go").expect("RESULT", 1800)
+                    got = consumer().expect("RESULT", 1800)
                     seconds = got["t_last"] - got["t_start"]
                     return {
                         "count": got["count"],
@@ -580,35 +559,9 @@ def peer(s: Settings, system: str) -> dict[str, Any]:
                     }
                 cons: Proc | None = None
                 if consume:
-                    cons = _peer(
-                        procs,
-                        d,
-                        f"{tag}-cons",
-                        "consume",
-                        *sysarg,
-                        "--tag",
-                        tag,
-                        "--queues",
-                        qs,
-                        "--expect",
-                        str(count),
-                    )
+                    cons = consumer()
                     cons.expect("READY", 120)
-                pub = _peer(
-                    procs,
-                    d,
-                    f"{tag}-pub",
-                    "publish",
-                    *sysarg,
-                    "--tag",
-                    tag,
-                    "--queues",
-                    qs,
-                    "--count",
-                    str(count),
-                    "--window",
-                    win,
-                )
+                pub = publisher()
                 pub.expect("READY", 120)
                 pub.send("GO")
                 published = pub.expect("RESULT", 1800)
@@ -621,9 +574,7 @@ def peer(s: Settings, system: str) -> dict[str, Any]:
                 seconds = end - published["t_first"]
                 return {"count": total, "seconds": seconds, "rate": total / seconds}
             finally:
-                _peer(
-                    procs, d, f"{tag}-clean", "cleanup", *sysarg, "--tag", tag, "--queues", qs
-                ).expect("RESULT", 60)
+                _peer(procs, d, f"{tag}-clean", "cleanup", *common).expect("RESULT", 60)
 
     sixteen = [f"q{i}" for i in range(16)]
     try:

@@ -28,7 +28,6 @@ import random
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from bench.common import (
     parse_stamp,
     percentile,
     raise_fd_limit,
+    run_role,
     stamped_text,
     text_payload,
     wait_command,
@@ -522,13 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "idle": idle,
         "localpair": localpair,
     }
-    try:
-        roles[args.role](args)
-    except Exception as exc:
-        traceback.print_exc()
-        emit("ERROR", error=f"{type(exc).__name__}: {exc}")
-        return 1
-    return 0
+    return run_role(lambda: roles[args.role](args))
 
 
 if __name__ == "__main__":
