@@ -1,10 +1,13 @@
-"""Helpers shared by the tests under tests/agent (imported by name; no package)."""
+"""Helpers shared by the tests under tests/agent (imported by name; no package).
+
+``Inbox`` and ``flip`` are in ``tests/agentkit.py``, shared with the other folders.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from agentmesh import LocalHub, Message
+from agentmesh import LocalHub
 from agentmesh.protocol.envelope import decode_envelope
 
 
@@ -29,24 +32,6 @@ class RecordingHub(LocalHub):
     def to(self, recipient: str) -> list[bytes]:
         """Recorded envelopes addressed to ``recipient``."""
         return [e for e in self.envelopes if decode_envelope(e).recipient == recipient]
-
-
-class Inbox(list):  # type: ignore[type-arg]
-    """A handler that records every message it sees."""
-
-    def __call__(self, msg: Message) -> None:
-        self.append(msg)
-
-    @property
-    def texts(self) -> list[str]:
-        return [m.text for m in self]
-
-
-def flip(data: bytes, index: int, mask: int = 0x01) -> bytes:
-    """``data`` with the byte at ``index`` XORed with ``mask``."""
-    out = bytearray(data)
-    out[index] ^= mask
-    return bytes(out)
 
 
 def identity_signing_offset(data: bytes) -> int:

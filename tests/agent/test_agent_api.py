@@ -11,7 +11,8 @@ import re
 import time
 
 import pytest
-from agent_helpers import Inbox, RecordingHub
+from agent_helpers import RecordingHub
+from agentkit import Inbox
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 

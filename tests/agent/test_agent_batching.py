@@ -23,7 +23,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from agent_helpers import Inbox, RecordingHub, flip
+from agent_helpers import RecordingHub
+from agentkit import Inbox, flip
 
 import agentmesh
 from agentmesh import Agent, CryptoError

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_helpers import Inbox
+from agentkit import Inbox
 
 from agentmesh import Agent, LocalHub
 

@@ -6,7 +6,8 @@ import base64
 import json
 
 import pytest
-from agent_helpers import Inbox, RecordingHub
+from agent_helpers import RecordingHub
+from agentkit import Inbox
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

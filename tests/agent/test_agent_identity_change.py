@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from agent_helpers import Inbox, RecordingHub, flip, identity_signing_offset
+from agent_helpers import RecordingHub, identity_signing_offset
+from agentkit import Inbox, flip
 
 from agentmesh import Agent, AuthFailedError, CryptoError, IdentityChangedError, LocalHub
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from agent_helpers import Inbox
+from agentkit import Inbox
 
 from agentmesh import Agent, LocalHub
 

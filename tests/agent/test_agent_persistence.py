@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from agent_helpers import Inbox, RecordingHub
+from agent_helpers import RecordingHub
+from agentkit import Inbox
 
 from agentmesh import Agent, CryptoError, HubUnavailableError, LocalHub, ReplayError
 

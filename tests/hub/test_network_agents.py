@@ -7,35 +7,16 @@ of a conversation. Waits are bounded polls; nothing asserts a timing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agentkit import Inbox, alice_and_bob
 from hubproc import HubProcess, wait_until
 
-from agentmesh import Agent, Message, NetworkHub
+from agentmesh import Agent, NetworkHub
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def hub_process(tmp_path: Path) -> Iterator[HubProcess]:
-    hub = HubProcess(tmp_path).start()
-    yield hub
-    hub.stop()
-
-
-class Inbox:
-    """Collects handled message texts (handlers run on the client's dispatcher thread)."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.messages: list[Message] = []
-
-    def __call__(self, message: Message) -> None:
-        self.messages.append(message)
-        self.texts.append(message.text)
 
 
 def _restart(hub: HubProcess) -> None:
@@ -45,15 +26,12 @@ def _restart(hub: HubProcess) -> None:
 
 def test_online_delivery_and_v1_surface(hub_process: HubProcess, tmp_path: Path) -> None:
     with hub_process.client() as client:
-        alice = Agent("alice", hub=client, keypair_path=tmp_path / "alice.json")
-        bob = Agent("bob", hub=client, keypair_path=tmp_path / "bob.json")
-        inbox = Inbox()
-        bob.on_message(inbox)
+        alice, bob, inbox = alice_and_bob(client, tmp_path)
         for i in range(20):
             alice.send("bob", text=f"m{i}", seq=i)
         wait_until(lambda: len(inbox.texts) == 20)
         assert inbox.texts == [f"m{i}" for i in range(20)]
-        assert inbox.messages[0].payload["seq"] == 0 and inbox.messages[0].signed
+        assert inbox[0].payload["seq"] == 0 and inbox[0].signed
         assert alice.list_peers() == ["bob"]
         assert client.get_bundle("bob")["agent_id"] == "bob"
         with pytest.raises(ValueError, match="Peer 'nobody' not found on hub"):
@@ -122,10 +100,7 @@ def test_sends_while_the_hub_is_down_are_flushed_on_reconnect(
     hub_process: HubProcess, tmp_path: Path
 ) -> None:
     with hub_process.client() as client:
-        alice = Agent("alice", hub=client, keypair_path=tmp_path / "alice.json")
-        bob = Agent("bob", hub=client, keypair_path=tmp_path / "bob.json")
-        inbox = Inbox()
-        bob.on_message(inbox)
+        alice, bob, inbox = alice_and_bob(client, tmp_path)
         alice.send("bob", text="before")
         wait_until(lambda: inbox.texts == ["before"])
         hub_process.kill()

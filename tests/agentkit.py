@@ -1,0 +1,40 @@
+"""Shared agent-side test support: a recording message handler and byte surgery.
+
+Imported by name from every test folder, like ``hubproc`` (``tests/conftest.py``
+puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agentmesh import Agent, Message
+from agentmesh.hub.base import Hub
+
+
+class Inbox(list):  # type: ignore[type-arg]
+    """A message handler that records every message it is given."""
+
+    def __call__(self, msg: Message) -> None:
+        self.append(msg)
+
+    @property
+    def texts(self) -> list[str]:
+        return [m.text for m in self]
+
+
+def flip(data: bytes, index: int, mask: int = 0x01) -> bytes:
+    """``data`` with the byte at ``index`` XORed with ``mask``."""
+    out = bytearray(data)
+    out[index] ^= mask
+    return bytes(out)
+
+
+def alice_and_bob(hub: Hub, keydir: Path) -> tuple[Agent, Agent, Inbox]:
+    """Agents ``alice`` and ``bob`` on ``hub`` (key files ``<keydir>/<name>.json``)
+    and the Inbox that records what bob handles."""
+    alice = Agent("alice", hub=hub, keypair_path=keydir / "alice.json")
+    bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
+    inbox = Inbox()
+    bob.on_message(inbox)
+    return alice, bob, inbox
