@@ -1,4 +1,5 @@
-"""Shared test support: a real ``agentmesh.hub_server`` subprocess, and polling helpers.
+"""Shared test support: a real ``agentmesh.hub_server`` subprocess, a raw protocol
+client, and polling helpers.
 
 Importable from any test because ``tests/conftest.py`` puts this folder on
 ``sys.path`` (pytest's default "prepend" import mode). Waits are bounded
@@ -7,9 +8,12 @@ polls, never timing assertions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import agentmesh
+from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.hub.client import NetworkHub
+from agentmesh.protocol import hub_protocol as hp
 
 ROOT = Path(agentmesh.__file__).resolve().parents[1]
 LISTENING = re.compile(r"hub listening on 127\.0\.0\.1:(\d+)")
@@ -29,35 +35,61 @@ def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 20.0) -> None:
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            raise AssertionError(f"not reached in {timeout}s: {what or condition}")
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a hub that must keep its port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # --- the hub subprocess ------------------------------------------------------
 
 
 class HubProcess:
-    """``python -m agentmesh.hub_server`` on 127.0.0.1, logging to a file."""
+    """``python -m agentmesh.hub_server`` on 127.0.0.1, logging to a file in ``workdir``.
+
+    ``port=0`` lets the hub choose; a restart (``start`` again) keeps the port it
+    got. ``db`` is relative to ``workdir`` (``None``: no ``--db`` flag). ``stop``
+    kills the hub; with ``graceful_stop`` it sends SIGTERM (a clean shutdown)
+    and kills only if that takes more than 15 s. ``env`` is added to the hub's
+    environment.
+    """
 
     count = 0
 
-    def __init__(self, workdir: Path, *args: str, db: str | None = "hub.sqlite", **env: str):
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        db: str | None = "hub.sqlite",
+        port: int = 0,
+        log_level: str = "INFO",
+        graceful_stop: bool = False,
+        **env: str,
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.args = list(args)
         self.db = workdir / db if db else None
+        self.port = port
+        self.log_level = log_level
+        self.graceful_stop = graceful_stop
         self.env = env
-        self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         HubProcess.count += 1
         self.log_path = workdir / f"hub-{HubProcess.count}.log"
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "agentmesh.hub_server", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--log-level", "INFO", *self.args]
+        cmd += ["--port", str(self.port), "--log-level", self.log_level, *self.args]
         if self.db is not None:
             cmd += ["--db", str(self.db)]
         return cmd
@@ -86,6 +118,10 @@ class HubProcess:
     def run_to_exit(self) -> int:
         return self._spawn().wait(30)
 
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -94,17 +130,21 @@ class HubProcess:
         self.proc.kill()
         self.proc.wait(10)
 
-    def terminate(self) -> int:
+    def terminate(self, timeout: float = 20) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(20)
+        return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if not self.alive:
+            return
+        if self.graceful_stop:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.terminate(15)
+                return
+        self.kill()
 
-    def client(self, **options: Any) -> NetworkHub:
+    def client(self, cls: type[NetworkHub] = NetworkHub, **options: Any) -> NetworkHub:
         settings: dict[str, Any] = {
             "connect_timeout": 5.0,
             "ack_timeout": 10.0,
@@ -112,4 +152,78 @@ class HubProcess:
             "reconnect_max": 0.3,
         }
         settings.update(options)
-        return NetworkHub("127.0.0.1", self.port, **settings)
+        return cls("127.0.0.1", self.port, **settings)
+
+    # What the hub's operator can see: its database and its files.
+
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run one read statement on the hub database."""
+        assert self.db is not None
+        conn = sqlite3.connect(self.db, timeout=10)
+        try:
+            return list(conn.execute(sql, args))
+        finally:
+            conn.close()
+
+    def queued_for(self, agent_id: str) -> int:
+        sql = "SELECT COUNT(*) FROM envelopes WHERE recipient = ?"
+        return int(self.query(sql, (agent_id,))[0][0])
+
+    def files_bytes(self) -> bytes:
+        """The database file with its WAL and shared memory, and the log: all an operator has."""
+        assert self.db is not None
+        parts = [p.read_bytes() for p in sorted(self.workdir.glob(self.db.name + "*"))]
+        return b"".join(parts) + self.log_path.read_bytes()
+
+
+# --- a raw protocol client -----------------------------------------------------
+
+
+class RawClient:
+    """A blocking socket driving the sans-IO ClientConnection (for protocol-level abuse)."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.conn = hp.ClientConnection()
+        self.events: list[hp.Event] = []
+
+    def pump_until(self, done: Callable[[list[hp.Event]], bool]) -> list[hp.Event]:
+        while not done(self.events):
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.events += self.conn.receive_data(data)
+            self.flush()
+        return self.events
+
+    def hello(self) -> hp.HelloReceived:
+        self.pump_until(lambda events: any(isinstance(e, hp.HelloReceived) for e in events))
+        return next(e for e in self.events if isinstance(e, hp.HelloReceived))
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def login(self, agent_id: str, identity: IdentityKeyPair, bundle: bytes = b"") -> hp.Event:
+        self.hello()
+        signature = identity.sign(self.conn.login_challenge(agent_id))
+        return self.answer(self.conn.login(agent_id, identity.public.signing, signature, bundle))
+
+    def answer(self, request_id: int) -> hp.Event:
+        """The answer to ``request_id``, or the ConnectionFailed that came instead."""
+
+        def answered(events: list[hp.Event]) -> bool:
+            return any(getattr(e, "request_id", None) == request_id for e in events) or any(
+                isinstance(e, hp.ConnectionFailed) for e in events
+            )
+
+        self.flush()
+        events = self.pump_until(answered)
+        for event in events:
+            if getattr(event, "request_id", None) == request_id:
+                return event
+        return next(e for e in events if isinstance(e, hp.ConnectionFailed))
+
+    def close(self) -> None:
+        self.sock.close()

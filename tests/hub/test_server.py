@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hubproc import HubProcess, unique, wait_until
+from hubproc import HubProcess, RawClient, unique, wait_until
 
 from agentmesh import Agent
 from agentmesh.crypto.identity import IdentityKeyPair
@@ -172,48 +172,7 @@ class FakeEndpoint:
         return lambda: len(self.received) >= count
 
 
-# --- a raw protocol client -----------------------------------------------------
-
-
-class RawClient:
-    """A blocking socket driving a ClientConnection (for protocol-level abuse)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        self.conn = hp.ClientConnection()
-        self.events: list[hp.Event] = []
-
-    def pump_until(self, done: Callable[[list[hp.Event]], bool]) -> list[hp.Event]:
-        while not done(self.events):
-            data = self.sock.recv(65536)
-            if not data:
-                break
-            self.events += self.conn.receive_data(data)
-            self.flush()
-        return self.events
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.sock.sendall(data)
-
-    def login(self, agent_id: str, identity: IdentityKeyPair, bundle: bytes = b"") -> hp.Event:
-        self.pump_until(lambda events: any(isinstance(e, hp.HelloReceived) for e in events))
-        signature = identity.sign(self.conn.login_challenge(agent_id))
-        rid = self.conn.login(agent_id, identity.public.signing, signature, bundle)
-        self.flush()
-        return self.answer(rid)
-
-    def answer(self, request_id: int) -> hp.Event:
-        def answered(events: list[hp.Event]) -> bool:
-            return any(getattr(e, "request_id", None) == request_id for e in events)
-
-        self.flush()
-        events = self.pump_until(answered)
-        return next(e for e in events if getattr(e, "request_id", None) == request_id)
-
-    def close(self) -> None:
-        self.sock.close()
+# --- raw sockets (hubproc.RawClient drives the protocol) ----------------------
 
 
 def frames_until_eof(sock: socket.socket) -> list[f.Frame]:
@@ -434,7 +393,7 @@ def test_key_rotation(shared_hub: HubProcess, clients: Any) -> None:
 def test_forged_sender_is_refused(shared_hub: HubProcess) -> None:
     mallory, victim = unique("mallory"), unique("victim")
     identity = IdentityKeyPair.generate()
-    raw = RawClient(shared_hub.port)
+    raw = RawClient(shared_hub.port, timeout=15)
     try:
         assert isinstance(raw.login(mallory, identity), hp.LoginAccepted)
         forged = FakeEndpoint(victim).envelope(mallory)  # claims to come from the victim
@@ -530,7 +489,7 @@ def test_abuse_does_not_disturb_legitimate_agents(shared_hub: HubProcess, client
     finally:
         for sock in idle:
             sock.close()
-    assert shared_hub.proc is not None and shared_hub.proc.poll() is None
+    assert shared_hub.alive
     assert "frame_too_large" in shared_hub.log() or "bad_frame" in shared_hub.log()
 
 
@@ -549,7 +508,7 @@ def test_idle_connections_are_pinged_then_closed(start_hub: Any, clients: Any) -
     alice, bob = FakeEndpoint(unique("alice")), FakeEndpoint(unique("bob"))
     hub.register(alice)
     hub.register(bob)
-    silent = RawClient(hub_proc.port)
+    silent = RawClient(hub_proc.port, timeout=15)
     try:
         assert isinstance(
             silent.login(unique("mute"), IdentityKeyPair.generate()), hp.LoginAccepted
@@ -571,7 +530,7 @@ def test_rate_limit_refuses_excess_requests(tmp_path: Path) -> None:
         "127.0.0.1", 0, str(tmp_path / "r.sqlite"), rate_per_s=0.001, rate_burst=3
     )
     server.start(block=False)
-    raw = RawClient(server.port)
+    raw = RawClient(server.port, timeout=15)
     try:
         raw.pump_until(lambda events: bool(events))  # HELLO
         answers = [raw.answer(raw.conn.list_agents()) for _ in range(6)]
@@ -629,7 +588,7 @@ def test_quota_and_envelope_size(start_hub: Any, clients: Any) -> None:
     assert info.value.code == "too_large"
     # The hub enforces the limit too (a client that skips the check).
     carol = FakeEndpoint(unique("carol"))
-    raw = RawClient(hub_proc.port)
+    raw = RawClient(hub_proc.port, timeout=15)
     try:
         assert isinstance(raw.login(carol.agent_id, carol.identity), hp.LoginAccepted)
         answer = raw.answer(raw.conn.send(b"\x01"))

@@ -1,4 +1,7 @@
-"""Fixtures of the attack suite: hub subprocesses, network clients and agents, all cleaned up."""
+"""Fixtures of the attack suite: hub subprocesses and network clients, all cleaned up.
+
+``agents`` and ``keydir`` come from ``tests/conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from security_helpers import HubProcess, TapHub, client_options
+from hubproc import HubProcess
+from security_helpers import TapHub
 
-from agentmesh import Agent
 from agentmesh.hub.client import NetworkHub
 
 
@@ -22,6 +25,7 @@ def shared_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]
         "2",
         "--max-envelope-bytes",
         "65536",
+        graceful_stop=True,
     ).start()
     yield hub
     hub.stop()
@@ -29,12 +33,13 @@ def shared_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]
 
 @pytest.fixture
 def start_hub(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
-    """``start_hub(*flags, port=0, log_level="INFO")``: a dedicated hub for this test."""
+    """``start_hub(*flags, port=0, log_level="INFO")``: a dedicated hub for this test,
+    stopped with SIGTERM (a clean shutdown) by ``hub.stop()`` and after the test."""
     hubs: list[HubProcess] = []
 
     def start(*args: str, **kwargs: Any) -> HubProcess:
-        hub = HubProcess(tmp_path / f"hub{len(hubs)}", *args, **kwargs).start()
-        hubs.append(hub)
+        hub = HubProcess(tmp_path / f"hub{len(hubs)}", *args, graceful_stop=True, **kwargs)
+        hubs.append(hub.start())
         return hub
 
     yield start
@@ -48,33 +53,11 @@ def net() -> Iterator[Callable[..., NetworkHub]]:
     made: list[NetworkHub] = []
 
     def make(hub: HubProcess, *, tap: bool = False, **options: Any) -> NetworkHub:
-        cls = TapHub if tap else NetworkHub
-        client = cls("127.0.0.1", hub.port, **client_options(options))
+        options.setdefault("request_timeout", 10.0)
+        client = hub.client(TapHub if tap else NetworkHub, **options)
         made.append(client)
         return client
 
     yield make
     for client in reversed(made):
         client.close()
-
-
-@pytest.fixture
-def agents() -> Iterator[Callable[..., Agent]]:
-    """``agents(agent_id, *args, cls=Agent, **kwargs)``: Agents closed after the test."""
-    made: list[Agent] = []
-
-    def make(agent_id: str, *args: Any, cls: type[Agent] = Agent, **kwargs: Any) -> Agent:
-        agent = cls(agent_id, *args, **kwargs)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in reversed(made):
-        agent.close()
-
-
-@pytest.fixture
-def keydir(tmp_path: Path) -> Path:
-    path = tmp_path / "keys"
-    path.mkdir()
-    return path

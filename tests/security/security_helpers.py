@@ -1,10 +1,11 @@
-"""Machinery shared by the attack suite (imported by name: tests/security is no package).
+"""Machinery of the attack suite (imported by name: tests/security is no package).
 
-* :class:`HubProcess`: a real ``python -m agentmesh.hub_server`` on 127.0.0.1
-  with a temporary SQLite file and a log file.
-* :class:`RawClient`: an attacker's socket driving the sans-IO
-  :class:`~agentmesh.protocol.hub_protocol.ClientConnection`, plus helpers to
-  write hand-made frames that the honest encoder would refuse to produce.
+The hub subprocess (:class:`hubproc.HubProcess`), the raw protocol client
+(:class:`hubproc.RawClient`) and :class:`agentkit.Inbox` are shared with the rest
+of the tests; what is here only the attacks need:
+
+* helpers to read what the hub sends on a raw socket and to write hand-made
+  frames that the honest encoder would refuse to produce.
 * :class:`InterceptHub` / :class:`TapHub`: a LocalHub and a NetworkHub that
   record (and, for LocalHub, can hold back) every envelope an agent hands them,
   i.e. a network capture.
@@ -17,21 +18,17 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import agentmesh
-from agentmesh import Agent, LocalHub, Message
+import hubproc
+
+from agentmesh import Agent, LocalHub
 from agentmesh.codec import Writer
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.hub.base import DeliveryReport
@@ -41,116 +38,12 @@ from agentmesh.protocol import hub_protocol as hp
 from agentmesh.protocol.envelope import Envelope, RatchetHeader, decode_envelope, encode_header
 from agentmesh.state import state_path_for
 
-ROOT = Path(agentmesh.__file__).resolve().parents[1]
-LISTENING = re.compile(r"hub listening on 127\.0\.0\.1:(\d+)")
 STATE_TABLES = ("meta", "sessions", "peers", "seen", "inbox", "outbox")
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
 def wait_until(condition: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout}s: {what or condition}")
-        time.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# --- the hub subprocess --------------------------------------------------------
-
-
-class HubProcess:
-    """``python -m agentmesh.hub_server --db <dir>/hub.sqlite --host 127.0.0.1 --port <port>``."""
-
-    def __init__(self, workdir: Path, *args: str, port: int = 0, log_level: str = "INFO") -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self.args = list(args)
-        self.requested_port = port
-        self.port = port
-        self.log_level = log_level
-        self.db = workdir / "hub.sqlite"
-        self.log_path = workdir / "hub.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> HubProcess:
-        offset = len(self.log())
-        cmd = [sys.executable, "-m", "agentmesh.hub_server", "--db", str(self.db)]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.requested_port)]
-        cmd += ["--log-level", self.log_level, *self.args]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=self.workdir
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            found = LISTENING.search(self.log()[offset:])
-            if found:
-                self.port = int(found.group(1))
-                return self
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"hub did not start:\n{self.log()}")
-            time.sleep(0.02)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        """SIGTERM (a clean shutdown), SIGKILL if it takes too long."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def client(self, **options: Any) -> NetworkHub:
-        return NetworkHub("127.0.0.1", self.port, **client_options(options))
-
-    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        """Run one read statement on the hub database (as its operator could)."""
-        conn = sqlite3.connect(self.db, timeout=10)
-        try:
-            return list(conn.execute(sql, args))
-        finally:
-            conn.close()
-
-    def queued_for(self, agent_id: str) -> int:
-        sql = "SELECT COUNT(*) FROM envelopes WHERE recipient = ?"
-        return int(self.query(sql, (agent_id,))[0][0])
-
-    def files_bytes(self) -> bytes:
-        """The database file with its WAL and shared memory, and the log: all an operator has."""
-        parts = [p.read_bytes() for p in sorted(self.workdir.glob(self.db.name + "*"))]
-        return b"".join(parts) + self.log_path.read_bytes()
-
-
-def client_options(options: dict[str, Any]) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "connect_timeout": 5.0,
-        "ack_timeout": 10.0,
-        "request_timeout": 10.0,
-        "reconnect_initial": 0.05,
-        "reconnect_max": 0.3,
-    }
-    settings.update(options)
-    return settings
+    """:func:`hubproc.wait_until` with the attack suite's own default bound."""
+    hubproc.wait_until(condition, timeout, what)
 
 
 class TapHub(NetworkHub):
@@ -165,55 +58,7 @@ class TapHub(NetworkHub):
         super().deliver(envelope)
 
 
-# --- the attacker's raw connection ---------------------------------------------
-
-
-class RawClient:
-    """A blocking socket speaking the frame protocol through a ClientConnection."""
-
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.conn = hp.ClientConnection()
-        self.events: list[hp.Event] = []
-
-    def pump_until(self, done: Callable[[list[hp.Event]], bool]) -> list[hp.Event]:
-        while not done(self.events):
-            data = self.sock.recv(65536)
-            if not data:
-                break
-            self.events += self.conn.receive_data(data)
-            self.flush()
-        return self.events
-
-    def hello(self) -> hp.HelloReceived:
-        self.pump_until(lambda events: any(isinstance(e, hp.HelloReceived) for e in events))
-        return next(e for e in self.events if isinstance(e, hp.HelloReceived))
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.sock.sendall(data)
-
-    def login(self, agent_id: str, identity: IdentityKeyPair, bundle: bytes = b"") -> hp.Event:
-        self.hello()
-        signature = identity.sign(self.conn.login_challenge(agent_id))
-        return self.answer(self.conn.login(agent_id, identity.public.signing, signature, bundle))
-
-    def answer(self, request_id: int) -> hp.Event:
-        def answered(events: list[hp.Event]) -> bool:
-            return any(getattr(e, "request_id", None) == request_id for e in events) or any(
-                isinstance(e, hp.ConnectionFailed) for e in events
-            )
-
-        self.flush()
-        events = self.pump_until(answered)
-        for event in events:
-            if getattr(event, "request_id", None) == request_id:
-                return event
-        return next(e for e in events if isinstance(e, hp.ConnectionFailed))
-
-    def close(self) -> None:
-        self.sock.close()
+# --- the attacker's raw connection (see hubproc.RawClient) ----------------------
 
 
 def fatal_code(event: hp.Event) -> str:
@@ -258,17 +103,6 @@ def login_frame_for(agent_id_bytes: bytes, nonce: bytes, hub_address: str) -> by
 
 
 # --- agents --------------------------------------------------------------------
-
-
-class Inbox(list):  # type: ignore[type-arg]
-    """A message handler that records what it is given."""
-
-    def __call__(self, msg: Message) -> None:
-        self.append(msg)
-
-    @property
-    def texts(self) -> list[str]:
-        return [m.text for m in self]
 
 
 class RecordingAgent(Agent):
@@ -394,12 +228,6 @@ def field_spans(data: bytes) -> dict[str, tuple[int, int]]:
     spans["ciphertext"] = (header + 4, len(data) - 16)
     spans["tag"] = (len(data) - 16, len(data))
     return spans
-
-
-def flip(data: bytes, index: int, mask: int = 0x01) -> bytes:
-    out = bytearray(data)
-    out[index] ^= mask
-    return bytes(out)
 
 
 def reheader(data: bytes, **changes: Any) -> bytes:

@@ -10,7 +10,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from security_helpers import Inbox, InterceptHub, unique, wait_until
+from agentkit import Inbox
+from hubproc import unique
+from security_helpers import InterceptHub, wait_until
 
 from agentmesh.errors import CryptoError, DecodeError
 from agentmesh.protocol.envelope import decode_envelope

@@ -9,16 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from security_helpers import (
-    HubProcess,
-    Inbox,
-    RawClient,
-    frames_until_eof,
-    junk_envelope,
-    raw_frame,
-    unique,
-    wait_until,
-)
+from agentkit import Inbox
+from hubproc import HubProcess, RawClient, unique
+from security_helpers import frames_until_eof, junk_envelope, raw_frame, wait_until
 
 from agentmesh import Agent
 from agentmesh.crypto.identity import IdentityKeyPair

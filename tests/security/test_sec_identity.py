@@ -6,17 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from security_helpers import (
-    HubProcess,
-    Inbox,
-    RawClient,
-    fatal_code,
-    frames_until_eof,
-    login_frame_for,
-    raw_frame,
-    unique,
-    wait_until,
-)
+from agentkit import Inbox
+from hubproc import HubProcess, RawClient, unique
+from security_helpers import fatal_code, frames_until_eof, login_frame_for, raw_frame, wait_until
 
 from agentmesh import Agent, LocalHub
 from agentmesh.codec import Writer

@@ -12,18 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from security_helpers import (
-    HubProcess,
-    Inbox,
-    InterceptHub,
-    RawClient,
-    field_spans,
-    flip,
-    frames_until_eof,
-    reheader,
-    state_dump,
-    unique,
-)
+from agentkit import Inbox, flip
+from hubproc import HubProcess, RawClient, unique
+from security_helpers import InterceptHub, field_spans, frames_until_eof, reheader, state_dump
 
 from agentmesh import Agent
 from agentmesh.codec import Writer

@@ -9,16 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from security_helpers import (
-    HubProcess,
-    Inbox,
-    InterceptHub,
-    RecordingAgent,
-    free_port,
-    state_dump,
-    unique,
-    wait_until,
-)
+from agentkit import Inbox
+from hubproc import HubProcess, free_port, unique
+from security_helpers import InterceptHub, RecordingAgent, state_dump, wait_until
 
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.crypto.session import SessionRecord
