@@ -99,14 +99,12 @@ def _now_ms() -> int:
 class _Inbound:
     """What :meth:`Agent.receive_envelopes` decrypted so far and will commit together."""
 
-    __slots__ = ("ids", "messages", "pinned", "pins", "prekeys", "records")
+    __slots__ = ("ids", "messages", "pins", "prekeys", "records")
 
     def __init__(self, prekeys: PrekeySecrets) -> None:
         self.prekeys = prekeys
         self.records: dict[str, SessionRecord] = {}
         self.pins: dict[str, bytes] = {}
-        #: Pins read during this batch (the agent's lock is held throughout).
-        self.pinned: dict[str, tuple[bytes, bytes | None] | None] = {}
         self.ids: set[bytes] = set()
         self.messages: list[InboxRow] = []
 
@@ -658,12 +656,7 @@ class Agent:
         pin = None
         changed: bytes | None = None
         new_pin = batch.pins.get(sender)
-        if new_pin is not None:
-            pinned: tuple[bytes, bytes | None] | None = (new_pin, None)
-        elif sender in batch.pinned:
-            pinned = batch.pinned[sender]
-        else:
-            pinned = batch.pinned[sender] = self._state.pinned_identity(sender)
+        pinned = (new_pin, None) if new_pin is not None else self._state.pinned_identity(sender)
         if envelope.prekey is not None:
             presented = PublicIdentity(
                 envelope.prekey.identity_signing,
@@ -695,7 +688,6 @@ class Agent:
             # A forged or tampered envelope must not mark the peer as changed
             # (and block the conversation): only one that decrypts does.
             self._state.set_pending_identity(sender, changed)
-            batch.pinned[sender] = (pinned[0], changed)
             self._raise_identity_changed(sender, pinned[0], changed)
         batch.records[sender] = new_record
         if pin is not None:

@@ -74,15 +74,6 @@ _SAVE_SESSION_SQL = (
 )
 
 
-def _write_session(
-    db: sqlite3.Connection, peer_id: str, record: bytes, pin_identity: bytes | None, now_ms: int
-) -> None:
-    """Inside a transaction: store a peer's session record, pinning its identity if new."""
-    if pin_identity is not None:
-        db.execute(_PIN_SQL, (peer_id, pin_identity, now_ms))
-    db.execute(_SAVE_SESSION_SQL, (peer_id, record))
-
-
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
@@ -166,6 +157,10 @@ class AgentState:
         self._acked: list[bytes] = []
         #: A relaxed commit happened since the last FULL one.
         self._unsynced = False
+        #: ``pinned_identity`` answers read so far (None: not pinned). Every write to
+        #: the peers table drops its entry first, under the lock, so a cached answer
+        #: is never older than the file; the agent's StateLock keeps other processes out.
+        self._pins: dict[str, tuple[bytes, bytes | None] | None] = {}
         #: Descriptor of the WAL file, for :meth:`sync`.
         self._wal: int | None = None
         #: Handled inbox rows not deleted yet, and the log recording them (mark_handled).
@@ -238,6 +233,8 @@ class AgentState:
                     state._unsynced = self.relaxed
                 else:
                     state._acked[:0] = self.acked  # not deleted after all: next time
+                    # A pin read inside the transaction may be rolled back with it.
+                    state._pins.clear()
                     db.execute("ROLLBACK")
             finally:
                 try:
@@ -355,15 +352,38 @@ class AgentState:
                 "INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record)
             )
 
+    def _write_session(
+        self,
+        db: sqlite3.Connection,
+        peer_id: str,
+        record: bytes,
+        pin_identity: bytes | None,
+        now_ms: int,
+    ) -> None:
+        """Inside a transaction: store a peer's session record, pinning its identity if new."""
+        if pin_identity is not None:
+            self._pins.pop(peer_id, None)
+            db.execute(_PIN_SQL, (peer_id, pin_identity, now_ms))
+        db.execute(_SAVE_SESSION_SQL, (peer_id, record))
+
     def pinned_identity(self, peer_id: str) -> tuple[bytes, bytes | None] | None:
-        """``(pinned identity, pending new identity or None)`` for a peer, or None."""
-        row = self._one(
-            "SELECT identity, pending_identity FROM peers WHERE peer_id = ?", (peer_id,)
-        )
-        if row is None:
-            return None
-        pending = row[1]
-        return bytes(row[0]), None if pending is None else bytes(pending)
+        """``(pinned identity, pending new identity or None)`` for a peer, or None.
+
+        Read once per peer, then answered from memory (every send and every
+        received batch asks) until a write to that peer's pin.
+        """
+        with self._lock:
+            if peer_id in self._pins:
+                return self._pins[peer_id]
+            row = self._one(
+                "SELECT identity, pending_identity FROM peers WHERE peer_id = ?", (peer_id,)
+            )
+            pinned = None
+            if row is not None:
+                pending = row[1]
+                pinned = bytes(row[0]), None if pending is None else bytes(pending)
+            self._pins[peer_id] = pinned
+            return pinned
 
     def known_peers(self) -> list[str]:
         with self._lock:
@@ -371,10 +391,12 @@ class AgentState:
 
     def pin(self, peer_id: str, identity: bytes, now_ms: int) -> None:
         with self._tx() as db:
+            self._pins.pop(peer_id, None)
             db.execute(_PIN_SQL, (peer_id, identity, now_ms))
 
     def set_pending_identity(self, peer_id: str, identity: bytes) -> None:
         with self._tx() as db:
+            self._pins.pop(peer_id, None)
             db.execute(
                 "UPDATE peers SET pending_identity = ? WHERE peer_id = ?", (identity, peer_id)
             )
@@ -382,6 +404,7 @@ class AgentState:
     def repin(self, peer_id: str, identity: bytes, now_ms: int) -> None:
         """Trust a new identity for ``peer_id``: replace the pin and drop its old sessions."""
         with self._tx() as db:
+            self._pins.pop(peer_id, None)
             db.execute(
                 "INSERT OR REPLACE INTO peers (peer_id, identity, pending_identity, first_seen_ms) "
                 "VALUES (?, ?, NULL, ?)",
@@ -410,7 +433,7 @@ class AgentState:
         caller must not transmit the envelope before that.
         """
         with self._tx(relaxed=not durable) as db:
-            _write_session(db, peer_id, record, pin_identity, now_ms)
+            self._write_session(db, peer_id, record, pin_identity, now_ms)
             db.execute(
                 "INSERT INTO outbox (message_id, recipient, envelope, created_ms) "
                 "VALUES (?, ?, ?, ?)",
@@ -489,7 +512,7 @@ class AgentState:
     ) -> None:
         """Receive order step 2: session, replay record and inbox row in one transaction."""
         with self._tx() as db:
-            _write_session(db, peer_id, record, pin_identity, now_ms)
+            self._write_session(db, peer_id, record, pin_identity, now_ms)
             if prekeys is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('prekeys', ?)", (prekeys,)
@@ -518,6 +541,7 @@ class AgentState:
         """
         with self._tx() as db:
             for peer_id, identity in pins.items():
+                self._pins.pop(peer_id, None)
                 db.execute(_PIN_SQL, (peer_id, identity, now_ms))
             db.executemany(_SAVE_SESSION_SQL, list(records.items()))
             if prekeys is not None:
