@@ -9,6 +9,7 @@ Never imports asyncio, sqlalchemy or any I/O module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -166,13 +167,23 @@ def is_small_order_ed25519(raw: bytes) -> bool:
 
 
 def ed25519_public_from_bytes(raw: bytes) -> Ed25519PublicKey:
-    """Parse an Ed25519 public key; wrong lengths and small-order points raise InvalidKeyError."""
+    """Parse an Ed25519 public key; wrong lengths and small-order points raise InvalidKeyError.
+
+    Parsed keys are immutable and public, so the last few hundred are kept:
+    a receiver verifies every message of a peer under the same key.
+    """
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != ED25519_KEY_LEN:
         raise InvalidKeyError("Ed25519 public key must be 32 bytes")
-    if is_small_order_ed25519(bytes(raw)):
+    return _ed25519_public(bytes(raw))
+
+
+@functools.lru_cache(maxsize=512)
+def _ed25519_public(raw: bytes) -> Ed25519PublicKey:
+    # lru_cache keeps only returns: a refused key is checked again each time.
+    if is_small_order_ed25519(raw):
         raise InvalidKeyError("Ed25519 public key is a small-order point")
     try:
-        return Ed25519PublicKey.from_public_bytes(bytes(raw))
+        return Ed25519PublicKey.from_public_bytes(raw)
     except ValueError as exc:
         raise InvalidKeyError("invalid Ed25519 public key") from exc
 
