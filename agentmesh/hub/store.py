@@ -501,6 +501,38 @@ class HubStore:
             with conn.begin():
                 yield conn
 
+    def _driver_writes(self) -> bool:
+        """Whether the hot write paths run on the SQLite driver (see :meth:`_driver_write`)."""
+        return _SQLITE_FAST and self._engine.dialect.name == "sqlite"
+
+    @contextmanager
+    def _driver_write(self) -> Iterator[sqlite3.Cursor]:
+        """A write transaction straight on a pooled SQLite driver connection.
+
+        The same ``BEGIN IMMEDIATE`` .. ``COMMIT`` as :meth:`_write`, without
+        SQLAlchemy's per-transaction work (Connection, events, execution
+        contexts), which costs more than the SQL itself when the hub's group
+        commit holds one or a few envelopes. Driver errors are raised as
+        SQLAlchemy's, as on the Core path; on any error the transaction is
+        rolled back and nothing of it stays.
+        """
+        pooled = self._engine.raw_connection()
+        try:
+            driver = pooled.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            cursor = driver.cursor()
+            with _as_sqlalchemy_errors():
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    yield cursor
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    if driver.in_transaction:
+                        driver.execute("ROLLBACK")
+                    raise
+        finally:
+            pooled.close()
+
     # ------------------------------------------------------------------ schema
 
     def _alembic_config(self, connection: Connection | None = None) -> Config:
@@ -860,16 +892,16 @@ class HubStore:
             return []
         for attempt in range(_RACE_RETRIES):
             try:
+                if self._driver_writes():
+                    with self._driver_write() as cursor:
+                        _ack_sqlite_all(cursor, work)
+                        return _enqueue_sqlite(
+                            cursor, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
+                        )
                 with self._write() as conn:
-                    raw = _sqlite_cursor(conn)
-                    self._ack_in(conn, raw, work)
+                    self._ack_in(conn, work)
                     if not batch:
                         return []
-                    if raw is not None:
-                        with _as_sqlalchemy_errors():
-                            return _enqueue_sqlite(
-                                raw, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
-                            )
                     return self._enqueue(
                         conn, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
                     )
@@ -984,18 +1016,17 @@ class HubStore:
         work = _ack_work(acks)
         if not work:
             return 0
+        if self._driver_writes():
+            with self._driver_write() as cursor:
+                return _ack_sqlite_all(cursor, work)
         with self._write() as conn:
-            return self._ack_in(conn, _sqlite_cursor(conn), work)
+            return self._ack_in(conn, work)
 
     @staticmethod
-    def _ack_in(conn: Connection, raw: sqlite3.Cursor | None, work: dict[str, list[bytes]]) -> int:
-        """Delete acknowledged envelopes inside the caller's write transaction."""
+    def _ack_in(conn: Connection, work: dict[str, list[bytes]]) -> int:
+        """Delete acknowledged envelopes inside the caller's write transaction (Core)."""
         deleted = 0
         for recipient, ids in work.items():
-            if raw is not None:
-                with _as_sqlalchemy_errors():
-                    deleted += _ack_sqlite(raw, recipient, ids)
-                continue
             gone = 0
             freed = 0
             for chunk in _chunks(ids):
@@ -1121,14 +1152,6 @@ _ADD_TO_COUNTERS_SQL: Final = (
 )
 
 
-def _sqlite_cursor(conn: Connection) -> sqlite3.Cursor | None:
-    """The driver cursor of a SQLite connection (None for other databases)."""
-    if not _SQLITE_FAST or conn.dialect.name != "sqlite":
-        return None
-    driver = conn.connection.driver_connection
-    return driver.cursor() if isinstance(driver, sqlite3.Connection) else None
-
-
 @contextmanager
 def _as_sqlalchemy_errors() -> Iterator[None]:
     """Raise driver errors as SQLAlchemy's (what the Core path raises, and callers expect)."""
@@ -1209,6 +1232,11 @@ def _enqueue_sqlite(
         assert result is not None
         final.append(result)
     return final
+
+
+def _ack_sqlite_all(cur: sqlite3.Cursor, work: dict[str, list[bytes]]) -> int:
+    """:meth:`HubStore.ack_many` on the driver cursor (the write lock is held)."""
+    return sum(_ack_sqlite(cur, recipient, ids) for recipient, ids in work.items())
 
 
 def _ack_sqlite(cur: sqlite3.Cursor, recipient: str, ids: list[bytes]) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from agentmesh.hub import store as store_module
 from agentmesh.hub.store import HubStore, NewEnvelope
@@ -109,3 +109,33 @@ def test_driver_errors_surface_as_sqlalchemy_errors() -> None:
         with pytest.raises(kind) as caught, store_module._as_sqlalchemy_errors():
             raise raw
         assert caught.value.orig is raw
+
+
+def test_a_failed_driver_transaction_leaves_nothing_and_the_next_one_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = _store(tmp_path / "h.sqlite")
+    try:
+        first = NewEnvelope(b"\x01" * 16, "a", "b", b"x" * 10, NOW + 10**6)
+        assert hub.enqueue([first], now_ms=NOW, max_count_per_recipient=9,
+                           max_bytes_per_recipient=999)[0].accepted  # fmt: skip
+        before = hub.stats()
+        # Fail the last statement of the transaction: the rows inserted before it
+        # must be rolled back with it, and the pooled connection left usable.
+        monkeypatch.setattr(store_module, "_ADD_TO_COUNTERS_SQL", "UPDATE no_such_table SET x = 1")
+        second = NewEnvelope(b"\x02" * 16, "a", "b", b"y" * 10, NOW + 10**6)
+        with pytest.raises(DatabaseError):
+            hub.enqueue([second], now_ms=NOW, max_count_per_recipient=9,
+                        max_bytes_per_recipient=999)  # fmt: skip
+        with pytest.raises(DatabaseError):
+            hub.ack_many({"b": [first.message_id]})
+        assert hub.stats() == before
+        assert [e.message_id for e in hub.pending("b", now_ms=NOW)] == [first.message_id]
+        monkeypatch.undo()
+        assert hub.enqueue([second], now_ms=NOW, max_count_per_recipient=9,
+                           max_bytes_per_recipient=999)[0].accepted  # fmt: skip
+        assert hub.ack_many({"b": [first.message_id, second.message_id]}) == 2
+        assert hub.stats()["envelopes"] == 0
+        assert hub.pending("b", now_ms=NOW) == []
+    finally:
+        hub.close()
