@@ -15,6 +15,7 @@ the hub drops duplicates) and unhandled inbox rows are dispatched again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -35,7 +36,7 @@ from agentmesh.crypto.prekeys import (
     SignedPrekey,
 )
 from agentmesh.crypto.ratchet import DEFAULT_LIMITS, RatchetLimits
-from agentmesh.crypto.session import Session, SessionRecord
+from agentmesh.crypto.session import Session, SessionRecord, SignatureCheck
 from agentmesh.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -63,6 +64,8 @@ Handler = Callable[["Message"], Any]
 #: (or until this many envelopes) for company before its one fsync.
 _GROUP_WAIT_S = 0.001
 _GROUP_MAX = 64
+#: Batches this large verify their signatures on two threads (see _decrypt_all).
+_PARALLEL_VERIFY_MIN = 8
 #: How often send/receive check the prekey schedule (rotation, pool top-up).
 _MAINTENANCE_INTERVAL_MS = 60_000
 
@@ -94,6 +97,34 @@ class Message:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+_verifier_lock = threading.Lock()
+_verifier: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _verify_all(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
+    """Whether every ``(key, signature, message)`` verifies: half on a helper thread."""
+    global _verifier
+    with _verifier_lock:
+        if _verifier is None:
+            _verifier = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="agentmesh-verify"
+            )
+        pool = _verifier
+    half = len(checks) // 2
+    theirs = pool.submit(_all_valid, checks[:half])
+    mine = _all_valid(checks[half:])
+    return theirs.result() and mine
+
+
+def _all_valid(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
+    try:
+        for key, signature, message in checks:
+            p.ed25519_verify(key, signature, message)
+    except CryptoError:
+        return False
+    return True
 
 
 class _Inbound:
@@ -606,18 +637,20 @@ class Agent:
         Returns one outcome per envelope, in order: a DeliveryReport, or the
         exception :meth:`receive_envelope` would have raised for it (that
         envelope changed nothing). If the commit itself fails, every envelope
-        that was to be committed gets that exception.
+        that was to be committed gets that exception. Batches of at least
+        ``_PARALLEL_VERIFY_MIN`` verify their signatures on two threads before
+        the commit (see :meth:`_decrypt_all`); the outcomes are the same.
         """
-        outcomes: list[DeliveryReport | Exception] = []
         with self._lock:
-            batch = _Inbound(self._prekeys)
             now = self._clock()
-            batch.ids = self._state.seen_among([bytes(data[2:18]) for data in items])
-            for data in items:
-                try:
-                    outcomes.append(self._decrypt_into(batch, data, now))
-                except Exception as exc:
-                    outcomes.append(exc)
+            seen = self._state.seen_among([bytes(data[2:18]) for data in items])
+            decrypted = None
+            if len(items) >= _PARALLEL_VERIFY_MIN:
+                decrypted = self._decrypt_all(items, now, seen, deferred=True)
+            if decrypted is None:  # few envelopes, or a signature failed: verify one by one
+                decrypted = self._decrypt_all(items, now, seen, deferred=False)
+            assert decrypted is not None  # only a deferred pass gives up
+            batch, outcomes = decrypted
             if not batch.messages:
                 return outcomes
             try:
@@ -643,7 +676,39 @@ class Agent:
                 self._state.forget_seen_before(now - self._replay_window_ms)
         return outcomes
 
-    def _decrypt_into(self, batch: _Inbound, data: bytes, now: int) -> DeliveryReport:
+    def _decrypt_all(
+        self, items: list[bytes], now: int, seen: set[bytes], *, deferred: bool
+    ) -> tuple[_Inbound, list[DeliveryReport | Exception]] | None:
+        """Decrypt ``items`` in order into a new batch (lock held; nothing is committed).
+
+        ``deferred``: the signatures of normal envelopes are collected instead of
+        verified, then verified together on two threads (Ed25519 verification
+        releases the GIL), and the whole result is dropped (None) if any fails,
+        for the caller to decrypt again one by one, so that a bad signature ends
+        exactly as it would have without deferral. Otherwise each is verified as
+        it comes.
+        """
+        batch = _Inbound(self._prekeys)
+        batch.ids = set(seen)
+        checks: list[tuple[bytes, bytes, bytes]] = []
+        check = (lambda *args: checks.append(args)) if deferred else p.ed25519_verify
+        outcomes: list[DeliveryReport | Exception] = []
+        for data in items:
+            try:
+                outcomes.append(self._decrypt_into(batch, data, now, check))
+            except Exception as exc:
+                outcomes.append(exc)
+        if checks and not _verify_all(checks):
+            return None
+        return batch, outcomes
+
+    def _decrypt_into(
+        self,
+        batch: _Inbound,
+        data: bytes,
+        now: int,
+        check_signature: SignatureCheck = p.ed25519_verify,
+    ) -> DeliveryReport:
         """Decrypt one envelope on top of ``batch`` and add it there (lock held)."""
         envelope = decode_envelope(bytes(data))
         if envelope.recipient != self._id:
@@ -679,6 +744,7 @@ class Agent:
             sign_messages=self._sign,
             limits=self._limits,
             rng=self._rng,
+            check_signature=check_signature,
         )
         try:
             decode_payload(message.payload)

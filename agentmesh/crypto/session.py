@@ -25,6 +25,7 @@ No I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from agentmesh.codec import Reader, Writer
@@ -40,6 +41,12 @@ from agentmesh.protocol.envelope import (
     PrekeyMessage,
     encode_header,
 )
+
+#: ``check(public_key, signature, message)`` raises SignatureError unless the
+#: Ed25519 signature is valid. The default verifies at once; a caller may pass one
+#: that records the check to run it later, and must then discard every result that
+#: depended on it unless it passed (see ``Agent.receive_envelopes``).
+SignatureCheck = Callable[[bytes, bytes, bytes], None]
 
 MESSAGE_KEYS_INFO = b"AgentMesh_v1_MessageKeys"
 _SIGNATURE_CONTEXT = b"AgentMesh-msg-v1"
@@ -155,12 +162,17 @@ class Session:
     # -- decryption --------------------------------------------------------
 
     def decrypt(
-        self, envelope: Envelope, rng: p.RandomBytes = p.random_bytes
+        self,
+        envelope: Envelope,
+        rng: p.RandomBytes = p.random_bytes,
+        *,
+        check_signature: SignatureCheck = p.ed25519_verify,
     ) -> tuple[Session, DecryptedMessage]:
         """Decrypt on a copy; return ``(new_session, message)``. ``self`` never changes.
 
         Raises AuthenticationError ("Authentication tag mismatch"), ReplayError
-        ("Replay attack detected"), SignatureError or CryptoError.
+        ("Replay attack detected"), SignatureError or CryptoError. A signed
+        message's signature goes through ``check_signature`` (see SignatureCheck).
         """
         if envelope.sender != self.peer_id or envelope.recipient != self.local_id:
             raise AuthenticationError("envelope is not addressed to this session")
@@ -181,7 +193,7 @@ class Session:
         except DecodeError as exc:
             raise CryptoError("malformed inner plaintext") from exc
         if signature is not None:
-            p.ed25519_verify(
+            check_signature(
                 self.peer_identity.signing,
                 signature,
                 _SIGNATURE_CONTEXT + envelope.header_bytes + payload,
@@ -274,12 +286,15 @@ class SessionRecord:
         sign_messages: bool = True,
         limits: RatchetLimits = DEFAULT_LIMITS,
         rng: p.RandomBytes = p.random_bytes,
+        check_signature: SignatureCheck = p.ed25519_verify,
     ) -> tuple[SessionRecord, PrekeySecrets | None, DecryptedMessage]:
         """Decrypt with whichever session fits; pure.
 
         Returns the new record, new prekey secrets if a one-time key was
         consumed (else None), and the message. Raises CryptoError subclasses;
         on any error nothing here or in ``prekeys`` has changed.
+        ``check_signature`` is used for normal envelopes only: a prekey
+        envelope's signature is always verified at once.
         """
         if envelope.prekey is not None:
             for session in self.sessions:
@@ -310,7 +325,7 @@ class SessionRecord:
         first_error: CryptoError | None = None
         for session in self.sessions:
             try:
-                new, message = session.decrypt(envelope, rng)
+                new, message = session.decrypt(envelope, rng, check_signature=check_signature)
             except CryptoError as exc:
                 first_error = first_error or exc
                 continue
