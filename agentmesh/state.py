@@ -362,9 +362,15 @@ class AgentState:
     ) -> None:
         """Inside a transaction: store a peer's session record, pinning its identity if new."""
         if pin_identity is not None:
-            self._pins.pop(peer_id, None)
-            db.execute(_PIN_SQL, (peer_id, pin_identity, now_ms))
+            self._insert_pin(db, peer_id, pin_identity, now_ms)
         db.execute(_SAVE_SESSION_SQL, (peer_id, record))
+
+    def _insert_pin(
+        self, db: sqlite3.Connection, peer_id: str, identity: bytes, now_ms: int
+    ) -> None:
+        """Inside a transaction: pin ``identity`` for a peer not pinned yet (else no-op)."""
+        self._pins.pop(peer_id, None)  # the cached answer may be "not pinned"
+        db.execute(_PIN_SQL, (peer_id, identity, now_ms))
 
     def pinned_identity(self, peer_id: str) -> tuple[bytes, bytes | None] | None:
         """``(pinned identity, pending new identity or None)`` for a peer, or None.
@@ -391,8 +397,7 @@ class AgentState:
 
     def pin(self, peer_id: str, identity: bytes, now_ms: int) -> None:
         with self._tx() as db:
-            self._pins.pop(peer_id, None)
-            db.execute(_PIN_SQL, (peer_id, identity, now_ms))
+            self._insert_pin(db, peer_id, identity, now_ms)
 
     def set_pending_identity(self, peer_id: str, identity: bytes) -> None:
         with self._tx() as db:
@@ -541,8 +546,7 @@ class AgentState:
         """
         with self._tx() as db:
             for peer_id, identity in pins.items():
-                self._pins.pop(peer_id, None)
-                db.execute(_PIN_SQL, (peer_id, identity, now_ms))
+                self._insert_pin(db, peer_id, identity, now_ms)
             db.executemany(_SAVE_SESSION_SQL, list(records.items()))
             if prekeys is not None:
                 db.execute(
