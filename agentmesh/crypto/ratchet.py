@@ -152,7 +152,12 @@ class RatchetState:
             return found[0]
         if self.dhr is not None and p.constant_time_equal(header.dh, self.dhr):
             if header.n < self.nr:
-                raise ReplayError("message key already used")
+                # A new message id with a used counter is what a sender whose state
+                # was rolled back sends (a restored backup, a cloned disk).
+                raise ReplayError(
+                    "message key already used: a replay, or the sender restored an old "
+                    "copy of its state"
+                )
         elif any(p.constant_time_equal(header.dh, old) for old in self.previous_dhr):
             raise ReplayError("message from a finished chain whose key was already used")
         else:

@@ -12,14 +12,31 @@
 
 AEAD (Double Ratchet section 5.2, with AES-256-GCM in place of CBC+HMAC)::
 
-    key || nonce = HKDF-SHA256(IKM = mk, salt = none, info = "AgentMesh_v1_MessageKeys", 44)
+    key || nonce = HKDF-SHA256(IKM = mk, salt = message_id,
+                               info = "AgentMesh_v2_MessageKeys", 44)
     ciphertext   = AES-256-GCM(key, nonce, inner, AD = session AD || envelope header)
 
+The random 16-byte message id (already in the authenticated header) is the
+HKDF salt, so a sender whose ratchet state was rolled back (a restored backup,
+a VM snapshot, a cloned container) and reuses a message key still encrypts
+under a fresh key and nonce: no two-time pad, no GHASH key exposure (review
+finding F-3). The receiver then refuses the reused counter (``ReplayError``).
+
+The session AD is the PQXDH AD (section 3.3) followed by one byte of session
+flags, which the initiator fixes in the initial message
+(``PrekeyMessage.session_flags``). In a *signed* session (bit 0) every inner
+plaintext carries an Ed25519 signature by the sender's identity key over
+``"AgentMesh-msg-v2" || envelope header || payload``, and the receiver refuses a
+message without one; in an unsigned session none carries one. Because the flags
+are in the AD of every message, nobody who holds only the session's chain keys
+(a thief of the state file) can strip the signatures and pass the rest off as
+the peer's (review finding F-4); an agent with ``require_signatures`` refuses
+to answer an unsigned initial message at all.
+
 The inner plaintext is ``u8 flags || u32 len || payload [|| Ed25519 signature]``.
-With ``sign_messages`` the signature (by the sender's identity key) covers
-``"AgentMesh-msg-v1" || envelope header || payload`` and travels *inside* the
-ciphertext, so only the recipient sees it: auditability towards the
-recipient without giving the hub an oracle for plaintext guesses.
+The signature travels *inside* the ciphertext, so only the recipient sees it:
+auditability towards the recipient without giving the hub an oracle for
+plaintext guesses.
 No I/O.
 """
 
@@ -34,9 +51,16 @@ from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity
 from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets
 from agentmesh.crypto.ratchet import DEFAULT_LIMITS, RatchetLimits, RatchetState
-from agentmesh.errors import AuthenticationError, CryptoError, DecodeError, NoSessionError
+from agentmesh.errors import (
+    AuthenticationError,
+    CryptoError,
+    DecodeError,
+    NoSessionError,
+    SignatureError,
+)
 from agentmesh.protocol.envelope import (
     MESSAGE_ID_LEN,
+    SESSION_SIGNED,
     Envelope,
     PrekeyMessage,
     encode_header,
@@ -48,17 +72,25 @@ from agentmesh.protocol.envelope import (
 #: depended on it unless it passed (see ``Agent.receive_envelopes``).
 SignatureCheck = Callable[[bytes, bytes, bytes], None]
 
-MESSAGE_KEYS_INFO = b"AgentMesh_v1_MessageKeys"
-_SIGNATURE_CONTEXT = b"AgentMesh-msg-v1"
+MESSAGE_KEYS_INFO = b"AgentMesh_v2_MessageKeys"
+SIGNATURE_CONTEXT = b"AgentMesh-msg-v2"
 _FLAG_SIGNED = 0x01
-_SESSION_VERSION = 1
+#: 2: message keys bound to the message id, the signing mode in the AD (protocol 2).
+_SESSION_VERSION = 2
 MAX_ARCHIVED_SESSIONS = 4
 
 
-def message_key_material(message_key: bytes) -> tuple[bytes, bytes]:
-    """Derive the AES-256-GCM key and the 96-bit nonce from a message key."""
-    out = p.hkdf_sha256(message_key, salt=None, info=MESSAGE_KEYS_INFO, length=44)
+def message_key_material(message_key: bytes, message_id: bytes) -> tuple[bytes, bytes]:
+    """Derive the AES-256-GCM key and the 96-bit nonce from a message key and the
+    message's random id (the HKDF salt; see the module docstring, finding F-3)."""
+    out = p.hkdf_sha256(message_key, salt=message_id, info=MESSAGE_KEYS_INFO, length=44)
     return out[:32], out[32:]
+
+
+def session_associated_data(handshake_ad: bytes, session_flags: int) -> bytes:
+    """The AD every message of a session authenticates: the handshake's AD, then the
+    session flags (so the signing mode cannot be changed after the handshake)."""
+    return handshake_ad + bytes([session_flags])
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +132,23 @@ class Session:
         limits: RatchetLimits = DEFAULT_LIMITS,
         rng: p.RandomBytes = p.random_bytes,
     ) -> Session:
-        """Start a session from a peer's prekey bundle (PQXDH section 3.3)."""
+        """Start a session from a peer's prekey bundle (PQXDH section 3.3).
+
+        ``sign_messages`` fixes the session's signing mode for both directions; it
+        travels in the initial message and is authenticated by every message.
+        """
         result = pqxdh.initiate(identity, local_id, bundle, rng)
         assert result.prekey_message is not None
+        flags = SESSION_SIGNED if sign_messages else 0
+        prekey_message = replace(result.prekey_message, session_flags=flags)
         return cls(
             local_id=local_id,
             peer_id=bundle.agent_id,
             peer_identity=bundle.identity,
-            associated_data=result.associated_data,
+            associated_data=session_associated_data(result.associated_data, flags),
             ratchet=RatchetState.initiator(result.shared_key, result.responder_ratchet_public, rng),
-            base_key=result.prekey_message.ephemeral,
-            pending_prekey=result.prekey_message,
+            base_key=prekey_message.ephemeral,
+            pending_prekey=prekey_message,
             sign_messages=sign_messages,
             limits=limits,
         )
@@ -142,11 +180,11 @@ class Session:
         )
         inner = Writer()
         if self.sign_messages:
-            signature = identity.sign(_SIGNATURE_CONTEXT + header + payload)
+            signature = identity.sign(SIGNATURE_CONTEXT + header + payload)
             inner.u8(_FLAG_SIGNED).bytes32(payload).raw(signature)
         else:
             inner.u8(0).bytes32(payload)
-        key, nonce = message_key_material(message_key)
+        key, nonce = message_key_material(message_key, message_id)
         ciphertext = p.aes_gcm_encrypt(key, nonce, inner.getvalue(), self.associated_data + header)
         return Envelope(
             message_id=message_id,
@@ -172,13 +210,15 @@ class Session:
 
         Raises AuthenticationError ("Authentication tag mismatch"), ReplayError
         ("Replay attack detected"), SignatureError or CryptoError. A signed
-        message's signature goes through ``check_signature`` (see SignatureCheck).
+        message's signature goes through ``check_signature`` (see SignatureCheck);
+        in a signed session a message without a signature raises SignatureError,
+        and in an unsigned session a message with one raises CryptoError.
         """
         if envelope.sender != self.peer_id or envelope.recipient != self.local_id:
             raise AuthenticationError("envelope is not addressed to this session")
         new = self.copy()
         message_key = new.ratchet.receiving_key(envelope.ratchet, self.limits, rng)
-        key, nonce = message_key_material(message_key)
+        key, nonce = message_key_material(message_key, envelope.message_id)
         inner = p.aes_gcm_decrypt(
             key, nonce, envelope.ciphertext, self.associated_data + envelope.header_bytes
         )
@@ -192,11 +232,16 @@ class Session:
             r.finish()
         except DecodeError as exc:
             raise CryptoError("malformed inner plaintext") from exc
-        if signature is not None:
+        if signature is None:
+            if self.sign_messages:  # finding F-4: signatures cannot be left out
+                raise SignatureError("unsigned message in a signed session")
+        else:
+            if not self.sign_messages:
+                raise CryptoError("signed message in an unsigned session")
             check_signature(
                 self.peer_identity.signing,
                 signature,
-                _SIGNATURE_CONTEXT + envelope.header_bytes + payload,
+                SIGNATURE_CONTEXT + envelope.header_bytes + payload,
             )
         # The peer has the session once it has answered (PQXDH section 3.3).
         new.pending_prekey = None if envelope.prekey is None else new.pending_prekey
@@ -242,7 +287,8 @@ class Session:
 
 
 def _encode_prekey_message(m: PrekeyMessage) -> bytes:
-    w = Writer().raw(m.identity_signing).raw(m.identity_exchange).raw(m.identity_binding)
+    w = Writer().u8(m.session_flags)
+    w.raw(m.identity_signing).raw(m.identity_exchange).raw(m.identity_binding)
     w.raw(m.ephemeral).u32(m.signed_prekey_id).u32(m.kem_prekey_id).raw(m.kem_ciphertext)
     if m.one_time_prekey_id is None:
         w.u8(0)
@@ -253,10 +299,13 @@ def _encode_prekey_message(m: PrekeyMessage) -> bytes:
 
 def _decode_prekey_message(data: bytes) -> PrekeyMessage:
     r = Reader(data, "prekey message")
+    flags = r.u8()
+    if flags & ~SESSION_SIGNED:
+        raise DecodeError("prekey message: unknown session flags")
     fields = (r.raw(32), r.raw(32), r.raw(64), r.raw(32), r.u32(), r.u32(), r.raw(1088))
     opk = r.u32() if r.u8() else None
     r.finish()
-    return PrekeyMessage(*fields, opk)
+    return PrekeyMessage(*fields, opk, flags)
 
 
 @dataclass(slots=True)
@@ -283,7 +332,7 @@ class SessionRecord:
         *,
         identity: IdentityKeyPair,
         prekeys: PrekeySecrets,
-        sign_messages: bool = True,
+        require_signatures: bool = True,
         limits: RatchetLimits = DEFAULT_LIMITS,
         rng: p.RandomBytes = p.random_bytes,
         check_signature: SignatureCheck = p.ed25519_verify,
@@ -294,13 +343,18 @@ class SessionRecord:
         consumed (else None), and the message. Raises CryptoError subclasses;
         on any error nothing here or in ``prekeys`` has changed.
         ``check_signature`` is used for normal envelopes only: a prekey
-        envelope's signature is always verified at once.
+        envelope's signature is always verified at once. A new session takes
+        its signing mode from the initial message; with ``require_signatures``
+        an unsigned one is refused (SignatureError) before any key is used.
         """
         if envelope.prekey is not None:
             for session in self.sessions:
                 if p.constant_time_equal(session.base_key, envelope.prekey.ephemeral):
                     new, message = session.decrypt(envelope, rng)
                     return self.promote(new, replaces=session), None, message
+            flags = envelope.prekey.session_flags
+            if require_signatures and not flags & SESSION_SIGNED:
+                raise SignatureError("the peer opened an unsigned session; signatures are required")
             new_prekeys = prekeys.copy()
             result, spk_private = pqxdh.respond(
                 identity, envelope.recipient, new_prekeys, envelope.sender, envelope.prekey
@@ -313,10 +367,10 @@ class SessionRecord:
                     envelope.prekey.identity_exchange,
                     envelope.prekey.identity_binding,
                 ),
-                associated_data=result.associated_data,
+                associated_data=session_associated_data(result.associated_data, flags),
                 ratchet=RatchetState.responder(result.shared_key, spk_private),
                 base_key=envelope.prekey.ephemeral,
-                sign_messages=sign_messages,
+                sign_messages=bool(flags & SESSION_SIGNED),
                 limits=limits,
             )
             new, message = fresh.decrypt(envelope, rng)

@@ -2,7 +2,7 @@
 
 Layout (all integers big-endian; see docs/PROTOCOL.md, "Envelope")::
 
-    u8      version            = 1
+    u8      version            = 2 (version 1's message keys ignored the message id)
     u8      kind               1 = prekey (carries the PQXDH initial message), 2 = normal
     16      message_id         random 128-bit id, the replay/dedupe key
     u64     timestamp_ms       sender's clock
@@ -12,6 +12,8 @@ Layout (all integers big-endian; see docs/PROTOCOL.md, "Envelope")::
     u32     previous_chain_len (PN)
     u32     message_number     (N)
     [prekey kind only]
+    u8      session_flags      bit 0: a signed session (every message carries an
+                               Ed25519 signature); other bits must be 0
     32      identity_signing   sender's Ed25519 identity key
     32      identity_exchange  sender's X25519 identity key
     64      identity_binding   Ed25519 signature binding the two
@@ -39,10 +41,12 @@ from agentmesh.codec import Reader, Writer
 from agentmesh.errors import DecodeError
 from agentmesh.ids import InvalidAgentIdError, validate_agent_id
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
 KIND_PREKEY = 1
 KIND_NORMAL = 2
 MESSAGE_ID_LEN = 16
+#: ``PrekeyMessage.session_flags``: the session's messages are all signed.
+SESSION_SIGNED = 0x01
 #: Upper bound for the ciphertext of one envelope (payload + inner signature + tag).
 MAX_CIPHERTEXT_LEN = 16 * 1024 * 1024
 _NO_OPK = 0
@@ -59,7 +63,9 @@ class RatchetHeader:
 
 @dataclass(frozen=True, slots=True)
 class PrekeyMessage:
-    """The PQXDH initial-message fields (PQXDH rev 3, section 3.3)."""
+    """The PQXDH initial-message fields (PQXDH rev 3, section 3.3), plus the session's
+    flags, which the initiator fixes here and both sides authenticate in every message
+    (they are part of the session's associated data, see ``crypto/session.py``)."""
 
     identity_signing: bytes
     identity_exchange: bytes
@@ -69,6 +75,7 @@ class PrekeyMessage:
     kem_prekey_id: int
     kem_ciphertext: bytes
     one_time_prekey_id: int | None
+    session_flags: int = SESSION_SIGNED
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +132,9 @@ def encode_header(
     w.str8(validate_agent_id(sender)).str8(validate_agent_id(recipient))
     w.raw(ratchet.dh).u32(ratchet.pn).u32(ratchet.n)
     if prekey is not None:
+        if prekey.session_flags & ~SESSION_SIGNED:
+            raise ValueError("unknown session flags")
+        w.u8(prekey.session_flags)
         w.raw(prekey.identity_signing).raw(prekey.identity_exchange).raw(prekey.identity_binding)
         w.raw(prekey.ephemeral).u32(prekey.signed_prekey_id).u32(prekey.kem_prekey_id)
         if len(prekey.kem_ciphertext) != 1088:
@@ -207,6 +217,9 @@ def _decode_strict(data: bytes, max_ciphertext: int) -> Envelope:
     ratchet = RatchetHeader(dh=r.raw(32), pn=r.u32(), n=r.u32())
     prekey: PrekeyMessage | None = None
     if kind == KIND_PREKEY:
+        session_flags = r.u8()
+        if session_flags & ~SESSION_SIGNED:
+            raise DecodeError("envelope: unknown session flags")
         signing, exchange, binding = r.raw(32), r.raw(32), r.raw(64)
         ephemeral = r.raw(32)
         spk_id, kem_id = r.u32(), r.u32()
@@ -216,7 +229,7 @@ def _decode_strict(data: bytes, max_ciphertext: int) -> Envelope:
             raise DecodeError("envelope: bad one-time prekey flag")
         opk_id = r.u32() if flag == 1 else None
         prekey = PrekeyMessage(
-            signing, exchange, binding, ephemeral, spk_id, kem_id, kem_ct, opk_id
+            signing, exchange, binding, ephemeral, spk_id, kem_id, kem_ct, opk_id, session_flags
         )
     header_len = r.position
     ciphertext = r.bytes32(max_ciphertext)

@@ -101,7 +101,7 @@ class Pair:
             env,
             identity=self.bob,
             prekeys=self.prekeys,
-            sign_messages=self.sign,
+            require_signatures=self.sign,
             limits=self.limits,
             rng=self.rng,
         )
@@ -536,7 +536,7 @@ def test_unsigned_messages() -> None:
     pair = Pair(seed="unsigned", sign=False)
     env = pair.send_a(b"quiet")
     pair.b, _, message = pair.b.decrypt(
-        env, identity=pair.bob, prekeys=pair.prekeys, sign_messages=False
+        env, identity=pair.bob, prekeys=pair.prekeys, require_signatures=False
     )
     assert message.signature is None and message.payload == b"quiet"
     signed = Pair(seed="signed")
@@ -556,7 +556,7 @@ def test_signed_message_carries_verifiable_signature() -> None:
     p.ed25519_verify(
         pair.alice.public.signing,
         message.signature,
-        b"AgentMesh-msg-v1" + env.header_bytes + b"audit me",
+        b"AgentMesh-msg-v2" + env.header_bytes + b"audit me",
     )
 
 

@@ -53,14 +53,14 @@ def make(prekey: PrekeyMessage | None = None, ciphertext: bytes = b"\xaa" * 40, 
 
 
 def test_constants() -> None:
-    assert (ENVELOPE_VERSION, KIND_PREKEY, KIND_NORMAL) == (1, 1, 2)
+    assert (ENVELOPE_VERSION, KIND_PREKEY, KIND_NORMAL) == (2, 1, 2)
     assert MAX_CIPHERTEXT_LEN == 16 * 1024 * 1024
 
 
 def test_normal_envelope_exact_layout() -> None:
     data = make()
     expected = (
-        b"\x01\x02"
+        b"\x02\x02"
         + MID
         + (1_700_000_000_123).to_bytes(8, "big")
         + b"\x05alice"
@@ -91,7 +91,8 @@ def test_prekey_envelope_exact_layout(opk: int | None) -> None:
     header_len = 2 + 16 + 8 + 6 + 13 + 32 + 8
     tail = data[header_len:]
     expected = (
-        b"\x11" * 32
+        b"\x01"  # session flags: a signed session
+        + b"\x11" * 32
         + b"\x22" * 32
         + b"\x33" * 64
         + b"\x44" * 32
@@ -145,7 +146,7 @@ def test_every_truncation_and_any_extension_rejected(prekey: PrekeyMessage | Non
 
 def test_unknown_version_and_kind() -> None:
     data = make()
-    for version in (0, 2, 255):
+    for version in (0, 1, 3, 255):  # 1: protocol 1's message keys ignored the message id
         with pytest.raises(DecodeError, match="version"):
             decode_envelope(bytes([version]) + data[1:])
     for kind in (0, 3, 255):
@@ -162,10 +163,22 @@ def test_bad_one_time_flag() -> None:
         decode_envelope(bytes(data))
 
 
+@pytest.mark.parametrize("flags", [0x02, 0x80, 0xFF])
+def test_unknown_session_flags_rejected(flags: int) -> None:
+    data = bytearray(make(PREKEY))
+    flags_at = 2 + 16 + 8 + 6 + 13 + 32 + 8
+    assert data[flags_at] == 1
+    data[flags_at] = flags
+    with pytest.raises(DecodeError, match="session flags"):
+        decode_envelope(bytes(data))
+    with pytest.raises(ValueError, match="session flags"):
+        make(PrekeyMessage(**{**_with_opk(None), "session_flags": flags}))
+
+
 @pytest.mark.parametrize("bad_id", ["", "-alice", "a/b", "a b", "ali\x00ce", "é", "x" * 65])
 def test_invalid_agent_ids_rejected(bad_id: str) -> None:
     raw = bad_id.encode()[:255]
-    header = b"\x01\x02" + MID + bytes(8) + bytes([len(raw)]) + raw + b"\x03bob" + DH + bytes(8)
+    header = b"\x02\x02" + MID + bytes(8) + bytes([len(raw)]) + raw + b"\x03bob" + DH + bytes(8)
     with pytest.raises(DecodeError):
         decode_envelope(header + (16).to_bytes(4, "big") + bytes(16))
     with pytest.raises(ValueError):
