@@ -152,7 +152,16 @@ class Agent:
 
     Keyword-only extras: ``passphrase``, ``sign_messages`` (default True: every
     message carries an Ed25519 signature inside the ciphertext),
-    ``ratchet_limits``, ``replay_window_ms``, ``clock_ms`` and ``rng``.
+    ``require_signatures`` (default: the value of ``sign_messages``),
+    ``ratchet_limits``, ``replay_window_ms`` and ``clock_ms``.
+
+    The signing mode belongs to a session, fixed by whoever starts it and
+    authenticated by every message (docs/PROTOCOL.md, "Per-message signature"):
+    sessions this agent starts are signed if ``sign_messages`` or
+    ``require_signatures`` is true, and both sides then sign every message; in a
+    signed session an unsigned message is refused. With ``require_signatures``
+    an initial message that opens an unsigned session is refused too.
+    ``_rng`` is a test hook (deterministic keys); never pass it in production.
     """
 
     def __init__(
@@ -164,18 +173,23 @@ class Agent:
         *,
         passphrase: str | None = None,
         sign_messages: bool = True,
+        require_signatures: bool | None = None,
         ratchet_limits: RatchetLimits = DEFAULT_LIMITS,
         replay_window_ms: int = DEFAULT_REPLAY_WINDOW_MS,
         prekey_pool_size: int = ONE_TIME_POOL_SIZE,
         clock_ms: Callable[[], int] = _now_ms,
-        rng: p.RandomBytes = p.random_bytes,
+        _rng: p.RandomBytes = p.random_bytes,
     ) -> None:
         self._id = validate_agent_id(agent_id)
         self.log = logging.getLogger(f"agentmesh.agent.{agent_id}")
         self.log.setLevel(log_level)
         self._clock = clock_ms
-        self._rng = rng
-        self._sign = sign_messages
+        self._rng = rng = _rng
+        self._require_signatures = (
+            sign_messages if require_signatures is None else require_signatures
+        )
+        #: The signing mode of the sessions this agent starts.
+        self._sign = sign_messages or self._require_signatures
         self._limits = ratchet_limits
         self._replay_window_ms = replay_window_ms
         self._pool_size = prekey_pool_size
@@ -502,7 +516,9 @@ class Agent:
         bundle = PrekeyBundle.decode(self.hub.fetch_prekey_bundle(peer_id))
         if bundle.agent_id != peer_id:
             raise CryptoError(f"hub returned a bundle for {bundle.agent_id!r}, not {peer_id!r}")
-        return bundle
+        # Verify before anything is recorded from it (finding F-6): an identity that
+        # fails its own signatures must never become a pending identity to trust().
+        return bundle.verify()
 
     def _sending_record(
         self, peer_id: str, bundle: PrekeyBundle | None
@@ -532,7 +548,11 @@ class Agent:
         return record.promote(session), pin
 
     def _check_pin(self, peer_id: str, identity: PublicIdentity) -> bytes | None:
-        """TOFU: return the identity to pin if new; raise IdentityChangedError if it differs."""
+        """TOFU: return the identity to pin if new; raise IdentityChangedError if it differs.
+
+        ``identity`` must come from a verified bundle: a different one is recorded
+        as the peer's pending identity, which :meth:`trust` may then pin.
+        """
         encoded = identity.encode()
         pinned = self._state.pinned_identity(peer_id)
         if pinned is None:
@@ -564,12 +584,17 @@ class Agent:
 
     def connect_with_bundle(self, bundle: dict[str, Any]) -> None:
         """Set up a session from a peer's ``public_bundle`` handed over directly (peer to peer)."""
-        parsed = PrekeyBundle.from_dict(bundle)
+        parsed = PrekeyBundle.from_dict(bundle).verify()  # before anything is recorded (F-6)
         # The "bundle" blob is authoritative; refuse a dict whose readable fields
         # (what a user verifies: id, keys, fingerprint) describe someone else.
         shown = parsed.to_dict()
-        for key in ("agent_id", "identity_public", "exchange_public", "identity_binding",
-                    "fingerprint"):
+        for key in (
+            "agent_id",
+            "identity_public",
+            "exchange_public",
+            "identity_binding",
+            "fingerprint",
+        ):
             if key in bundle and bundle[key] != shown[key]:
                 raise CryptoError(f"bundle field {key!r} does not match the signed bundle")
         peer_id = validate_agent_id(parsed.agent_id)
@@ -741,7 +766,7 @@ class Agent:
             envelope,
             identity=self._identity,
             prekeys=batch.prekeys,
-            sign_messages=self._sign,
+            require_signatures=self._require_signatures,
             limits=self._limits,
             rng=self._rng,
             check_signature=check_signature,
