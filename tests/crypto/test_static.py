@@ -1,11 +1,14 @@
 """Version 1's names: CryptoSession, perform_key_exchange, seal, unseal.
 
-They now run a Double Ratchet seeded from the static identity DH, so either
-side may speak first, replays are refused, and a failure changes nothing.
+They now run a Double Ratchet seeded from the static identity DH whose every
+sending chain starts from fresh randomness, so either side may speak first,
+replays are refused, and a failure changes nothing. The review finding F-1
+tests (no key reuse across sessions) are in tests/security/test_sec_static.py.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import pytest
@@ -29,6 +32,7 @@ def keypair(label: str) -> AgentKeyPair:
 
 
 ALICE, BOB = keypair("alice"), keypair("bob")
+pytestmark = pytest.mark.filterwarnings("ignore:perform_key_exchange:DeprecationWarning")
 
 
 def bundle(kp: AgentKeyPair, agent_id: str) -> dict[str, str]:
@@ -42,7 +46,7 @@ def sessions() -> tuple[CryptoSession, CryptoSession]:
 
 
 def snapshot(s: CryptoSession) -> bytes:
-    return s.session.to_bytes()
+    return s._snapshot()
 
 
 def test_version1_names_are_exported() -> None:
@@ -169,19 +173,24 @@ def test_seal_with_a_foreign_signing_key_rejected() -> None:
 
 def test_unsigned_envelope_rejected_by_unseal() -> None:
     a, b = sessions()
-    a.session.sign_messages = False
+    a._sending().sign_messages = False
     env = seal(a, ALICE, "alice", "bob", {"text": "x"})
-    with pytest.raises(CryptoError, match="not signed"):
+    with pytest.raises(SignatureError, match="unsigned message in a signed session"):
         unseal(b, env, bundle(ALICE, "alice"))
 
 
 def test_payload_must_be_a_json_object() -> None:
     a, b = sessions()
-    inner = a.session
+    inner = a._sending()
     inner.local_id, inner.peer_id = "alice", "bob"
     env = inner.encrypt(ALICE.identity, b"[1, 2]", message_id=bytes(16), timestamp_ms=1)
     with pytest.raises(CryptoError):
         unseal(b, env, bundle(ALICE, "alice"))
+
+
+def test_key_exchange_warns_towards_agent() -> None:
+    with pytest.warns(DeprecationWarning, match="Use agentmesh.Agent"):
+        perform_key_exchange(ALICE, bundle(BOB, "bob"))
 
 
 def test_key_exchange_with_oneself_or_bad_bundle() -> None:
@@ -203,7 +212,7 @@ def test_forward_secrecy_after_the_first_round_trip() -> None:
         b.decrypt(ct)
     a.decrypt(b.encrypt(b"reply"))
     b.decrypt(a.encrypt(b"next"))
-    later = CryptoSession(type(b.session).from_bytes(b.session.to_bytes()))
+    later = copy.deepcopy(b)
     for ct in early:
         with pytest.raises(CryptoError):
             later.decrypt(ct)
