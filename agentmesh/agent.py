@@ -878,14 +878,15 @@ class Agent:
         with self._lock:
             # The keys the hub handed out are gone from it even if never used (a drain
             # by bundle fetches): publish fresh ones, or the pool stays empty for good.
-            self._prekeys.replenish(
+            made = self._prekeys.replenish(
                 self._identity,
                 self._clock(),
                 self._rng,
                 remaining=remaining,
                 pool_size=self._pool_size,
             )
-            self._maintain_prekeys(force=True)
+            if made:  # 0: rate-limited (a report flood); rotate() carries it out later
+                self._maintain_prekeys(force=True)
 
     def unacked_envelopes(self) -> list[bytes]:
         self._state.sync()  # a (re)login re-sends these: they must be on disk first

@@ -16,7 +16,14 @@ signing keys (see :mod:`agentmesh.crypto.identity`); the associated data
 encodes both identities *and* both agent ids with length prefixes
 (section 3.3: ``AD = Encode(IK_A) || Encode(IK_B)``, extended).
 
-Pure functions: no I/O, no state mutation; randomness is injected.
+Replay of an initial message without a one-time prekey (nothing is consumed,
+so it would build a valid session again): :func:`respond` refuses a base key
+``EK_A`` already accepted with the same signed prekey and records new ones in the
+PrekeySecrets it is given (libsignal's ``ReusedBaseKeyException``; see
+:mod:`agentmesh.crypto.prekeys` for the bound).
+
+No I/O; randomness is injected. :func:`initiate` changes no state; :func:`respond`
+changes only the PrekeySecrets passed in, and only when it succeeds.
 """
 
 from __future__ import annotations
@@ -116,13 +123,21 @@ def respond(
     ratchet key pair, Double Ratchet section 3.3). Does **not** erase the
     one-time keys: the caller erases them (``prekeys.consume``) only after the
     first ciphertext authenticates, so a forged initial message changes nothing.
-    Raises InvalidKeyError/SignatureError on any bad key or unknown prekey id.
+    Without a one-time prekey it records the base key in ``prekeys``: pass a
+    copy, and keep it only once the first ciphertext authenticates (as
+    ``SessionRecord.decrypt`` does), so a forgery records nothing either.
+    Raises ReplayError if such a base key was already accepted with this signed
+    prekey, InvalidKeyError/SignatureError on any bad key or unknown prekey id;
+    then ``prekeys`` is unchanged.
     """
     initiator = PublicIdentity(
         message.identity_signing, message.identity_exchange, message.identity_binding
     ).verify()
     p.validate_x25519_public(message.ephemeral)
     spk_private = prekeys.signed_private(message.signed_prekey_id)
+    last_resort = message.one_time_prekey_id is None
+    if last_resort:
+        prekeys.check_base_key(message.signed_prekey_id, message.ephemeral)
     spk = p.x25519_private_from_bytes(spk_private)
     dh1 = p.x25519(spk, initiator.exchange)
     dh2 = p.x25519(identity.exchange_private, message.ephemeral)
@@ -140,4 +155,6 @@ def respond(
         associated_data=associated_data(initiator_id, initiator, own_id, identity.public),
         responder_ratchet_public=p.x25519_public_bytes(spk),
     )
+    if last_resort:
+        prekeys.record_base_key(message.signed_prekey_id, message.ephemeral)
     return result, spk_private

@@ -22,6 +22,7 @@ from agentmesh.crypto.prekeys import (
     PrekeySecrets,
     SignedPrekey,
     compose_bundle,
+    prekey_epoch,
 )
 from agentmesh.crypto.session import Session, SessionRecord
 from agentmesh.errors import (
@@ -35,8 +36,6 @@ from agentmesh.protocol.envelope import decode_envelope
 
 NOW = 1_700_000_000_000
 DAY = 24 * 3600 * 1000
-
-
 
 
 RNG = Rng("prekeys")
@@ -113,7 +112,65 @@ def test_prekey_ids_wrap_around() -> None:
     secrets = PrekeySecrets(next_id=0xFFFFFFFE)
     secrets.rotate(BOB, NOW, RNG, force=True)
     assert secrets.current_signed_id == 0xFFFFFFFE
-    assert secrets.current_last_resort_id == 1
+    # the counter wraps within the epoch (0xFFFF), skipping the reserved 0xFFFFFFFF
+    assert secrets.current_last_resort_id == 0xFFFF0000
+
+
+def test_prekey_ids_wrap_within_the_epoch_and_skip_held_ids() -> None:
+    secrets = PrekeySecrets(next_id=0x0005FFFF)
+    secrets.rotate(BOB, NOW, RNG, force=True)
+    assert (secrets.current_signed_id, secrets.current_last_resort_id) == (0x0005FFFF, 0x00050000)
+    held = secrets.current_signed_id
+    secrets.next_id = held  # as after 65,536 more ids: the held one is skipped
+    secrets.top_up(BOB, NOW, RNG, pool_size=1)
+    assert held not in secrets.one_time and held not in secrets.one_time_kem
+    assert all(prekey_epoch(i) == 5 for i in [*secrets.one_time, *secrets.one_time_kem])
+
+
+def test_legacy_epoch_zero_never_hands_out_id_zero() -> None:
+    secrets = PrekeySecrets(next_id=0xFFFF)
+    secrets.rotate(BOB, NOW, RNG, force=True)
+    assert (secrets.current_signed_id, secrets.current_last_resort_id) == (0xFFFF, 1)
+
+
+def test_create_draws_a_random_nonzero_epoch() -> None:
+    epochs = {prekey_epoch(PrekeySecrets.create(BOB, NOW, Rng(f"e{i}")).next_id) for i in range(8)}
+    assert len(epochs) == 8 and 0 not in epochs
+    secrets = fresh_secrets(pool=3)
+    ids = [*secrets.signed, *secrets.last_resort, *secrets.one_time, *secrets.one_time_kem]
+    assert {prekey_epoch(i) for i in ids} == {prekey_epoch(secrets.next_id)}
+
+
+def test_legacy_state_past_an_epoch_boundary_rotates_into_the_new_epoch() -> None:
+    secrets = PrekeySecrets(next_id=0xFFFF)
+    secrets.rotate(BOB, NOW, RNG, force=True)  # signed prekey 0xFFFF: epoch 0
+    secrets.next_id = 0x10000  # a version-1 counter that crossed into epoch 1
+    assert secrets.rotate(BOB, NOW + 1, RNG)
+    assert prekey_epoch(secrets.current_signed_id) == 1
+    assert secrets.signed[0xFFFF].retired_ms == NOW + 1  # kept for the grace period
+    assert not secrets.rotate(BOB, NOW + 2, RNG)
+
+
+def test_hub_composition_leaves_out_one_time_keys_of_another_epoch() -> None:
+    secrets = fresh_secrets()
+    lost = fresh_secrets()  # a state its owner has lost, whose keys the hub still holds
+    lost.next_id = 0x00010000 if prekey_epoch(secrets.next_id) != 1 else 0x00020000
+    lost.top_up(BOB, NOW, RNG, pool_size=3)
+    stale_opk = lost.one_time[max(lost.one_time)].public
+    stale_kem = lost.one_time_kem[max(lost.one_time_kem)].public
+    published = secrets.bundle("bob", BOB.public)
+    opk = next(iter(secrets.one_time.values())).public
+    kem = next(iter(secrets.one_time_kem.values())).public
+    assert published.with_one_time(stale_opk, stale_kem) == published
+    mixed = published.with_one_time(stale_opk, kem)
+    assert mixed.one_time_prekey is None and mixed.kem_prekey == kem
+    mixed = PrekeyBundle.decode(
+        compose_bundle(published.encode(), opk.encode(), stale_kem.encode())
+    )
+    assert mixed.one_time_prekey == opk and mixed.kem_prekey == published.kem_prekey
+    # and a sender's initial message on the fallback bundle decrypts
+    record, _ = receive(secrets, initial_envelope(published.with_one_time(stale_opk, stale_kem)))
+    assert record.active is not None
 
 
 def test_bundle_encode_decode_and_dict() -> None:
@@ -307,7 +364,29 @@ def test_prekey_secrets_serialization_round_trip() -> None:
     assert n1 is not None and n2 is not None and n1.to_bytes() == n2.to_bytes()
     assert r1.to_bytes() == r2.to_bytes()
     with pytest.raises(DecodeError):
-        PrekeySecrets.from_bytes(b"\x02" + secrets.to_bytes()[1:])
+        PrekeySecrets.from_bytes(b"\x03" + secrets.to_bytes()[1:])
+
+
+def test_version_1_prekey_state_still_loads() -> None:
+    secrets = fresh_secrets(pool=2)
+    secrets.mark_published([min(secrets.one_time)])
+    body = secrets.to_bytes()
+    # version 1 is version 2 without the tail: u64 last replenish, 2 x u32, u32 records
+    v1 = b"\x01" + body[1 : len(body) - (8 + 4 + 4 + 4)]
+    restored = PrekeySecrets.from_bytes(v1)
+    assert restored == secrets
+    assert restored.to_bytes() == body
+    with pytest.raises(DecodeError):
+        PrekeySecrets.from_bytes(v1 + b"\x00")
+    legacy = PrekeySecrets(next_id=1)
+    legacy.rotate(BOB, NOW, RNG, force=True)
+    legacy.top_up(BOB, NOW, RNG, pool_size=1)
+    v1 = b"\x01" + legacy.to_bytes()[1:-20]
+    loaded = PrekeySecrets.from_bytes(v1)
+    ids = [*loaded.signed, *loaded.last_resort, *loaded.one_time, *loaded.one_time_kem]
+    assert sorted(ids) == [1, 2, 3, 4]
+    loaded.top_up(BOB, NOW, RNG, pool_size=2)  # counts on in the legacy epoch 0
+    assert max(loaded.one_time_kem) == 6 and loaded.next_id == 7
 
 
 def test_copy_is_independent() -> None:
