@@ -27,9 +27,15 @@ from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity, safety_nu
 from agentmesh.crypto.keypair import AgentKeyPair
 from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets, SignedPrekey
 from agentmesh.crypto.ratchet import RatchetState, kdf_ck, kdf_rk
-from agentmesh.crypto.session import Session, SessionRecord, message_key_material
+from agentmesh.crypto.session import (
+    Session,
+    SessionRecord,
+    message_key_material,
+    session_associated_data,
+)
 from agentmesh.crypto.static import perform_key_exchange
 from agentmesh.protocol.envelope import (
+    SESSION_SIGNED,
     PrekeyMessage,
     RatchetHeader,
     decode_envelope,
@@ -73,6 +79,12 @@ def h(value: str) -> bytes:
 def identity(name: str) -> IdentityKeyPair:
     vec = load("identity")[name]
     return IdentityKeyPair.generate(DeterministicRng(vec["rng_label"]))
+
+
+def _one_time_publics(secrets: PrekeySecrets) -> tuple[SignedPrekey, SignedPrekey]:
+    [opk] = secrets.one_time.values()
+    [otk] = secrets.one_time_kem.values()
+    return opk.public, otk.public
 
 
 def bob_prekeys() -> PrekeySecrets:
@@ -173,7 +185,7 @@ def test_bundle_vectors() -> None:
     bob = identity("bob")
     published = secrets.bundle("bob", bob.public)
     assert published.encode().hex() == vec["published_bundle"]
-    one_time = published.with_one_time(secrets.one_time[3].public, secrets.one_time_kem[4].public)
+    one_time = published.with_one_time(*_one_time_publics(secrets))
     assert one_time.encode().hex() == vec["one_time_bundle"]
     for key in ("published_bundle", "one_time_bundle"):
         decoded = PrekeyBundle.decode(h(vec[key])).verify()
@@ -200,7 +212,9 @@ def test_bundle_byte_layout() -> None:
     # a SignedPrekey encoding: u8 kind | u32 id | u16 len | public | 64-byte signature
     spk = h(vec["signed_prekey"]["encoding"])
     assert (
-        spk[0] == 1 and spk[1:5] == (1).to_bytes(4, "big") and spk[5:7] == (32).to_bytes(2, "big")
+        spk[0] == 1
+        and spk[1:5] == vec["signed_prekey"]["id"].to_bytes(4, "big")
+        and spk[5:7] == (32).to_bytes(2, "big")
     )
     assert len(spk) == 1 + 4 + 2 + 32 + 64
     assert len(h(vec["one_time_kem_prekey"]["encoding"])) == 1 + 4 + 2 + 1184 + 64
@@ -295,9 +309,7 @@ def test_pqxdh_initiator_draws_match_vectors() -> None:
         secrets = bob_prekeys()
         bundle = secrets.bundle("bob", identity("bob").public)
         if with_opk:
-            bundle = bundle.with_one_time(
-                secrets.one_time[3].public, secrets.one_time_kem[4].public
-            )
+            bundle = bundle.with_one_time(*_one_time_publics(secrets))
         session = Session.initiate(
             identity("alice"), "alice", bundle, rng=DeterministicRng(case["initiator_rng_label"])
         )
@@ -306,7 +318,8 @@ def test_pqxdh_initiator_draws_match_vectors() -> None:
         assert session.pending_prekey is not None
         assert session.pending_prekey.kem_prekey_id == case["kem_prekey_id"]
         assert session.pending_prekey.one_time_prekey_id == case["one_time_prekey_id"]
-        assert session.associated_data.hex() == case["associated_data"]
+        # the session AD is the PQXDH AD followed by the session flags (signed)
+        assert session.associated_data.hex() == case["associated_data"] + "01"
 
 
 # --- Double Ratchet KDFs ------------------------------------------------------------
@@ -332,9 +345,10 @@ def test_kdf_ck_and_message_key_vectors() -> None:
         next_ck, mk = kdf_ck(ck)
         assert mk.hex() == step["message_key"] == p.hmac_sha256(ck, b"\x01").hex()
         assert next_ck.hex() == step["next_chain_key"] == p.hmac_sha256(ck, b"\x02").hex()
-        key, nonce = message_key_material(mk)
+        message_id = h(step["message_id"])
+        key, nonce = message_key_material(mk, message_id)
         assert key.hex() == step["aes_key"] and nonce.hex() == step["nonce"]
-        expanded = p.hkdf_sha256(mk, salt=None, info=b"AgentMesh_v1_MessageKeys", length=44)
+        expanded = p.hkdf_sha256(mk, salt=message_id, info=b"AgentMesh_v2_MessageKeys", length=44)
         assert expanded.hex() == step["aes_key"] + step["nonce"]
         ck = next_ck
 
@@ -370,7 +384,7 @@ def _rebuilt_alice_session() -> Session:
         local_id="alice",
         peer_id="bob",
         peer_identity=bob_public,
-        associated_data=h(case["associated_data"]),
+        associated_data=session_associated_data(h(case["associated_data"]), SESSION_SIGNED),
         ratchet=RatchetState.initiator(h(case["shared_key"]), spk_public, rng),
         base_key=h(case["ephemeral_public"]),
         pending_prekey=_recorded_prekey_message(case),
@@ -424,7 +438,7 @@ def test_prekey_envelope_byte_layout() -> None:
     case = load("pqxdh")["with_one_time_prekeys"]
     alice = load("identity")["alice"]
     data = h(msg["envelope"])
-    assert data[0] == 1  # version
+    assert data[0] == 2  # version
     assert data[1] == 1  # kind: prekey
     assert data[2:18].hex() == msg["message_id"]
     assert int.from_bytes(data[18:26], "big") == msg["timestamp_ms"]
@@ -433,18 +447,19 @@ def test_prekey_envelope_byte_layout() -> None:
     assert data[36:68].hex() == case["initiator_ratchet_public"]  # ratchet DH
     assert data[68:72] == (0).to_bytes(4, "big")  # PN
     assert data[72:76] == (0).to_bytes(4, "big")  # N
-    assert data[76:108].hex() == alice["ed25519_public"]
-    assert data[108:140].hex() == alice["x25519_public"]
-    assert data[140:204].hex() == alice["binding_signature"]
-    assert data[204:236].hex() == case["ephemeral_public"]
-    assert int.from_bytes(data[236:240], "big") == case["signed_prekey_id"]
-    assert int.from_bytes(data[240:244], "big") == case["kem_prekey_id"]
-    assert data[244:1332].hex() == case["kem_ciphertext"]
-    assert data[1332] == 1
-    assert int.from_bytes(data[1333:1337], "big") == case["one_time_prekey_id"]
-    assert len(msg["header"]) // 2 == 1337
-    ct_len = int.from_bytes(data[1337:1341], "big")
-    assert len(data) == 1341 + ct_len
+    assert data[76] == 1  # session flags: signed
+    assert data[77:109].hex() == alice["ed25519_public"]
+    assert data[109:141].hex() == alice["x25519_public"]
+    assert data[141:205].hex() == alice["binding_signature"]
+    assert data[205:237].hex() == case["ephemeral_public"]
+    assert int.from_bytes(data[237:241], "big") == case["signed_prekey_id"]
+    assert int.from_bytes(data[241:245], "big") == case["kem_prekey_id"]
+    assert data[245:1333].hex() == case["kem_ciphertext"]
+    assert data[1333] == 1
+    assert int.from_bytes(data[1334:1338], "big") == case["one_time_prekey_id"]
+    assert len(msg["header"]) // 2 == 1338
+    ct_len = int.from_bytes(data[1338:1342], "big")
+    assert len(data) == 1342 + ct_len
     # inner plaintext: u8 flags | u32 len | payload | 64-byte signature; + 16-byte tag
     assert ct_len == 1 + 4 + len(h(msg["payload_bytes"])) + 64 + 16
 
@@ -461,7 +476,7 @@ def test_fixed_header_encoding() -> None:
     )
     assert header.hex() == vec["encoding"]
     expected = (
-        b"\x01\x02"
+        b"\x02\x02"
         + h(vec["message_id"])
         + vec["timestamp_ms"].to_bytes(8, "big")
         + b"\x03bob\x05alice"
@@ -478,7 +493,8 @@ def test_responder_decrypts_recorded_initiator_envelopes() -> None:
     assert session is not None
     assert session.peer_identity == identity("alice").public
     assert (
-        session.associated_data.hex() == load("pqxdh")["with_one_time_prekeys"]["associated_data"]
+        session.associated_data.hex()
+        == load("pqxdh")["with_one_time_prekeys"]["associated_data"] + "01"
     )
 
 
@@ -497,7 +513,9 @@ def test_responder_signed_flags() -> None:
     )
     assert (m2.signature is not None) is msgs["alice_2"]["signed"]
     # the one-time keys the initial message used are gone from the returned secrets
-    assert 3 not in secrets.one_time and 4 not in secrets.one_time_kem
+    case = load("pqxdh")["with_one_time_prekeys"]
+    assert case["one_time_prekey_id"] not in secrets.one_time
+    assert case["kem_prekey_id"] not in secrets.one_time_kem
 
 
 def test_responder_reply_is_byte_exact() -> None:
@@ -519,8 +537,7 @@ def test_initiator_envelopes_are_byte_exact_from_recorded_sk() -> None:
     msgs = _messages()
     alice = identity("alice")
     session = _rebuilt_alice_session()
-    for name, sign in (("alice_1", True), ("alice_2", False)):
-        session.sign_messages = sign
+    for name in ("alice_1", "alice_2"):
         env = session.encrypt(
             alice,
             h(msgs[name]["payload_bytes"]),
@@ -540,7 +557,7 @@ def test_initiator_header_matches_except_kem_ciphertext() -> None:
     msg = _messages()["alice_1"]
     secrets = bob_prekeys()
     bundle = secrets.bundle("bob", identity("bob").public).with_one_time(
-        secrets.one_time[3].public, secrets.one_time_kem[4].public
+        *_one_time_publics(secrets)
     )
     case = load("pqxdh")["with_one_time_prekeys"]
     session = Session.initiate(
@@ -553,7 +570,7 @@ def test_initiator_header_matches_except_kem_ciphertext() -> None:
         timestamp_ms=msg["timestamp_ms"],
     )
     recorded = h(msg["header"])
-    kem = slice(244, 1332)
+    kem = slice(245, 1333)
     assert len(env.header_bytes) == len(recorded)
     assert env.header_bytes[: kem.start] == recorded[: kem.start]
     assert env.header_bytes[kem.stop :] == recorded[kem.stop :]
@@ -562,31 +579,24 @@ def test_initiator_header_matches_except_kem_ciphertext() -> None:
 # --- version-1 static bootstrap -------------------------------------------------------
 
 
-def test_static_bootstrap_vector() -> None:
+def test_static_first_message_vector() -> None:
+    """Protocol 2's static path: the first sender initiates with a fresh ratchet key."""
     vec = load("static")
     alice, bob = AgentKeyPair(identity("alice")), AgentKeyPair(identity("bob"))
-    sessions = {
-        "alice": perform_key_exchange(alice, {**bob.public_bundle(), "agent_id": "bob"}),
-        "bob": perform_key_exchange(bob, {**alice.public_bundle(), "agent_id": "alice"}),
-    }
     dh = p.x25519(alice.identity.exchange_private, bob.public.exchange)
     assert dh.hex() == vec["dh"]
-    sk = p.hkdf_sha256(b"\xff" * 32 + dh, salt=bytes(32), info=b"AgentMesh_static_v1", length=32)
+    sk = p.hkdf_sha256(b"\xff" * 32 + dh, salt=bytes(32), info=b"AgentMesh_static_v2", length=32)
     assert sk.hex() == vec["shared_key"]
-    boot = p.hkdf_sha256(sk, salt=None, info=b"AgentMesh_static_v1_bootstrap", length=32)
-    assert boot.hex() == vec["bootstrap_chain_key"]
-    for s in sessions.values():
-        assert s.session.associated_data.hex() == vec["associated_data"]
-    first = vec["responder_first_message"]
-    responder = sessions[first["sender"]]
-    initiator = sessions["alice" if first["sender"] == "bob" else "bob"]
-    assert vec["ratchet_initiator"] != first["sender"]
-    assert (
-        responder.session.ratchet.cks is not None
-        and responder.session.ratchet.cks.hex() == vec["bootstrap_chain_key"]
-    )
-    ct = responder.encrypt(h(first["plaintext"]), h(first["associated_data"]))
+    first = vec["first_message"]
+    with pytest.warns(DeprecationWarning):
+        sender = perform_key_exchange(
+            alice,
+            {**bob.public_bundle(), "agent_id": "bob"},
+            _rng=DeterministicRng(vec["initiator_rng_label"]),
+        )
+        receiver = perform_key_exchange(bob, {**alice.public_bundle(), "agent_id": "alice"})
+    ct = sender.encrypt(h(first["plaintext"]), h(first["associated_data"]))
     assert ct.hex() == first["ciphertext"]
-    assert initiator.decrypt(h(first["ciphertext"]), h(first["associated_data"])) == h(
-        first["plaintext"]
-    )
+    assert ct[:32].hex() == vec["initiator_ratchet_public"]
+    assert sender._sessions[0].associated_data.hex() == vec["associated_data"]
+    assert receiver.decrypt(ct, h(first["associated_data"])) == h(first["plaintext"])

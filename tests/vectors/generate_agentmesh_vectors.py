@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ LABELS = {
     "alice_session": "AgentMesh test vectors v1: alice session",
     "alice_session_last_resort": "AgentMesh test vectors v1: alice session (last resort)",
     "bob_ratchet": "AgentMesh test vectors v1: bob ratchet",
+    "static_alice_ratchet": "AgentMesh test vectors v2: alice static ratchet",
 }
 MESSAGE_IDS = {
     "alice_1": bytes(range(16)),
@@ -68,7 +70,7 @@ MESSAGE_IDS = {
 TIMESTAMPS = {"alice_1": NOW_MS + 1, "alice_2": NOW_MS + 2, "bob_1": NOW_MS + 3}
 PAYLOADS: dict[str, dict[str, Any]] = {
     "alice_1": {"type": "message", "text": "hello bob"},
-    "alice_2": {"type": "message", "text": "unsigned second message", "n": 2},
+    "alice_2": {"type": "message", "text": "second message", "n": 2},
     "bob_1": {"type": "message", "text": "hi alice \u2603"},
 }
 DO_NOT_REGENERATE = (
@@ -149,10 +151,10 @@ def identity_vectors(alice: IdentityKeyPair, bob: IdentityKeyPair) -> dict[str, 
 
 
 def prekey_vectors(bob: IdentityKeyPair, secrets: PrekeySecrets) -> dict[str, Any]:
-    spk = secrets.signed[1]
-    lr = secrets.last_resort[2]
-    opk = secrets.one_time[3]
-    otk = secrets.one_time_kem[4]
+    [spk] = secrets.signed.values()
+    [lr] = secrets.last_resort.values()
+    [opk] = secrets.one_time.values()
+    [otk] = secrets.one_time_kem.values()
     published = secrets.bundle(BOB_ID, bob.public)
     one_time = published.with_one_time(opk.public, otk.public)
     return {
@@ -161,7 +163,9 @@ def prekey_vectors(bob: IdentityKeyPair, secrets: PrekeySecrets) -> dict[str, An
         "rng_label": LABELS["bob_prekeys"],
         "created_ms": NOW_MS,
         "draw_order": (
-            "PrekeySecrets.create then top_up(pool_size=1): signed X25519 (32 bytes), "
+            "PrekeySecrets.create then top_up(pool_size=1): the id epoch and counter start "
+            "(4 bytes, big-endian: epoch = 1 + (value >> 16) % 65535, counter = value & 0xFFFF), "
+            "signed X25519 (32 bytes), "
             "last-resort ML-KEM-768 seed (64 bytes, d || z), one-time X25519 (32), "
             "one-time ML-KEM-768 seed (64)"
         ),
@@ -184,7 +188,9 @@ def _alice_session(
 ) -> Session:
     published = secrets.bundle(BOB_ID, bob.public)
     if opk:
-        bundle = published.with_one_time(secrets.one_time[3].public, secrets.one_time_kem[4].public)
+        [opk] = secrets.one_time.values()
+        [otk] = secrets.one_time_kem.values()
+        bundle = published.with_one_time(opk.public, otk.public)
     else:
         bundle = published
     return Session.initiate(alice, ALICE_ID, bundle, rng=DeterministicRng(bundle_label))
@@ -213,7 +219,8 @@ def pqxdh_case(
         dh4 = p.x25519(opk, msg.ephemeral)
     seed, one_time = secrets.kem_private(msg.kem_prekey_id)
     ss = p.mlkem_decapsulate(p.mlkem_private_from_seed(seed), msg.kem_ciphertext)
-    result, _ = pqxdh.respond(bob, BOB_ID, secrets, ALICE_ID, msg)
+    # on a copy: respond records a last-resort session's base key in its secrets
+    result, _ = pqxdh.respond(bob, BOB_ID, secrets.copy(), ALICE_ID, msg)
     sk = pqxdh.kdf(dh1 + dh2 + dh3 + dh4 + ss)
     assert sk == result.shared_key
     # the initiator's first ratchet step (RatchetInitAlice), from the same rng stream
@@ -252,14 +259,16 @@ def ratchet_vectors(pq: dict[str, Any]) -> dict[str, Any]:
     dh_out = hashlib.sha256(b"AgentMesh test vectors v1: dh output").digest()
     new_rk, ck = kdf_rk(rk, dh_out)
     chain = []
-    for _ in range(3):
+    for i in range(3):
         next_ck, mk = kdf_ck(ck)
-        key, nonce = message_key_material(mk)
+        message_id = hashlib.sha256(b"AgentMesh test vectors v2: message id %d" % i).digest()[:16]
+        key, nonce = message_key_material(mk, message_id)
         chain.append(
             {
                 "chain_key": ck.hex(),
                 "message_key": mk.hex(),
                 "next_chain_key": next_ck.hex(),
+                "message_id": message_id.hex(),
                 "aes_key": key.hex(),
                 "nonce": nonce.hex(),
             }
@@ -294,7 +303,6 @@ def envelope_vectors(
         message_id=MESSAGE_IDS["alice_1"],
         timestamp_ms=TIMESTAMPS["alice_1"],
     )
-    alice_session.sign_messages = False
     env2 = alice_session.encrypt(
         alice,
         encode_payload(PAYLOADS["alice_2"]),
@@ -351,7 +359,7 @@ def envelope_vectors(
                 "name": "alice_2",
                 "direction": "alice->bob",
                 "kind": 1,
-                "signed": False,
+                "signed": True,
                 "message_id": MESSAGE_IDS["alice_2"].hex(),
                 "timestamp_ms": TIMESTAMPS["alice_2"],
                 "payload": PAYLOADS["alice_2"],
@@ -386,39 +394,45 @@ def envelope_vectors(
 
 
 def static_vectors(alice: IdentityKeyPair, bob: IdentityKeyPair) -> dict[str, Any]:
+    """Protocol 2's static path: whoever sends first initiates with a fresh ratchet key
+    (drawn from a labelled DeterministicRng here); the other answers (Double Ratchet
+    section 3.3 RatchetInitAlice / RatchetInitBob, seeded from the identity DH)."""
     a, b = AgentKeyPair(alice), AgentKeyPair(bob)
-    sa = perform_key_exchange(a, {**b.public_bundle(), "agent_id": BOB_ID})
-    sb = perform_key_exchange(b, {**a.public_bundle(), "agent_id": ALICE_ID})
-    # the ratchet responder (larger Ed25519 key) can send first on the bootstrap chain,
-    # which depends only on the identity keys: fully deterministic
-    alice_lower = alice.public.signing < bob.public.signing
-    responder, initiator = (sb, sa) if alice_lower else (sa, sb)
+    label = LABELS["static_alice_ratchet"]
+    with warnings.catch_warnings():  # the deprecated v1 API is what these vectors pin
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sa = perform_key_exchange(
+            a, {**b.public_bundle(), "agent_id": BOB_ID}, _rng=DeterministicRng(label)
+        )
+        sb = perform_key_exchange(b, {**a.public_bundle(), "agent_id": ALICE_ID})
     dh = p.x25519(alice.exchange_private, bob.public.exchange)
-    sk = p.hkdf_sha256(b"\xff" * 32 + dh, salt=bytes(32), info=b"AgentMesh_static_v1", length=32)
-    bootstrap = p.hkdf_sha256(sk, salt=None, info=b"AgentMesh_static_v1_bootstrap", length=32)
-    plaintext, extra_ad = b"static bootstrap hello", b"v1-ad"
-    ct = responder.encrypt(plaintext, extra_ad)
-    assert initiator.decrypt(ct, extra_ad) == plaintext
+    sk = p.hkdf_sha256(b"\xff" * 32 + dh, salt=bytes(32), info=b"AgentMesh_static_v2", length=32)
+    plaintext, extra_ad = b"static first hello", b"v1-ad"
+    ct = sa.encrypt(plaintext, extra_ad)
+    assert sb.decrypt(ct, extra_ad) == plaintext
     lower, higher = sorted([alice.public, bob.public], key=lambda i: i.signing)
     ad = (
         Writer()
-        .raw(b"AgentMesh-static-AD-v1")
+        .raw(b"AgentMesh-static-AD-v2")
         .raw(lower.signing)
         .raw(lower.exchange)
         .raw(higher.signing)
         .raw(higher.exchange)
+        .u8(1)  # session flags: signed
         .getvalue()
     )
-    assert ad == sa.session.associated_data
+    assert ad == sa._sessions[0].associated_data
+    ratchet = p.x25519_generate(DeterministicRng(label))
     return {
         "_comment": DO_NOT_REGENERATE,
-        "ratchet_initiator": ALICE_ID if alice_lower else BOB_ID,
+        "rng": RNG_DESCRIPTION,
+        "initiator_rng_label": label,
         "dh": dh.hex(),
         "shared_key": sk.hex(),
-        "bootstrap_chain_key": bootstrap.hex(),
         "associated_data": ad.hex(),
-        "responder_first_message": {
-            "sender": BOB_ID if alice_lower else ALICE_ID,
+        "initiator_ratchet_public": p.x25519_public_bytes(ratchet).hex(),
+        "first_message": {
+            "sender": ALICE_ID,
             "plaintext": plaintext.hex(),
             "associated_data": extra_ad.hex(),
             "ciphertext": ct.hex(),
