@@ -8,11 +8,18 @@ Formats (JSON):
 
 * encrypted with a passphrase::
 
-      {"format": "agentmesh-key-v2", "kdf": "scrypt", "n": 32768, "r": 8, "p": 1,
+      {"format": "agentmesh-key-v2", "kdf": "scrypt", "n": 131072, "r": 8, "p": 1,
        "salt": b64, "nonce": b64, "ciphertext": b64}
 
   ``ciphertext`` is AES-256-GCM, under the scrypt-derived key, of the
-  version 1 JSON, with the format string as associated data.
+  version 1 JSON, with the format string as associated data. New files get
+  n=2**17, r=8, p=1 (128 MiB, about 0.7 s); files written with other
+  parameters are read with their own, within limits that keep a crafted file
+  from exhausting memory or CPU (:func:`check_scrypt_parameters`).
+
+Given a passphrase, :func:`load_or_create_key_file` leaves no key file
+weaker than it would write: a plaintext file is encrypted, and one encrypted
+with a lower scrypt cost is encrypted again, both atomically, same identity.
 
 Files are written atomically (temporary file in the same folder, fsync,
 rename, fsync of the folder) with mode 0600, so a crash never leaves a
@@ -40,7 +47,13 @@ from agentmesh.errors import AuthenticationError, ConfigurationError, DecodeErro
 log = logging.getLogger("agentmesh.keyfile")
 
 ENCRYPTED_FORMAT = "agentmesh-key-v2"
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
+#: Written to new files (module-level so that tests can make scrypt cheap; the
+#: default stays 2**17, the cost current guidance asks for with r=8).
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**17, 8, 1
+#: Limits on a file's parameters: scrypt takes 128*n*r bytes (here at most 128 MiB,
+#: what we write) and time in proportion to n*r*p (at most 4x what we write).
+_MAX_SCRYPT_NR = 2**20
+_MAX_SCRYPT_NRP = 2**22
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
 
@@ -90,6 +103,34 @@ def encode_key_file(keypair: AgentKeyPair, passphrase: str | None = None) -> byt
     return json.dumps(doc).encode() + b"\n"
 
 
+def check_scrypt_parameters(n: object, r: object, p_: object) -> tuple[int, int, int]:
+    """Return ``(n, r, p)`` if scrypt may run with them, else raise DecodeError.
+
+    ``n`` must be a power of two of at least 2, ``r`` and ``p`` positive
+    integers, memory (128*n*r bytes) at most 128 MiB (so n at most 2**20) and
+    work (n*r*p) at most 2**22, so that a crafted key file cannot exhaust
+    memory or CPU.
+    """
+    # type() rather than isinstance(): True is an int too.
+    if type(n) is not int or type(r) is not int or type(p_) is not int:
+        raise DecodeError("key file: the scrypt parameters n, r and p must be integers")
+    if n < 2 or n & (n - 1):
+        raise DecodeError(f"key file: scrypt n={n} is not a power of two of at least 2")
+    if r < 1 or p_ < 1:
+        raise DecodeError(f"key file: scrypt r={r} and p={p_} must be at least 1")
+    if n * r > _MAX_SCRYPT_NR:
+        raise DecodeError(
+            f"key file: scrypt n={n}, r={r} would take {128 * n * r >> 20} MiB of memory "
+            f"(at most {128 * _MAX_SCRYPT_NR >> 20} MiB allowed)"
+        )
+    if n * r * p_ > _MAX_SCRYPT_NRP:
+        raise DecodeError(
+            f"key file: scrypt n={n}, r={r}, p={p_} is more work than allowed "
+            f"(n*r*p at most {_MAX_SCRYPT_NRP})"
+        )
+    return n, r, p_
+
+
 def _field(doc: dict[str, Any], name: str) -> bytes:
     value = doc.get(name)
     if not isinstance(value, str):
@@ -101,8 +142,17 @@ def _field(doc: dict[str, Any], name: str) -> bytes:
 
 
 def decode_key_file(data: bytes, passphrase: str | None = None) -> AgentKeyPair:
-    """Parse key-file bytes. Raises DecodeError (malformed), ConfigurationError
-    (encrypted but no passphrase) or AuthenticationError (wrong passphrase)."""
+    """Parse key-file bytes. Raises DecodeError (malformed, or scrypt parameters out
+    of bounds), ConfigurationError (encrypted but no passphrase) or
+    AuthenticationError (wrong passphrase)."""
+    return _decode(data, passphrase)[0]
+
+
+def _decode(
+    data: bytes, passphrase: str | None
+) -> tuple[AgentKeyPair, tuple[int, int, int] | None]:
+    """:func:`decode_key_file`, also returning the file's scrypt ``(n, r, p)``
+    (None for a plaintext file)."""
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -110,17 +160,12 @@ def decode_key_file(data: bytes, passphrase: str | None = None) -> AgentKeyPair:
     if not isinstance(doc, dict):
         raise DecodeError("key file must hold a JSON object")
     if doc.get("format") != ENCRYPTED_FORMAT:
-        return AgentKeyPair.from_dict(doc)
+        return AgentKeyPair.from_dict(doc), None
     if passphrase is None:
         raise ConfigurationError("key file is encrypted: pass passphrase=... to Agent")
-    params = [doc.get(k) for k in ("n", "r", "p")]
-    if not all(type(v) is int and 0 < v <= 2**20 for v in params) or doc.get("kdf") != "scrypt":
-        raise DecodeError("key file: unsupported KDF parameters")
-    n, r, p_ = (int(v) for v in params)  # type: ignore[arg-type]
-    # scrypt needs n to be a power of two; cap memory (128*n*r bytes) and work so that
-    # a crafted file cannot exhaust memory or CPU (we write n=2**15, r=8, p=1).
-    if n < 2 or n & (n - 1) or n * r > 2**20 or n * r * p_ > 2**22:
-        raise DecodeError("key file: unsupported KDF parameters")
+    if doc.get("kdf") != "scrypt":
+        raise DecodeError("key file: unsupported KDF (only scrypt is)")
+    n, r, p_ = check_scrypt_parameters(doc.get("n"), doc.get("r"), doc.get("p"))
     key = _scrypt_key(passphrase, _field(doc, "salt"), n, r, p_)
     try:
         plain = p.aes_gcm_decrypt(
@@ -128,13 +173,20 @@ def decode_key_file(data: bytes, passphrase: str | None = None) -> AgentKeyPair:
         )
     except AuthenticationError as exc:
         raise AuthenticationError("wrong passphrase or corrupted key file") from exc
-    return decode_key_file(plain)
+    return decode_key_file(plain), (n, r, p_)
 
 
 def load_or_create_key_file(
     path: str | os.PathLike[str], passphrase: str | None = None
 ) -> AgentKeyPair:
-    """Load the key pair at ``path``, or create one there (mode 0600) if it does not exist."""
+    """Load the key pair at ``path``, or create one there (mode 0600) if it does not exist.
+
+    With a ``passphrase``, an existing plaintext file is encrypted (a warning is
+    logged) and one encrypted with a lower scrypt cost than new files get is
+    encrypted again: atomically, mode 0600, same identity. Raises as
+    :func:`decode_key_file` does (the file unchanged), and ConfigurationError
+    if a plaintext file cannot be encrypted (e.g. a read-only folder).
+    """
     target = Path(path)
     if target.exists():
         info = target.stat()
@@ -143,7 +195,29 @@ def load_or_create_key_file(
         if stat.S_IMODE(info.st_mode) & 0o077:
             log.warning("key file %s was readable by others; restricting it to 0600", target)
             os.chmod(target, 0o600)
-        return decode_key_file(target.read_bytes(), passphrase)
+        keypair, params = _decode(target.read_bytes(), passphrase)
+        if passphrase is None:
+            return keypair
+        if params is None:
+            # The caller asked for an encrypted key: leaving it in clear text would
+            # silently break that promise, so encrypt it or refuse to go on.
+            log.warning(
+                "key file %s was not encrypted; encrypting it with the given passphrase", target
+            )
+            try:
+                atomic_write(target, encode_key_file(keypair, passphrase))
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"key file {target} is not encrypted and could not be encrypted "
+                    f"with the given passphrase: {exc}"
+                ) from exc
+        elif params[0] * params[1] * params[2] < _SCRYPT_N * _SCRYPT_R * _SCRYPT_P:
+            log.info("key file %s: re-encrypting with scrypt n=%d", target, _SCRYPT_N)
+            try:
+                atomic_write(target, encode_key_file(keypair, passphrase))
+            except OSError as exc:  # still encrypted, only with the older cost
+                log.warning("key file %s: could not re-encrypt it: %s", target, exc)
+        return keypair
     keypair = AgentKeyPair.generate()
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, encode_key_file(keypair, passphrase))

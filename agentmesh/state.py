@@ -17,6 +17,16 @@ the next write), and handled inbox rows (logged in ``<file>-handled``, deleted
 with the next page). None of them can lose a message; a power failure can at
 worst resend one or run a handler again.
 
+Deleted secrets (consumed prekeys, old ratchet states, handled plaintexts)
+do not linger in the files: ``secure_delete`` zeroes what a transaction
+frees, and :meth:`AgentState.scrub` copies the WAL into the database file and
+truncates it, at open, at close and at most once a second after such a
+deletion (see :meth:`AgentState.scrub`).
+
+The file records its format in ``meta.schema_version`` (:data:`SCHEMA_VERSION`);
+a file of another version is refused at open, unchanged, with
+:class:`~agentmesh.errors.ConfigurationError`.
+
 This module is the agent side's only SQL. It uses the standard library's
 ``sqlite3`` rather than SQLAlchemy: the file is always local SQLite, private
 to one process (see :class:`StateLock`), and sits on the per-message hot path.
@@ -27,15 +37,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from agentmesh.errors import DecodeError, StateLockedError
+from agentmesh.errors import ConfigurationError, DecodeError, StateLockedError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -64,7 +77,13 @@ CREATE TABLE IF NOT EXISTS inbox (
     signature BLOB
 );
 """
-SCHEMA_VERSION = b"1"
+#: Version 2: sessions and message keys of AgentMesh protocol version 2; a version 1
+#: file holds sessions protocol version 2 cannot use (refused at open).
+SCHEMA_VERSION = b"2"
+#: Meta rows holding secrets: rewriting one deletes the old secrets (a scrub follows).
+_SECRET_META = frozenset({"prekeys"})
+#: Deleted secrets are scrubbed from the files at most this often (see AgentState.scrub).
+SCRUB_INTERVAL_S = 1.0
 _PIN_SQL = "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)"
 _DELETE_OUTBOX_SQL = "DELETE FROM outbox WHERE message_id = ?"
 #: An upsert rewrites the record in place (OR REPLACE would also rewrite the key's index).
@@ -74,6 +93,7 @@ _SAVE_SESSION_SQL = (
 )
 
 
+#: Module-level so that tests can make the disk slow or failing (AgentState.sync).
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
@@ -133,6 +153,59 @@ def _check_database(db: sqlite3.Connection) -> None:
         reference.close()
 
 
+def _stored_version(db: sqlite3.Connection) -> bytes | None:
+    """The file's ``schema_version`` (read only), or None for a file not set up yet.
+
+    A file with tables holding data but no version is refused as damaged: it
+    cannot be told apart from an old file, whose sessions may be unusable.
+    """
+    tables = [
+        row[0]
+        for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+    ]
+    row = None
+    if "meta" in tables:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is not None:
+        value = row[0]
+        if isinstance(value, str):
+            return value.encode("utf-8", "backslashreplace")
+        return bytes(value) if isinstance(value, bytes) else str(value).encode()
+    for table in tables:
+        if db.execute(f'SELECT 1 FROM "{table}" LIMIT 1').fetchone() is not None:  # noqa: S608
+            raise sqlite3.DatabaseError("no schema_version in a state file holding data")
+    return None
+
+
+def _version_error(path: Path | None, version: bytes) -> ConfigurationError:
+    if version == b"1":
+        return ConfigurationError(
+            f"state file {path} was written by AgentMesh protocol version 1, whose sessions "
+            "protocol version 2 cannot use; move it away to start afresh (the key file stays "
+            "valid: same identity)"
+        )
+    return ConfigurationError(
+        f"state file {path} has state format version {version[:16]!r}, which this AgentMesh "
+        f"(format {SCHEMA_VERSION.decode()}) does not know; it was probably written by a newer "
+        "AgentMesh: use that, or move the file away to start afresh (the key file stays valid: "
+        "same identity)"
+    )
+
+
+class _SyncRound:
+    """One fdatasync of the WAL: the commits it covers and, once done, its outcome."""
+
+    __slots__ = ("covers", "done", "error")
+
+    def __init__(self, covers: int) -> None:
+        #: Generation of the newest relaxed commit made before the fsync started.
+        self.covers = covers
+        self.done = False
+        self.error: BaseException | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class InboxRow:
     seq: int
@@ -144,9 +217,32 @@ class InboxRow:
 
 
 class AgentState:
-    """Durable (or in-memory) agent state. Thread-safe: one internal lock."""
+    """Durable (or in-memory) agent state. Thread-safe.
 
-    def __init__(self, path: Path | None) -> None:
+    Locking: ONE lock, ``_lock`` (re-entrant), guards the connection and every
+    field. ``_sync_done`` is a condition on that same lock (waiting on it
+    releases the lock), so there is no second lock to order. While holding
+    ``_lock``, AgentState calls only ``sqlite3`` and ``os``, never another
+    AgentMesh component and never a callback, so callers may hold their own
+    locks when calling in (the agent does). :meth:`sync` waits for the disk
+    holding no lock; the scrub timer thread takes ``_lock`` like any caller.
+
+    ``clock`` (seconds, monotonic) and ``scrub_interval_s`` rate-limit
+    :meth:`scrub` after deletions of secrets; tests inject a clock.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        scrub_interval_s: float = SCRUB_INTERVAL_S,
+    ) -> None:
+        """Open (or create) the state file at ``path``, or an in-memory state for None.
+
+        Raises DecodeError for a damaged file and ConfigurationError for a file of
+        another format version; in both cases the file is left as it was.
+        """
         self.path = path
         if path is not None:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -155,8 +251,13 @@ class AgentState:
         self._lock = threading.RLock()
         #: Outbox rows the hub acknowledged, deleted by the next write transaction.
         self._acked: list[bytes] = []
-        #: A relaxed commit happened since the last FULL one.
-        self._unsynced = False
+        #: Sync generations: ``_committed`` counts relaxed commits; every commit up to
+        #: generation ``_synced`` is known to be on disk (see :meth:`sync`).
+        self._committed = 0
+        self._synced = 0
+        #: The fdatasync in progress, if any; ``_sync_done`` is notified when it ends.
+        self._sync_round: _SyncRound | None = None
+        self._sync_done = threading.Condition(self._lock)
         #: ``pinned_identity`` answers read so far (None: not pinned). Every write to
         #: the peers table drops its entry first, under the lock, so a cached answer
         #: is never older than the file; the agent's StateLock keeps other processes out.
@@ -166,12 +267,33 @@ class AgentState:
         #: Handled inbox rows not deleted yet, and the log recording them (mark_handled).
         self._handled: list[int] = []
         self._handled_fd: int | None = None
+        #: Scrub schedule: secrets were deleted since the last scrub (``_scrub_due``);
+        #: the last one ran at ``_last_scrub`` (clock); a timer runs a deferred one.
+        self._clock = clock
+        self._scrub_interval = scrub_interval_s
+        self._scrub_due = False
+        self._last_scrub = -math.inf
+        self._scrub_timer: threading.Timer | None = None
+        self._closed = False
         try:
+            self._db.execute("PRAGMA busy_timeout=5000")
             if path is not None:
+                # Read only until the file is known to be ours and of this version, so
+                # that a refused file stays byte for byte as it was.
+                version = _stored_version(self._db)
+                if version not in (None, SCHEMA_VERSION, b"1"):
+                    # A newer format may have other tables: refuse before checking them.
+                    raise _version_error(path, version)
+                if version is not None:
+                    _check_database(self._db)  # damaged is reported as damaged, any version
+                if version is not None and version != SCHEMA_VERSION:
+                    raise _version_error(path, version)
                 os.chmod(path, 0o600)  # WAL and SHM files inherit the database file's mode
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            # Zero freed cells and pages in the page's new version (some SQLite builds do
+            # by default, others not); older versions stay in the WAL until scrub().
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -180,20 +302,27 @@ class AgentState:
             if path is not None:
                 _check_database(self._db)
                 self._recover_handled()
+                # A crashed process may have left deleted secrets in the WAL.
+                self._scrub_locked()
         except (sqlite3.DatabaseError, UnicodeError) as exc:
             self._db.close()  # an open connection would keep the file locked
             raise DecodeError(
                 f"state file {path} is damaged or not an AgentMesh state file ({exc}); "
                 "restore it from a backup, or move it away to start afresh"
             ) from exc
+        except BaseException:
+            self._db.close()
+            raise
 
     # -- transactions -----------------------------------------------------
 
     class _Tx:
-        def __init__(self, state: AgentState, relaxed: bool = False) -> None:
+        def __init__(self, state: AgentState, relaxed: bool = False, secret: bool = False) -> None:
             self.state = state
             self.relaxed = relaxed and state.path is not None
+            self.secret = secret and state.path is not None
             self.acked: list[bytes] = []
+            self.changes = 0
 
         def __enter__(self) -> sqlite3.Connection:
             state = self.state
@@ -202,6 +331,7 @@ class AgentState:
             try:
                 if self.relaxed:  # this transaction only; __exit__ restores FULL
                     db.execute("PRAGMA synchronous=NORMAL")
+                self.changes = db.total_changes
                 db.execute("BEGIN IMMEDIATE")
                 self.acked, state._acked = state._acked, []
                 if self.acked:  # coalesced into this transaction (see defer_outbox_removal)
@@ -227,58 +357,95 @@ class AgentState:
             state = self.state
             db = state._db
             try:
-                if exc_type is None:
-                    db.execute("COMMIT")
-                    # A FULL commit syncs the whole WAL: every earlier commit is on disk too.
-                    state._unsynced = self.relaxed
-                else:
-                    state._acked[:0] = self.acked  # not deleted after all: next time
-                    # A pin read inside the transaction may be rolled back with it.
-                    state._pins.clear()
-                    db.execute("ROLLBACK")
-            finally:
+                committed = False
                 try:
+                    if exc_type is None:
+                        wrote = db.total_changes != self.changes
+                        db.execute("COMMIT")
+                        committed = True
+                        if self.relaxed:
+                            state._committed += 1  # on disk after the next sync()
+                        elif wrote:
+                            # A FULL commit syncs the whole WAL: earlier commits are on disk
+                            # too. (One that wrote nothing syncs nothing.)
+                            state._synced = state._committed
+                    else:
+                        state._acked[:0] = self.acked  # not deleted after all: next time
+                        # A pin read inside the transaction may be rolled back with it.
+                        state._pins.clear()
+                        db.execute("ROLLBACK")
+                finally:
                     if self.relaxed:
                         db.execute("PRAGMA synchronous=FULL")
-                finally:
-                    state._lock.release()
+                if committed and self.secret:
+                    state._secrets_deleted()
+            finally:
+                state._lock.release()
 
-    def _tx(self, *, relaxed: bool = False) -> AgentState._Tx:
+    def _tx(self, *, relaxed: bool = False, secret: bool = False) -> AgentState._Tx:
         """A write transaction; ``relaxed``: committed without waiting for the disk
-        (``synchronous=NORMAL``; see :meth:`commit_sent` and :meth:`sync`)."""
-        return AgentState._Tx(self, relaxed)
+        (``synchronous=NORMAL``; see :meth:`commit_sent` and :meth:`sync`);
+        ``secret``: it overwrites or deletes secrets (schedules a :meth:`scrub`)."""
+        return AgentState._Tx(self, relaxed, secret)
 
     @property
     def unsynced(self) -> bool:
         """Whether a relaxed commit may not be on disk yet (:meth:`sync` makes it so)."""
-        return self._unsynced
+        return self._synced < self._committed
 
     def sync(self) -> None:
-        """Make every commit so far survive power loss (group commit: one fsync for all).
+        """Make every commit so far survive power loss (group commit: one fsync for many).
 
-        A no-op unless a relaxed commit happened since the last FULL one. The
-        fsync is what a FULL commit does (SQLite WAL: committed frames are
-        durable once the WAL file is synced), on the WAL file directly, so it
-        does not hold the write lock: commits go on while the disk works, and
-        the next call covers them.
+        Returns at once unless a relaxed commit happened since the last FULL one
+        or successful sync. Otherwise returns only after an fdatasync of the WAL
+        that *started after* the caller's last commit *succeeded* (SQLite WAL:
+        committed frames are durable once the WAL file is synced). Callers
+        arriving while such an fsync runs wait for it and share it; one that
+        started before their commit is waited out, then another is run. No lock
+        is held while the disk works, so commits go on meanwhile.
+
+        Raises OSError if that fsync failed, in every caller waiting for it; the
+        commits stay counted as unsynced and the next call fsyncs again.
         """
         with self._lock:
-            if not self._unsynced:
-                return
-            self._unsynced = False  # commits from now on need the next sync
+            target = self._committed  # this caller's commits are all at or below it
+            while True:
+                if self._synced >= target:
+                    return
+                running = self._sync_round
+                if running is None:
+                    break
+                while not running.done:
+                    self._sync_done.wait()
+                error = running.error
+                if isinstance(error, OSError) and running.covers >= target:
+                    if self._synced >= target:  # a FULL commit made it durable meanwhile
+                        return
+                    raise OSError(
+                        error.errno, f"syncing the state file failed: {error.strerror or error}"
+                    ) from error
+                # Success, or not covering this caller's commits, or interrupted: look again.
             wal = self._wal_fd()
             if wal is None:  # no WAL file to sync (never expected): a FULL commit does it
                 with self._tx() as db:
                     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('synced', x'')")
                 return
             fd = os.dup(wal)  # close() may close ``wal`` meanwhile
+            this = _SyncRound(self._committed)  # every commit so far is in the WAL file
+            self._sync_round = this
         try:
             _fdatasync(fd)
-        except OSError:
-            self._unsynced = True
+        except BaseException as exc:
+            this.error = exc
             raise
         finally:
             os.close(fd)
+            with self._lock:
+                if this.error is None:
+                    self._synced = max(self._synced, this.covers)
+                this.done = True
+                self._sync_round = None
+                self._sync_done.notify_all()
 
     def _wal_fd(self) -> int | None:
         """A descriptor of this database's WAL file, checked to be the live one (lock held)."""
@@ -302,19 +469,91 @@ class AgentState:
                 self._wal = None
         return self._wal
 
+    # -- erasing deleted secrets -------------------------------------------
+
+    def scrub(self) -> bool:
+        """Erase deleted rows from the files: checkpoint the WAL into the database file
+        (``PRAGMA wal_checkpoint(TRUNCATE)``) and truncate the WAL to zero bytes.
+
+        With ``secure_delete`` on, the database file then holds zeros where deleted
+        rows were, and the WAL no longer holds old copies of pages. Costs about two
+        fsyncs, so AgentState runs it by itself at open, at close and, after a
+        transaction that deleted or overwrote secrets (a consumed prekey, an old
+        ratchet state, a handled message), at most once per ``scrub_interval_s``
+        (a timer runs a deferred one). Returns whether the WAL was emptied (False
+        for an in-memory state, or if a reader kept it busy). Raises sqlite3 or
+        OS errors (e.g. a full disk); the scrub then stays due.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            return self._scrub_locked()
+
+    def _scrub_locked(self) -> bool:
+        if self.path is None:
+            return False
+        self._scrub_due = False
+        self._last_scrub = self._clock()
+        try:
+            row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except BaseException:
+            self._scrub_due = True
+            raise
+        emptied = row is not None and row[0] == 0
+        if not emptied:
+            self._scrub_due = True
+        return emptied
+
+    def _secrets_deleted(self) -> None:
+        """After a commit that deleted secrets (lock held, no transaction open): scrub
+        now if the last scrub is older than the interval, else arm the timer."""
+        self._scrub_due = True
+        wait = self._last_scrub + self._scrub_interval - self._clock()
+        if wait <= 0:
+            try:
+                self._scrub_locked()
+            except (sqlite3.Error, OSError):
+                pass  # the commit stands; the scrub stays due (timer, next commit, close)
+            else:
+                return
+            wait = self._scrub_interval
+        if self._scrub_timer is None:
+            timer = threading.Timer(min(wait, self._scrub_interval), self._scrub_later)
+            timer.daemon = True
+            timer.name = "agentmesh-state-scrub"
+            self._scrub_timer = timer
+            timer.start()
+
+    def _scrub_later(self) -> None:
+        """The timer: run the scrub deferred by the rate limit (best effort)."""
+        with self._lock:
+            self._scrub_timer = None
+            if self._closed or not self._scrub_due:
+                return
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._scrub_locked()
+
     def _one(self, sql: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
         with self._lock:
             row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
             return row
 
     def close(self) -> None:
+        """Delete what is left to delete, sync, scrub, and close the file. Idempotent."""
         with self._lock:
+            if self._closed:
+                return
             try:
                 self._flush_acked()
                 self._delete_handled()
                 self.sync()
+                self._scrub_locked()
             except (sqlite3.Error, OSError):  # e.g. a full disk: resent or re-deleted later
                 pass
+            self._closed = True
+            if self._scrub_timer is not None:
+                self._scrub_timer.cancel()
+                self._scrub_timer = None
             if self._handled_fd is not None:
                 os.close(self._handled_fd)
                 self._handled_fd = None
@@ -333,7 +572,8 @@ class AgentState:
         return None if row is None else bytes(row[0])
 
     def set_meta(self, key: str, value: bytes) -> None:
-        with self._tx() as db:
+        """Store a meta value; rewriting ``prekeys`` (rotated, consumed) schedules a scrub."""
+        with self._tx(secret=key in _SECRET_META) as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- sessions and peers -----------------------------------------------
@@ -347,7 +587,7 @@ class AgentState:
             return [r[0] for r in self._db.execute("SELECT peer_id FROM sessions ORDER BY peer_id")]
 
     def save_session(self, peer_id: str, record: bytes) -> None:
-        with self._tx() as db:
+        with self._tx(secret=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO sessions (peer_id, record) VALUES (?, ?)", (peer_id, record)
             )
@@ -408,7 +648,7 @@ class AgentState:
 
     def repin(self, peer_id: str, identity: bytes, now_ms: int) -> None:
         """Trust a new identity for ``peer_id``: replace the pin and drop its old sessions."""
-        with self._tx() as db:
+        with self._tx(secret=True) as db:
             self._pins.pop(peer_id, None)
             db.execute(
                 "INSERT OR REPLACE INTO peers (peer_id, identity, pending_identity, first_seen_ms) "
@@ -437,7 +677,8 @@ class AgentState:
         and power loss after the next :meth:`sync` (or any durable commit). The
         caller must not transmit the envelope before that.
         """
-        with self._tx(relaxed=not durable) as db:
+        # The old sending chain key is overwritten: erasing it gives forward secrecy.
+        with self._tx(relaxed=not durable, secret=True) as db:
             self._write_session(db, peer_id, record, pin_identity, now_ms)
             db.execute(
                 "INSERT INTO outbox (message_id, recipient, envelope, created_ms) "
@@ -516,7 +757,7 @@ class AgentState:
         pin_identity: bytes | None = None,
     ) -> None:
         """Receive order step 2: session, replay record and inbox row in one transaction."""
-        with self._tx() as db:
+        with self._tx(secret=True) as db:
             self._write_session(db, peer_id, record, pin_identity, now_ms)
             if prekeys is not None:
                 db.execute(
@@ -544,7 +785,7 @@ class AgentState:
         consumed; ``messages``: a replay record and an inbox row each, in arrival
         order (their ``seq`` is ignored). All or nothing, like :meth:`commit_received`.
         """
-        with self._tx() as db:
+        with self._tx(secret=True) as db:
             for peer_id, identity in pins.items():
                 self._insert_pin(db, peer_id, identity, now_ms)
             db.executemany(_SAVE_SESSION_SQL, list(records.items()))
@@ -611,7 +852,8 @@ class AgentState:
             return
         seqs, self._handled = self._handled, []
         try:
-            with self._tx(relaxed=True) as db:  # survives kill -9 once committed, like the log
+            # Survives kill -9 once committed, like the log; deletes handled plaintexts.
+            with self._tx(relaxed=True, secret=True) as db:
                 db.executemany("DELETE FROM inbox WHERE seq = ?", [(s,) for s in seqs])
         except BaseException:
             self._handled[:0] = seqs
