@@ -6,6 +6,7 @@ plus the error tree and the new trust and hub types.
 
 from agentmesh.agent import Agent, Message
 from agentmesh.crypto import AgentKeyPair, CryptoSession, perform_key_exchange, seal, unseal
+from agentmesh.crypto.proof import VerifiedProof, verify_proof
 from agentmesh.errors import (
     AgentMeshError,
     AuthenticationError,
@@ -64,8 +65,10 @@ __all__ = [
     "ReplayError",
     "SignatureError",
     "StateLockedError",
+    "VerifiedProof",
     "__version__",
     "perform_key_exchange",
     "seal",
     "unseal",
+    "verify_proof",
 ]

@@ -35,6 +35,7 @@ from agentmesh.crypto.prekeys import (
     PrekeySecrets,
     SignedPrekey,
 )
+from agentmesh.crypto.proof import encode_proof, verify_proof
 from agentmesh.crypto.ratchet import DEFAULT_LIMITS, RatchetLimits
 from agentmesh.crypto.session import Session, SessionRecord, SignatureCheck
 from agentmesh.errors import (
@@ -81,6 +82,12 @@ class Message:
     message_id: str = ""
     #: The sender's Ed25519 signature (inside the ciphertext), if it signed.
     signature: bytes | None = field(default=None, repr=False)
+    #: The envelope exactly as received (version 1's ``raw_envelope``).
+    raw_envelope: bytes = field(default=b"", repr=False)
+    #: The sender's public identity as pinned when the message was handed out, and the
+    #: payload bytes exactly as signed: what :meth:`export_proof` needs.
+    _sender_identity: bytes | None = field(default=None, repr=False, compare=False)
+    _payload_bytes: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def text(self) -> str:
@@ -93,6 +100,24 @@ class Message:
     @property
     def signed(self) -> bool:
         return self.signature is not None
+
+    def export_proof(self) -> bytes:
+        """A transferable proof that the sender's identity key signed this message.
+
+        Anyone can check it with :func:`agentmesh.verify_proof`, which returns the
+        sender, recipient, message id, sender timestamp, payload and the signer's
+        fingerprint (docs/PROTOCOL.md, "Proof of origin"). Keep it yourself (for
+        example from a handler): the agent does not retain handled messages.
+        Raises ValueError for an unsigned message (unsigned sessions are deniable by
+        design), and CryptoError if the proof does not verify against the sender's
+        identity as pinned now (``trust()`` replaced it after the message arrived).
+        """
+        if self.signature is None or self._sender_identity is None or not self.raw_envelope:
+            raise ValueError("unsigned message: an unsigned session gives no proof of origin")
+        header = decode_envelope(self.raw_envelope).header_bytes
+        proof = encode_proof(self._sender_identity, header, self._payload_bytes, self.signature)
+        verify_proof(proof)  # never hand out a proof that does not verify
+        return proof
 
 
 def _now_ms() -> int:
@@ -794,6 +819,7 @@ class Agent:
                 message.payload,
                 envelope.timestamp,
                 message.signature,
+                bytes(data),
             )
         )
         return DeliveryReport(accepted=True)
@@ -825,6 +851,7 @@ class Agent:
             if not rows:
                 break
             for row in rows:
+                pinned = self._state.pinned_identity(row.sender)
                 message = Message(
                     sender=row.sender,
                     recipient=self._id,
@@ -832,6 +859,9 @@ class Agent:
                     timestamp=row.timestamp_ms,
                     message_id=row.message_id.hex(),
                     signature=row.signature,
+                    raw_envelope=row.envelope,
+                    _sender_identity=None if pinned is None else pinned[0],
+                    _payload_bytes=row.payload,
                 )
                 for handler in list(self._handlers):
                     try:

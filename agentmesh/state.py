@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     sender TEXT NOT NULL,
     payload BLOB NOT NULL,
     timestamp_ms INTEGER NOT NULL,
-    signature BLOB
+    signature BLOB,
+    envelope BLOB NOT NULL
 );
 """
 #: Version 2: sessions and message keys of AgentMesh protocol version 2; a version 1
@@ -85,6 +86,10 @@ _SECRET_META = frozenset({"prekeys"})
 #: Deleted secrets are scrubbed from the files at most this often (see AgentState.scrub).
 SCRUB_INTERVAL_S = 1.0
 _PIN_SQL = "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)"
+_INSERT_INBOX_SQL = (
+    "INSERT INTO inbox (message_id, sender, payload, timestamp_ms, signature, envelope) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
 _DELETE_OUTBOX_SQL = "DELETE FROM outbox WHERE message_id = ?"
 #: An upsert rewrites the record in place (OR REPLACE would also rewrite the key's index).
 _SAVE_SESSION_SQL = (
@@ -214,6 +219,8 @@ class InboxRow:
     payload: bytes
     timestamp_ms: int
     signature: bytes | None
+    #: The envelope as received (``Message.raw_envelope``; its header is the signed one).
+    envelope: bytes = b""
 
 
 class AgentState:
@@ -755,6 +762,7 @@ class AgentState:
         now_ms: int,
         *,
         pin_identity: bytes | None = None,
+        envelope: bytes = b"",
     ) -> None:
         """Receive order step 2: session, replay record and inbox row in one transaction."""
         with self._tx(secret=True) as db:
@@ -765,9 +773,8 @@ class AgentState:
                 )
             db.execute("INSERT INTO seen (message_id, seen_ms) VALUES (?, ?)", (message_id, now_ms))
             db.execute(
-                "INSERT INTO inbox (message_id, sender, payload, timestamp_ms, signature) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (message_id, peer_id, payload, timestamp_ms, signature),
+                _INSERT_INBOX_SQL,
+                (message_id, peer_id, payload, timestamp_ms, signature, envelope),
             )
 
     def commit_received_batch(
@@ -798,10 +805,9 @@ class AgentState:
                 [(m.message_id, now_ms) for m in messages],
             )
             db.executemany(
-                "INSERT INTO inbox (message_id, sender, payload, timestamp_ms, signature) "
-                "VALUES (?, ?, ?, ?, ?)",
+                _INSERT_INBOX_SQL,
                 [
-                    (m.message_id, m.sender, m.payload, m.timestamp_ms, m.signature)
+                    (m.message_id, m.sender, m.payload, m.timestamp_ms, m.signature, m.envelope)
                     for m in messages
                 ],
             )
@@ -810,13 +816,15 @@ class AgentState:
         with self._lock:
             self._delete_handled()
             rows = self._db.execute(
-                "SELECT seq, message_id, sender, payload, timestamp_ms, signature FROM inbox "
-                "ORDER BY seq LIMIT ?",
+                "SELECT seq, message_id, sender, payload, timestamp_ms, signature, envelope "
+                "FROM inbox ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
-            InboxRow(s, bytes(m), snd, bytes(pl), ts, None if sig is None else bytes(sig))
-            for s, m, snd, pl, ts, sig in rows
+            InboxRow(
+                s, bytes(m), snd, bytes(pl), ts, None if sig is None else bytes(sig), bytes(env)
+            )
+            for s, m, snd, pl, ts, sig, env in rows
         ]
 
     def mark_handled(self, seq: int) -> None:

@@ -37,10 +37,12 @@ EXPECTED_ALL = [
     "ReplayError",
     "SignatureError",
     "StateLockedError",
+    "VerifiedProof",
     "__version__",
     "perform_key_exchange",
     "seal",
     "unseal",
+    "verify_proof",
 ]
 LAZY = {"NetworkHub", "NetworkHubServer"}
 ERRORS = [
