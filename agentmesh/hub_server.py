@@ -2,7 +2,12 @@
 
 Argument parsing only; the server is :class:`agentmesh.hub.server.NetworkHubServer`.
 Exit status: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration error
-(bad option, unusable database, missing TLS files), 1 if the address cannot be bound.
+(bad option, unusable database, missing TLS files, a non-loopback ``--host``
+without ``--hub-address``), 1 if the address cannot be bound.
+
+Unlike the ``NetworkHubServer`` class, the command never guesses its names: a
+hub reachable from other machines must be told (``--hub-address``) the name
+its agents dial, since logins signed for any other name are refused.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 import sys
 
 from agentmesh.errors import ConfigurationError
-from agentmesh.hub.server import DEFAULT_PORT, HubOptions, NetworkHubServer
+from agentmesh.hub.server import DEFAULT_PORT, HubOptions, NetworkHubServer, is_loopback_host
 from agentmesh.hub.store import DB_ENV_VAR
 
 _DEFAULTS = HubOptions()
@@ -47,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind, option, text in _TUNABLES:
         default = getattr(_DEFAULTS, option)
         add(flag, type=kind, dest=option, default=default, metavar="N", help=f"{text} ({default})")
-    add("--hub-address", help="name the hub signs logins for (default: HOST:PORT)")
+    add(
+        "--hub-address",
+        action="append",
+        metavar="HOST:PORT",
+        help="a name agents dial to reach this hub (repeat, or separate with commas, for "
+        "several; PORT defaults to --port); logins for other names are refused. Required "
+        "unless --host is a loopback address, which answers to 127.0.0.1, localhost and ::1",
+    )
     add(
         "--synchronous",
         default=_DEFAULTS.synchronous,
@@ -66,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the hub until SIGTERM/SIGINT; return the exit status."""
     args = build_parser().parse_args(argv)
+    if not args.hub_address and not is_loopback_host(args.host):
+        # One line, before logging is set up: the operator must choose a name.
+        print(
+            f"agentmesh-hub: --host {args.host or '(all)'} is reachable from other machines: "
+            "pass --hub-address HOST:PORT with the name agents dial (or --host 127.0.0.1)",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.protocol import frames as f
 from agentmesh.protocol.envelope import Envelope, RatchetHeader
-from agentmesh.protocol.hub_protocol import PROTOCOL_VERSION, login_message
+from agentmesh.protocol.hub_protocol import PROTOCOL_VERSION, login_message, parse_hub_names
 from bench.common import now
 
 _HEAD = struct.Struct(">IB")
@@ -143,7 +143,8 @@ class RawClient(asyncio.Protocol):
         """HELLO, LOGIN with a signed challenge, LOGGED_IN; then switch to raw counting."""
         assert self.transport is not None and self.identity is not None and self.agent_id
         hello = await self.hello(timeout)
-        challenge = login_message(hello.nonce, self.agent_id, hello.hub_address)
+        address = parse_hub_names(hello.hub_address)[0]
+        challenge = login_message(hello.nonce, self.agent_id, address)
         self.transport.write(
             f.encode_frame(
                 f.Login(
@@ -153,6 +154,7 @@ class RawClient(asyncio.Protocol):
                     self.identity.public.signing,
                     self.identity.sign(challenge),
                     b"",
+                    address,
                 )
             )
         )

@@ -17,11 +17,19 @@ Reconnect
     upload one-time prekeys -> re-send the agent's outbox
     (``endpoint.unacked_envelopes()``) -> resume dispatching pushes.
 
+Login binding
+    Every connection signs, in its LOGIN, the hub name it dialled
+    (``server_hostname`` if TLS sets one, else ``host``, and ``port``; or
+    ``expected_hub_address``) and, over TLS, the SHA-256 of the certificate it
+    verified. A hub whose HELLO does not list that name is refused before
+    anything is signed (``wrong_hub``, an :class:`~agentmesh.errors.AuthFailedError`).
+
 Foreign exceptions (``OSError``, ``ssl.SSLError``, timeouts) are mapped to
 :class:`~agentmesh.errors.HubUnavailableError` at this boundary; refusals
 by the hub become :class:`~agentmesh.errors.HubError` subclasses.
 
-Never logs keys, signatures or envelope contents.
+Never logs keys, signatures or envelope contents; codes and texts the hub
+sent are logged with ``%r``, so they cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -68,7 +76,17 @@ RETRYABLE_CODES = frozenset(
         "rate_limited",
     }
 )
-_AUTH_CODES = frozenset({"identity_mismatch", "bad_signature", "unknown_agent"})
+_AUTH_CODES = frozenset(
+    {
+        "identity_mismatch",
+        "bad_signature",
+        "unknown_agent",
+        "wrong_hub",
+        "channel_binding_mismatch",
+    }
+)
+#: Why a client gives up on a hub before login: it is not the hub it dialled, or too old.
+_HELLO_REFUSALS = frozenset({"wrong_hub", "unsupported_version"})
 #: Bytes of an UPLOAD_PREKEYS frame besides the prekeys (length, type, request id, count).
 _UPLOAD_OVERHEAD = 4 + 1 + 4 + 2
 
@@ -155,6 +173,12 @@ class _Wire(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # Called after the TLS handshake: the certificate is the one just verified.
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            certificate = ssl_object.getpeercert(binary_form=True)
+            if certificate:
+                self.conn.set_channel_binding(hp.tls_server_end_point(certificate))
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = asyncio.get_running_loop().time()
@@ -208,6 +232,15 @@ class _Wire(asyncio.Protocol):
             if not self.hello.done():
                 self.hello.set_result(event)
             return
+        if (
+            isinstance(event, hp.ConnectionFailed)
+            and event.code in _HELLO_REFUSALS
+            and not self.hello.done()
+        ):
+            # Not a hub this client may log in to: open_wire raises why (not retried),
+            # rather than "connection lost", which would be retried for ever.
+            self.hello.set_exception(hub_error(event.code, event.detail))
+            self.hello.exception()  # mark retrieved: open_wire may have stopped waiting
         request_id = getattr(event, "request_id", None)
         if request_id and request_id in self._waiters:
             future = self._waiters.pop(request_id)
@@ -217,9 +250,9 @@ class _Wire(asyncio.Protocol):
         if isinstance(event, hp.ConnectionFailed):
             self.close_reason = event.code
             log = logger.info if event.code == "shutting_down" else logger.warning
-            log("hub connection closed: %s %s", event.code, event.detail)
+            log("hub connection closed: %r %r", event.code, event.detail)
         elif isinstance(event, hp.ErrorReceived) and not event.fatal:
-            logger.warning("hub error: %s %s", event.code, event.text)
+            logger.warning("hub error: %r %r", event.code, event.text)
         if self.on_event is not None:
             self.on_event(event)
 
@@ -631,7 +664,7 @@ class _Link:
             self.loop.call_later(delay, self._send_pipelined, wire, data, message_id)
             return
         logger.warning(
-            "%s: the hub refused envelope %s (%s); it stays in the outbox",
+            "%s: the hub refused envelope %s (%r); it stays in the outbox",
             self.agent_id,
             message_id.hex(),
             event.code,
@@ -831,10 +864,17 @@ class NetworkHub:
     connect and HELLO), ``ack_timeout`` (how long :meth:`deliver` waits for
     the hub's SEND_ACK, including a reconnect), ``request_timeout`` (other
     requests), ``ping_interval``, ``reconnect_initial``/``reconnect_max``
-    (seconds, see :func:`backoff`), ``expected_hub_address`` (refuse a hub
-    that signs logins for another name), ``server_hostname`` and
-    ``send_window`` (how many envelopes :meth:`submit` keeps unacknowledged
-    per agent).
+    (seconds, see :func:`backoff`), ``server_hostname`` (the TLS server name,
+    default ``host``), ``expected_hub_address`` and ``send_window`` (how many
+    envelopes :meth:`submit` keeps unacknowledged per agent).
+
+    Logins are bound to the hub: the client signs the name it dialled,
+    :attr:`dialled_address` (``server_hostname`` over TLS if given, else
+    ``host``, with ``port``), and over TLS the SHA-256 of the certificate it
+    verified; it refuses a hub that does not announce that name
+    (``AuthFailedError("wrong_hub")``). ``expected_hub_address="host:port"``
+    replaces the dialled name as what is expected and signed, e.g. to reach a
+    hub through a tunnel or by IP.
 
     The constructor does no I/O; the I/O thread starts with the first call
     that needs it. All methods are thread-safe and blocking, and must not be
@@ -869,6 +909,14 @@ class NetworkHub:
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
         self.expected_hub_address = expected_hub_address
+        dialled = server_hostname if tls is not False and server_hostname else host
+        try:
+            #: The hub name this client dialled, as its logins sign it.
+            self.dialled_address = hp.format_hub_address(dialled, port)
+            if expected_hub_address is not None:
+                hp.parse_hub_address(expected_hub_address)
+        except ValueError as exc:
+            raise ValueError(f"cannot name the hub to log in to: {exc}") from exc
         self.max_frame_size = max_frame_size
         self.send_window = send_window
         self._server_hostname = server_hostname
@@ -907,10 +955,14 @@ class NetworkHub:
         return backoff(self.reconnect_initial, self.reconnect_max)
 
     async def open_wire(self, on_event: Callable[[hp.Event], None] | None = None) -> _Wire:
-        """Connect and wait for HELLO (loop thread). Raises HubUnavailableError."""
+        """Connect and wait for HELLO (loop thread). Raises HubUnavailableError, or
+        AuthFailedError (``wrong_hub``) / HubError (``unsupported_version``) for a
+        hub this client must not log in to."""
         loop = asyncio.get_running_loop()
         conn = hp.ClientConnection(
-            max_frame_size=self.max_frame_size, expected_hub_address=self.expected_hub_address
+            max_frame_size=self.max_frame_size,
+            expected_hub_address=self.expected_hub_address,
+            dialled_address=self.dialled_address,
         )
         wire = _Wire(conn, on_event)
         context = self._ssl()

@@ -21,13 +21,23 @@ Delivery
     with at most ``push_window`` unacknowledged pushes in flight. Whatever is
     not acknowledged stays stored and is pushed again at the next login.
 
+Names
+    A hub answers logins only for its own names (``hub_address``, announced
+    in HELLO) and, with TLS, only for its own certificate (see
+    :mod:`agentmesh.protocol.hub_protocol`). :func:`resolve_hub_names` decides
+    the names: the ``hub_address`` option if given; on a loopback host the
+    loopback names for the port; otherwise names derived from the machine,
+    with a warning (version 1's ``NetworkHubServer("0.0.0.0")`` keeps working;
+    the ``agentmesh-hub`` command refuses to start that way instead).
+
 Limits (each answered with an ERROR frame and a log line, never a crash):
 ``max_envelope_bytes``, mailbox quotas (count and bytes), ``max_connections``,
 ``handshake_timeout_s``, ``idle_timeout_s`` (with PING after
 ``ping_interval_s`` of silence), a per-connection token bucket
 (``rate_per_s``/``rate_burst``), and malformed frames (ERROR, then close).
 
-Never logs keys, signatures or envelope contents.
+Never logs keys, signatures or envelope contents; what a peer sent (an ERROR
+code) is logged with ``%r``, so it cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -42,14 +52,17 @@ import logging
 import os
 import queue
 import signal
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.crypto.prekeys import compose_bundle
@@ -80,7 +93,15 @@ def _wall_clock_ms() -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class HubOptions:
-    """Every tunable of the hub (keyword-only; see ``agentmesh-hub --help``)."""
+    """Every tunable of the hub (keyword-only; see ``agentmesh-hub --help``).
+
+    ``hub_address``: the names agents dial to reach this hub, ``HOST:PORT`` or
+    ``HOST`` (the listening port), one string (comma-separated for several) or
+    a sequence; see :func:`resolve_hub_names` for the default. TLS:
+    ``tls_cert`` and ``tls_key`` (PEM files), or an ``ssl_context`` together
+    with ``tls_cert``, the certificate that context serves: logins are bound to
+    its SHA-256, so the hub must know it.
+    """
 
     max_envelope_bytes: int = hp.DEFAULT_MAX_ENVELOPE_BYTES
     ttl_s: float = 7 * 24 * 3600.0
@@ -98,7 +119,7 @@ class HubOptions:
     prekeys_low_water: int = 20
     #: Pause reading a connection while this many bytes of its SENDs await commit.
     max_pending_send_bytes: int = 8 * 1024 * 1024
-    hub_address: str | None = None
+    hub_address: str | Sequence[str] | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     ssl_context: ssl.SSLContext | None = None
@@ -128,8 +149,19 @@ class HubOptions:
                 raise ConfigurationError(f"{name} must be positive, not {value!r}")
         if self.max_envelope_bytes > 0xFFFFFFFF - hp.FRAME_OVERHEAD:
             raise ConfigurationError("max_envelope_bytes is too large")
-        if (self.tls_cert is None) != (self.tls_key is None):
+        if self.ssl_context is not None:
+            if self.tls_cert is None:
+                raise ConfigurationError(
+                    "ssl_context needs tls_cert too (the PEM certificate it serves): "
+                    "logins are bound to that certificate"
+                )
+        elif (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigurationError("tls_cert and tls_key must be given together")
+        if self.hub_address is not None:
+            try:
+                hp.parse_hub_names(self.hub_address, default_port=DEFAULT_PORT)
+            except ValueError as exc:
+                raise ConfigurationError(f"hub_address: {exc}") from exc
 
     def make_ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context (from ``ssl_context`` or the cert/key files), or None."""
@@ -144,6 +176,20 @@ class HubOptions:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigurationError(f"cannot load TLS certificate/key: {exc}") from exc
         return context
+
+    def channel_binding(self) -> bytes:
+        """The login channel binding of this hub: the SHA-256 of its certificate (the
+        first of ``tls_cert``, as TLS sends it), or empty without TLS."""
+        if self.tls_cert is None:
+            return b""
+        try:
+            with open(self.tls_cert, "rb") as file:
+                certificates = x509.load_pem_x509_certificates(file.read())
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"cannot read the TLS certificate {self.tls_cert}: {exc}"
+            ) from exc
+        return hp.tls_server_end_point(certificates[0].public_bytes(Encoding.DER))
 
 
 class TokenBucket:
@@ -425,7 +471,8 @@ class _Session(asyncio.Protocol):
         self._bucket = TokenBucket(self.options.rate_per_s, self.options.rate_burst, now)
         self.conn = hp.ServerConnection(
             nonce=os.urandom(32),
-            hub_address=hub.hub_address,
+            hub_address=hub.hub_names,
+            channel_binding=hub.channel_binding,
             max_envelope_bytes=self.options.max_envelope_bytes,
         )
         self._schedule("handshake", self.options.handshake_timeout_s, self._handshake_expired)
@@ -540,7 +587,7 @@ class _Session(asyncio.Protocol):
             self._spawn(self._on_login(event))
         elif isinstance(event, hp.ConnectionFailed):
             logger.warning(
-                "closing %s (%s): %s%s",
+                "closing %s (%s): %r%s",
                 self.peer,
                 self.agent_id,
                 event.code,
@@ -818,12 +865,14 @@ class _Hub:
         loop: asyncio.AbstractEventLoop,
         store: HubStore,
         options: HubOptions,
-        hub_address: str,
+        hub_names: tuple[str, ...],
+        channel_binding: bytes,
     ) -> None:
         self.loop = loop
         self.store = store
         self.options = options
-        self.hub_address = hub_address
+        self.hub_names = hub_names
+        self.channel_binding = channel_binding
         self.worker = StoreWorker(store, loop, options)
         self.sessions: set[_Session] = set()
         self.online: dict[str, _Session] = {}
@@ -874,13 +923,86 @@ def _refuse_read_only(store: HubStore) -> None:
             )
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a listening address) is reachable from this machine only."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return host == "" or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _usable_address(text: str) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return not (address.is_unspecified or address.is_multicast or address.is_link_local)
+
+
+def _local_addresses() -> list[str]:
+    """This machine's addresses that a standard library can tell: those its names
+    resolve to, and the source address of its default routes."""
+    found: list[str] = []
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        with contextlib.suppress(OSError, UnicodeError):
+            for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP):
+                found.append(str(info[4][0]))
+    # A connected UDP socket sends nothing; it only picks the route's source address.
+    for family, target in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((target, 9))
+            found.append(str(sock.getsockname()[0]))
+    return [address for address in found if _usable_address(address)]
+
+
+def machine_hub_names(host: str, port: int) -> tuple[str, ...]:
+    """Names a hub listening on ``host`` (a wildcard or this machine's address) may
+    be dialled by: ``host`` itself, the machine's host names and addresses, and the
+    loopback names; as many as fit in a HELLO. May block on DNS."""
+    candidates = [] if _is_wildcard(host) else [host]
+    candidates += [socket.getfqdn(), socket.gethostname(), *_local_addresses()]
+    names: list[str] = []
+    for candidate in candidates:
+        with contextlib.suppress(ValueError):
+            name = hp.format_hub_address(candidate, port)
+            if name not in names:
+                names.append(name)
+    loopback = list(hp.loopback_names(port)) if _is_wildcard(host) else []
+    # Loopback names are kept whatever else must go: local clients use them most.
+    while names and len(",".join(names + loopback)) > hp.MAX_HUB_NAMES_BYTES:
+        names.pop()
+    return tuple(names + [n for n in loopback if n not in names])
+
+
+def resolve_hub_names(
+    host: str, port: int, hub_address: str | Sequence[str] | None
+) -> tuple[tuple[str, ...], bool]:
+    """The names a hub on ``host``:``port`` answers logins for, and whether they
+    were derived from the machine (no ``hub_address`` on a non-loopback host).
+
+    ``hub_address`` names without a port get ``port``. Without ``hub_address``:
+    on a loopback host, ``host`` and the loopback names (``127.0.0.1``,
+    ``localhost``, ``::1``) for ``port``; elsewhere :func:`machine_hub_names`.
+    Raises ConfigurationError for invalid names.
+    """
+    try:
+        if hub_address is not None:
+            return hp.parse_hub_names(hub_address, default_port=port), False
+        if is_loopback_host(host):
+            own = hp.format_hub_address(host, port)
+            return (own, *(n for n in hp.loopback_names(port) if n != own)), False
+    except ValueError as exc:
+        raise ConfigurationError(f"hub_address: {exc}") from exc
+    return machine_hub_names(host, port), True
 
 
 class NetworkHubServer:
@@ -896,6 +1018,12 @@ class NetworkHubServer:
     background thread and returns once the socket is listening (raising any
     start-up error, e.g. :class:`ConfigurationError` for a database written by
     a newer AgentMesh). :attr:`port` is the bound port (useful with ``port=0``).
+
+    ``hub_address`` (an option) names the hub as its agents dial it; logins
+    signed for any other name are refused (see :func:`resolve_hub_names`).
+    Without it, a hub on a loopback host answers to the loopback names, and a
+    hub on any other host (version 1's default ``0.0.0.0``) to names derived
+    from the machine, with a warning to pass ``hub_address``.
     """
 
     def __init__(
@@ -1001,7 +1129,7 @@ class NetworkHubServer:
                 store.ensure_schema()
             except SQLAlchemyError as exc:
                 raise ConfigurationError(f"cannot open the hub database {store!r}: {exc}") from exc
-            hub = _Hub(loop, store, options, "")
+            hub = _Hub(loop, store, options, (), options.channel_binding())
             server = await loop.create_server(
                 lambda: _Session(hub),
                 self.host,
@@ -1009,14 +1137,34 @@ class NetworkHubServer:
                 ssl=ssl_context,
                 ssl_handshake_timeout=options.handshake_timeout_s if ssl_context else None,
                 backlog=1024,
+                start_serving=False,  # the names depend on the bound port
             )
         except BaseException:
             store.close()
             raise
-        self._port = server.sockets[0].getsockname()[1]
-        hub.hub_address = options.hub_address or f"{self.host}:{self._port}"
+        port = int(server.sockets[0].getsockname()[1])
+        try:
+            names, derived = await loop.run_in_executor(
+                None, resolve_hub_names, self.host, port, options.hub_address
+            )
+        except BaseException:
+            server.close()
+            store.close()
+            raise
+        self._port, hub.hub_names = port, names
         hub.worker.start()
-        if ssl_context is None and not _is_loopback(self.host):
+        await server.start_serving()
+        if derived:
+            logger.warning(
+                "no hub_address given for %s: answering logins for names guessed from this "
+                "machine (%s); pass hub_address=... (agentmesh-hub --hub-address HOST:PORT) "
+                "with the name agents dial",
+                self.host or "*",
+                ", ".join(names),
+            )
+        tls_bound = " (logins bound to its TLS certificate)" if hub.channel_binding else ""
+        logger.info("hub names: %s%s", ", ".join(names), tls_bound)
+        if ssl_context is None and not is_loopback_host(self.host):
             logger.warning(
                 "listening on %s:%d without TLS: envelopes stay end-to-end encrypted, but "
                 "metadata and logins are visible on the network; use --tls-cert/--tls-key",

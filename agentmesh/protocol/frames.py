@@ -22,6 +22,7 @@ docs/PROTOCOL.md ("Hub frames").
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,14 @@ NONCE_LEN = 32
 MESSAGE_ID_LEN = 16
 #: Largest u32; field values above it cannot be encoded.
 _U32_MAX = 0xFFFFFFFF
+#: The first protocol version whose LOGIN carries the hub address and channel binding.
+LOGIN_BINDING_VERSION = 2
+#: Longest channel binding a LOGIN may carry (SHA-256 needs 32).
+MAX_CHANNEL_BINDING_LEN = 64
+#: Largest ERROR text in UTF-8 bytes: enough for any explanation, small enough to log.
+MAX_ERROR_TEXT = 1024
+#: An ERROR code: a machine-readable word, never anything a log reader could misread.
+_ERROR_CODE = re.compile(r"[a-z_]{1,64}")
 
 
 class FrameTooLargeError(DecodeError):
@@ -63,11 +72,15 @@ def _read_agent_id(r: Reader, what: str) -> str:
         raise DecodeError(f"{what}: {exc}") from exc
 
 
-def _read_text16(r: Reader, what: str) -> str:
-    try:
-        return r.bytes16().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"{what}: invalid UTF-8") from exc
+def printable_text(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """``text`` with every non-printable character escaped, cut at ``limit`` UTF-8 bytes.
+
+    Escaping (rather than dropping) keeps an explanation readable; the cut never
+    splits a UTF-8 sequence.
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 class Frame:
@@ -109,7 +122,12 @@ class _RequestIdOnly(Frame):
 class Hello(Frame):
     """Hub -> client, first frame: ``u16 version, 32 nonce, str8 hub_address,
     u32 max_frame_size, u32 max_envelope_bytes``. ``version`` is the highest
-    protocol version the hub speaks; the nonce is fresh random per connection."""
+    protocol version the hub speaks; the nonce is fresh random per connection.
+
+    Since version 2 ``hub_address`` lists every name the hub answers to, comma
+    separated (``host:port,host:port``); :mod:`agentmesh.protocol.hub_protocol`
+    parses it. The layout is version 1's, so an older client can still read
+    the version and be refused with ``unsupported_version``."""
 
     TYPE: ClassVar[int] = 0x01
     version: int
@@ -132,7 +150,14 @@ class Hello(Frame):
 @dataclass(frozen=True, slots=True)
 class Login(Frame):
     """Client -> hub: ``u32 request_id, u16 version, str8 agent_id, 32 signing_key,
-    64 signature, bytes32 bundle`` (an empty bundle means none)."""
+    64 signature, bytes32 bundle`` (an empty bundle means none), and from version
+    2 (:data:`LOGIN_BINDING_VERSION`) on ``str8 hub_address, bytes8 channel_binding``:
+    the hub name the client dialled and the TLS channel binding it saw, both
+    covered by the signature.
+
+    The version decides the layout, so a version 1 LOGIN still parses and the
+    hub can refuse it as ``unsupported_version``; in a version 1 LOGIN both
+    trailing fields are empty."""
 
     TYPE: ClassVar[int] = 0x02
     request_id: int
@@ -141,23 +166,31 @@ class Login(Frame):
     signing_key: bytes
     signature: bytes
     bundle: bytes = b""
+    hub_address: str = ""
+    channel_binding: bytes = b""
 
     def write_body(self, w: Writer) -> None:
         if len(self.signing_key) != KEY_LEN or len(self.signature) != SIGNATURE_LEN:
             raise ValueError("signing key must be 32 bytes and signature 64 bytes")
+        if len(self.channel_binding) > MAX_CHANNEL_BINDING_LEN:
+            raise ValueError(f"channel binding longer than {MAX_CHANNEL_BINDING_LEN} bytes")
         w.u32(self.request_id).u16(self.version).str8(validate_agent_id(self.agent_id))
         w.raw(self.signing_key).raw(self.signature).bytes32(self.bundle)
+        if self.version >= LOGIN_BINDING_VERSION:
+            w.str8(self.hub_address).bytes8(self.channel_binding)
+        elif self.hub_address or self.channel_binding:
+            raise ValueError("a version 1 LOGIN has no hub address or channel binding")
 
     @classmethod
     def read_body(cls, r: Reader) -> Login:
-        return cls(
-            r.u32(),
-            r.u16(),
-            _read_agent_id(r, "LOGIN"),
-            r.raw(KEY_LEN),
-            r.raw(SIGNATURE_LEN),
-            r.bytes32(_U32_MAX),
-        )
+        request_id, version = r.u32(), r.u16()
+        agent_id = _read_agent_id(r, "LOGIN")
+        key, signature, bundle = r.raw(KEY_LEN), r.raw(SIGNATURE_LEN), r.bytes32(_U32_MAX)
+        if version < LOGIN_BINDING_VERSION:
+            return cls(request_id, version, agent_id, key, signature, bundle)
+        address = r.str8()
+        binding = r.bytes8(MAX_CHANNEL_BINDING_LEN)
+        return cls(request_id, version, agent_id, key, signature, bundle, address, binding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +245,13 @@ class Ok(_RequestIdOnly):
 class Error(Frame):
     """Either direction: ``u32 request_id, bool fatal, str8 code, bytes8 message_id
     (empty or 16 bytes), bytes16 text (UTF-8)``. ``fatal``: the sender closes the
-    connection after this frame."""
+    connection after this frame.
+
+    ``code`` matches ``[a-z_]{1,64}``; ``text`` is at most :data:`MAX_ERROR_TEXT`
+    bytes of printable characters (``str.isprintable``: no newline, no control
+    or format character). Both come from the peer and end up in log lines and
+    exception messages, so anything else is refused when parsed; the encoder
+    escapes and cuts a text instead of failing."""
 
     TYPE: ClassVar[int] = 0x06
     request_id: int
@@ -224,20 +263,28 @@ class Error(Frame):
     def write_body(self, w: Writer) -> None:
         if len(self.message_id) not in (0, MESSAGE_ID_LEN):
             raise ValueError("message id must be empty or 16 bytes")
-        # Cut over-long text at 65535 bytes without splitting a UTF-8 sequence.
-        text = self.text.encode("utf-8")[:0xFFFF].decode("utf-8", "ignore").encode("utf-8")
+        if not _ERROR_CODE.fullmatch(self.code):
+            raise ValueError(f"error code {self.code!r} does not match [a-z_]{{1,64}}")
         w.u32(self.request_id).u8(int(self.fatal)).str8(self.code).bytes8(self.message_id)
-        w.bytes16(text)
+        w.bytes16(printable_text(self.text).encode("utf-8"))
 
     @classmethod
     def read_body(cls, r: Reader) -> Error:
         request_id = r.u32()
         fatal = _read_bool(r, "ERROR")
-        code = r.str8()
+        code = r.bytes8(64).decode("ascii", "replace")
+        if not _ERROR_CODE.fullmatch(code):
+            raise DecodeError("ERROR: code does not match [a-z_]{1,64}")
         message_id = r.bytes8()
         if len(message_id) not in (0, MESSAGE_ID_LEN):
             raise DecodeError("ERROR: message id must be empty or 16 bytes")
-        return cls(request_id, code, _read_text16(r, "ERROR"), message_id, fatal)
+        try:
+            text = r.bytes16(MAX_ERROR_TEXT).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError("ERROR: invalid UTF-8") from exc
+        if not text.isprintable():
+            raise DecodeError("ERROR: text has non-printable characters")
+        return cls(request_id, code, text, message_id, fatal)
 
 
 @dataclass(frozen=True, slots=True)

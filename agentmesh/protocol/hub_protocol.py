@@ -11,16 +11,25 @@ driver (``agentmesh.hub.server``) and the client driver
 Session::
 
     hub                                      client
-    HELLO(version, nonce, hub_address) ---->
-                                       <---- LOGIN(agent_id, key, sig, [bundle])
-    (verify sig; app binds id -> key)
+    HELLO(version, nonce, hub names) ------>
+                                       <---- LOGIN(agent_id, key, sig, [bundle],
+                                                   dialled address, channel binding)
+    (check address and binding, verify sig; app binds id -> key)
     LOGGED_IN  or  ERROR(fatal) ----------->
     ... requests <-> responses, PUSH -> / <- ACK, PING <-> PONG ...
 
-The login signature covers :func:`login_message`: ``b"AgentMesh-login-v1" ||
-nonce || str8(agent_id) || str8(hub_address)``, so it is useless on any other
-connection or hub. Key rotation (ROTATE_KEY) is signed by the old key
-(authorisation) and the new key (possession) over :func:`rotation_message`.
+The login signature covers :func:`login_message`: ``b"AgentMesh-login-v2" ||
+nonce || str8(agent_id) || str8(hub_address) || bytes8(channel_binding)``,
+where ``hub_address`` is the name the *client dialled* (not what the hub
+announced) and ``channel_binding`` the SHA-256 of the TLS certificate the
+client verified (empty over plain TCP). The hub refuses a login whose address
+is not one of its own names (``wrong_hub``) or whose binding is not the hash of
+its own certificate (``channel_binding_mismatch``), so a hub that relays an
+agent's login to another hub gets it refused there, with or without TLS. The
+client also refuses, before signing anything, a hub whose HELLO does not list
+the name it dialled. Key rotation (ROTATE_KEY) is signed by the old key
+(authorisation) and the new key (possession) over :func:`rotation_message`,
+bound the same way.
 
 Which frame may be sent or received in which state is decided by the four
 tables below and nowhere else. A frame the table does not allow, a frame that
@@ -36,7 +45,9 @@ Never imports asyncio, socket or sqlalchemy.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -48,6 +59,7 @@ from agentmesh.errors import CryptoError, DecodeError, LocalProtocolError
 from agentmesh.ids import validate_agent_id
 from agentmesh.protocol.envelope import MESSAGE_ID_LEN, decode_envelope
 from agentmesh.protocol.frames import (
+    LOGIN_BINDING_VERSION,
     NONCE_LEN,
     Ack,
     Agents,
@@ -76,13 +88,19 @@ from agentmesh.protocol.frames import (
     encode_frame,
 )
 
-#: The protocol version this code speaks (HELLO/LOGIN carry it).
-PROTOCOL_VERSION = 1
+#: The protocol version this code speaks (HELLO/LOGIN carry it). Version 2 binds
+#: the login to the dialled hub name and the TLS channel; version 1 logins could
+#: be relayed from one hub to another, so version 1 is not spoken at all.
+PROTOCOL_VERSION = LOGIN_BINDING_VERSION
 SUPPORTED_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
 #: Largest UPLOAD_PREKEYS batch the hub verifies (an agent's pool is 100 of each kind).
 MAX_PREKEYS_PER_UPLOAD = 256
-LOGIN_CONTEXT = b"AgentMesh-login-v1"
-ROTATE_CONTEXT = b"AgentMesh-rotate-v1"
+#: Domain separation of what an identity key signs for a hub (``Agent.sign_login``
+#: signs nothing else); the suffix changes whenever the signed layout does.
+LOGIN_CONTEXT = b"AgentMesh-login-v2"
+ROTATE_CONTEXT = b"AgentMesh-rotate-v2"
+#: Longest comma-separated list of hub names a HELLO can carry (its field is a str8).
+MAX_HUB_NAMES_BYTES = 255
 #: Default largest envelope a hub accepts.
 DEFAULT_MAX_ENVELOPE_BYTES = 1024 * 1024
 #: Room in a frame beyond the envelope (request id, lengths, a bundle).
@@ -97,20 +115,128 @@ def is_weak_signing_key(key: bytes) -> bool:
     return p.is_small_order_ed25519(key)
 
 
-def login_message(nonce: bytes, agent_id: str, hub_address: str) -> bytes:
-    """The bytes an agent signs to log in: context, nonce, agent id, hub address."""
+# --- hub names and the channel binding ------------------------------------
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def normalize_host(host: str) -> str:
+    """The canonical spelling of a host: an IP literal as ``ipaddress`` writes it
+    (IPv6 without brackets), a DNS name in lower case without a trailing dot.
+
+    Raises ValueError for anything else (whitespace, commas, controls, IPv6
+    zone ids): names end up in HELLO, log lines and error texts.
+    """
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if "%" not in text:
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            pass
+    name = text.lower()
+    name = name[:-1] if name.endswith(".") else name
+    if len(name) > 253 or not _HOSTNAME.fullmatch(name):
+        raise ValueError(f"invalid host name {host!r}")
+    return name
+
+
+def format_hub_address(host: str, port: int) -> str:
+    """The canonical hub name ``host:port`` (``[v6]:port`` for an IPv6 literal)."""
+    if not 0 < port < 0x10000:
+        raise ValueError(f"invalid port {port!r}")
+    name = normalize_host(host)
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+
+
+def parse_hub_address(text: str, default_port: int | None = None) -> str:
+    """Canonical form of one hub name: ``HOST:PORT``, ``[IPv6]:PORT``, or (with
+    ``default_port``) ``HOST``, ``[IPv6]`` or a bare IPv6 literal. Raises ValueError."""
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        rest = text[end + 1 :] if end > 0 else "!"
+        if (rest and not rest.startswith(":")) or ":" not in text[1:end]:
+            raise ValueError(f"invalid hub address {text!r}")
+        host, port_text = text[1:end], (rest[1:] if rest else None)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:  # a name without a port, or a bare IPv6 literal
+        host, port_text = text, None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"hub address {text!r} has no port (use HOST:PORT)")
+        port = default_port
+    elif _PORT.fullmatch(port_text):
+        port = int(port_text)
+    else:
+        raise ValueError(f"invalid port in hub address {text!r}")
+    return format_hub_address(host, port)
+
+
+def parse_hub_names(names: str | Iterable[str], default_port: int | None = None) -> tuple[str, ...]:
+    """The canonical, de-duplicated names in ``names`` (a comma-separated string,
+    or several of them), in order.
+
+    Raises ValueError if a name is invalid, none is given, or they do not fit
+    in a HELLO (:data:`MAX_HUB_NAMES_BYTES`).
+    """
+    parts = [names] if isinstance(names, str) else list(names)
+    found: list[str] = []
+    for part in parts:
+        for item in part.split(","):
+            name = parse_hub_address(item.strip(), default_port)
+            if name not in found:
+                found.append(name)
+    if not found:
+        raise ValueError("no hub name given")
+    if len(",".join(found).encode()) > MAX_HUB_NAMES_BYTES:
+        raise ValueError(f"hub names longer than {MAX_HUB_NAMES_BYTES} bytes in all")
+    return tuple(found)
+
+
+def loopback_names(port: int) -> tuple[str, ...]:
+    """The names of a hub that listens on a loopback address for ``port``."""
+    return tuple(format_hub_address(host, port) for host in ("127.0.0.1", "localhost", "::1"))
+
+
+def tls_server_end_point(certificate_der: bytes) -> bytes:
+    """The channel binding of a TLS connection: SHA-256 of the server's certificate (DER).
+
+    RFC 5929 ``tls-server-end-point`` hashes with the certificate's signature
+    hash (SHA-256 when that is MD5 or SHA-1). AgentMesh always uses SHA-256: it
+    needs no certificate parsing, both ends agree without negotiating, and its
+    collision resistance suffices; it differs from RFC 5929 only for certificates
+    signed with SHA-384/512, so the value is not interchangeable with other stacks.
+    """
+    return p.sha256(certificate_der)
+
+
+def login_message(
+    nonce: bytes, agent_id: str, hub_address: str, channel_binding: bytes = b""
+) -> bytes:
+    """The bytes an agent signs to log in: context, nonce, agent id, the hub name it
+    dialled and the channel binding (empty over plain TCP)."""
     if len(nonce) != NONCE_LEN:
         raise ValueError("nonce must be 32 bytes")
-    w = Writer().raw(LOGIN_CONTEXT).raw(nonce)
-    return w.str8(validate_agent_id(agent_id)).str8(hub_address).getvalue()
+    w = Writer().raw(LOGIN_CONTEXT).raw(nonce).str8(validate_agent_id(agent_id))
+    return w.str8(hub_address).bytes8(channel_binding).getvalue()
 
 
 def rotation_message(
-    nonce: bytes, agent_id: str, hub_address: str, old_key: bytes, new_key: bytes
+    nonce: bytes,
+    agent_id: str,
+    hub_address: str,
+    old_key: bytes,
+    new_key: bytes,
+    channel_binding: bytes = b"",
 ) -> bytes:
-    """The bytes both the old and the new key sign to rotate an agent's key."""
+    """The bytes both the old and the new key sign to rotate an agent's key
+    (``hub_address`` and ``channel_binding`` as in the connection's login)."""
     w = Writer().raw(ROTATE_CONTEXT).raw(nonce).str8(validate_agent_id(agent_id))
-    return w.str8(hub_address).raw(old_key).raw(new_key).getvalue()
+    w.str8(hub_address).bytes8(channel_binding)
+    return w.raw(old_key).raw(new_key).getvalue()
 
 
 def check_bundle(data: bytes, agent_id: str, signing_key: bytes) -> PrekeyBundle:
@@ -320,12 +446,16 @@ class RequestRejected(Event):
 
 @dataclass(frozen=True, slots=True)
 class HelloReceived(Event):
-    """The hub greeted us; call :meth:`ClientConnection.login` (or ask anonymously)."""
+    """The hub greeted us; call :meth:`ClientConnection.login` (or ask anonymously).
+
+    ``hub_address`` is the HELLO field as sent, ``hub_names`` the names parsed from it.
+    """
 
     version: int
     hub_address: str
     max_frame_size: int
     max_envelope_bytes: int
+    hub_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +655,12 @@ class _Connection:
 class ServerConnection(_Connection):
     """The hub's side of one client connection.
 
+    ``hub_address``: the hub's names (one ``host:port``, a comma-separated list,
+    or an iterable of them; see :func:`parse_hub_names`), announced in HELLO; a
+    LOGIN must be signed for one of them. ``channel_binding``: the
+    :func:`tls_server_end_point` of the certificate this connection serves, or
+    empty without TLS; a LOGIN must carry exactly this value.
+
     After construction, ``data_to_send()`` holds the HELLO. Every request
     event must be answered (``reply_*``); answers for a connection that has
     meanwhile closed are dropped silently, so late commit callbacks are safe.
@@ -538,7 +674,8 @@ class ServerConnection(_Connection):
         self,
         *,
         nonce: bytes,
-        hub_address: str,
+        hub_address: str | Iterable[str],
+        channel_binding: bytes = b"",
         max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
         max_frame_size: int | None = None,
         versions: frozenset[int] = SUPPORTED_VERSIONS,
@@ -548,15 +685,20 @@ class ServerConnection(_Connection):
         limit = max_frame_size or max_envelope_bytes + FRAME_OVERHEAD
         super().__init__(State.AWAIT_LOGIN, limit)
         self.nonce = nonce
-        self.hub_address = hub_address
+        self.hub_names = parse_hub_names(hub_address)
+        #: The HELLO field: every name, comma separated.
+        self.hub_address = ",".join(self.hub_names)
+        self.channel_binding = bytes(channel_binding)
         self.max_envelope_bytes = max_envelope_bytes
         self._versions = versions
         self.agent_id: str | None = None
         self.signing_key: bytes | None = None
         self.version = 0
         self._login: LoginRequested | None = None
+        #: The name the pending/accepted login was signed for (rotations repeat it).
+        self._login_address = ""
         self._out += encode_frame(
-            Hello(max(versions), nonce, hub_address, limit, max_envelope_bytes)
+            Hello(max(versions), nonce, self.hub_address, limit, max_envelope_bytes)
         )
 
     # -- answers ----------------------------------------------------------
@@ -647,24 +789,58 @@ class ServerConnection(_Connection):
             return [self._on_rotate(frame, self.agent_id, self.signing_key)]
         raise AssertionError(f"no handler for {type(frame).__name__}")  # pragma: no cover
 
+    def _refuse(self, request_id: int, code: str, detail: str) -> ConnectionFailed:
+        """Refuse a LOGIN: ERROR(fatal) naming its request (so the client can tell
+        the refusal from a lost connection), then CLOSED."""
+        self._send(Error(request_id, code, detail, fatal=True))
+        return ConnectionFailed(code, detail, sent_by_peer=False)
+
     def _on_login(self, frame: Login) -> Event:
         if frame.version not in self._versions:
-            return self._violation("unsupported_version", f"protocol version {frame.version}")
+            return self._refuse(
+                frame.request_id, "unsupported_version", f"protocol version {frame.version}"
+            )
         if is_weak_signing_key(frame.signing_key):
-            return self._violation("weak_key", "small-order identity key")
+            return self._refuse(frame.request_id, "weak_key", "small-order identity key")
+        # Both fields are what the client saw of its connection; a relay cannot
+        # change them, because the signature below covers them.
+        try:
+            dialled = parse_hub_address(frame.hub_address)
+        except ValueError:
+            dialled = ""
+        if dialled not in self.hub_names:
+            return self._refuse(
+                frame.request_id,
+                "wrong_hub",
+                f"the login is for hub {frame.hub_address!r}; this hub is {self.hub_address}",
+            )
+        if not p.constant_time_equal(frame.channel_binding, self.channel_binding):
+            why = (
+                "the login was signed for another TLS certificate"
+                if self.channel_binding
+                else "the login was signed for a TLS connection; this one has no TLS"
+            )
+            return self._refuse(
+                frame.request_id,
+                "channel_binding_mismatch",
+                f"{why} (is something relaying this connection?)",
+            )
         try:
             ed25519_verify(
                 frame.signing_key,
                 frame.signature,
-                login_message(self.nonce, frame.agent_id, self.hub_address),
+                login_message(self.nonce, frame.agent_id, frame.hub_address, frame.channel_binding),
             )
         except CryptoError:
-            return self._violation("bad_signature", "login signature does not verify")
+            return self._refuse(
+                frame.request_id, "bad_signature", "login signature does not verify"
+            )
+        self._login_address = frame.hub_address
         if frame.bundle:
             try:
                 check_bundle(frame.bundle, frame.agent_id, frame.signing_key)
             except (DecodeError, CryptoError, ValueError) as exc:
-                return self._violation("bad_bundle", str(exc))
+                return self._refuse(frame.request_id, "bad_bundle", str(exc))
         self._login = LoginRequested(
             frame.request_id, frame.version, frame.agent_id, frame.signing_key, frame.bundle
         )
@@ -718,7 +894,9 @@ class ServerConnection(_Connection):
             return self._reject(frame.request_id, "bad_request", "new key equals the old key")
         if is_weak_signing_key(frame.new_key):
             return self._reject(frame.request_id, "weak_key", "small-order identity key")
-        message = rotation_message(self.nonce, agent_id, self.hub_address, old_key, frame.new_key)
+        message = rotation_message(
+            self.nonce, agent_id, self._login_address, old_key, frame.new_key, self.channel_binding
+        )
         try:
             ed25519_verify(old_key, frame.old_signature, message)
             ed25519_verify(frame.new_key, frame.new_signature, message)
@@ -732,6 +910,16 @@ class ServerConnection(_Connection):
 
 class ClientConnection(_Connection):
     """A client's side of one hub connection.
+
+    ``dialled_address``: the ``host:port`` this client connected to (the TLS
+    server name if it set one, else the host). ``expected_hub_address``
+    overrides it (connect to one name, expect and sign another). The client
+    refuses a HELLO that does not list that name (``wrong_hub``) and signs it
+    in the login, so the hub can refuse a login relayed from another hub.
+    Without either (sans-IO tools and tests) it signs the hub's first
+    announced name and checks nothing; :class:`~agentmesh.hub.client.NetworkHub`
+    always passes ``dialled_address``. Over TLS, call
+    :meth:`set_channel_binding` before the HELLO is received.
 
     Wait for :class:`HelloReceived`, then call :meth:`login` with a signature
     over :meth:`login_challenge`. Request methods return the request id the
@@ -749,14 +937,28 @@ class ClientConnection(_Connection):
         max_frame_size: int = CLIENT_MAX_FRAME_SIZE,
         versions: frozenset[int] = SUPPORTED_VERSIONS,
         expected_hub_address: str | None = None,
+        dialled_address: str | None = None,
+        channel_binding: bytes = b"",
     ) -> None:
         super().__init__(State.AWAIT_HELLO, max_frame_size)
         self._versions = versions
-        self._expected_hub_address = expected_hub_address
+        expected = expected_hub_address if expected_hub_address is not None else dialled_address
+        #: The hub name this client expects and signs (raises ValueError if invalid).
+        self.expected_hub_address = parse_hub_address(expected) if expected is not None else None
+        self.channel_binding = bytes(channel_binding)
+        #: The name the login signs (known after HELLO).
+        self.login_address = ""
         self.hello: Hello | None = None
         self.version = 0
         self.agent_id: str | None = None
         self._pending_login: tuple[int, str] | None = None
+
+    def set_channel_binding(self, channel_binding: bytes) -> None:
+        """Use ``channel_binding`` (:func:`tls_server_end_point` of the verified server
+        certificate) in the login. Only before the HELLO is received."""
+        if self.state is not State.AWAIT_HELLO:
+            raise LocalProtocolError("the channel binding must be set before HELLO")
+        self.channel_binding = bytes(channel_binding)
 
     @property
     def max_envelope_bytes(self) -> int:
@@ -773,13 +975,24 @@ class ClientConnection(_Connection):
     def login_challenge(self, agent_id: str) -> bytes:
         """The exact bytes ``agent_id``'s identity key must sign for :meth:`login`."""
         hello = self._hello()
-        return login_message(hello.nonce, agent_id, hello.hub_address)
+        return login_message(hello.nonce, agent_id, self.login_address, self.channel_binding)
 
     def login(
         self, agent_id: str, signing_key: bytes, signature: bytes, bundle: bytes = b""
     ) -> int:
         request_id = self._request_id()
-        self._send(Login(request_id, self.version, agent_id, signing_key, signature, bundle))
+        self._send(
+            Login(
+                request_id,
+                self.version,
+                agent_id,
+                signing_key,
+                signature,
+                bundle,
+                self.login_address,
+                self.channel_binding,
+            )
+        )
         self._pending_login = (request_id, agent_id)
         return request_id
 
@@ -788,7 +1001,9 @@ class ClientConnection(_Connection):
         hello = self._hello()
         if self.agent_id is None:
             raise LocalProtocolError("not logged in")
-        return rotation_message(hello.nonce, self.agent_id, hello.hub_address, old_key, new_key)
+        return rotation_message(
+            hello.nonce, self.agent_id, self.login_address, old_key, new_key, self.channel_binding
+        )
 
     def rotate_key(self, new_key: bytes, old_signature: bytes, new_signature: bytes) -> int:
         request_id = self._request_id()
@@ -869,16 +1084,26 @@ class ClientConnection(_Connection):
         chosen = min(frame.version, max(self._versions))
         if chosen not in self._versions:
             return self._violation("unsupported_version", f"hub speaks version {frame.version}")
-        if (
-            self._expected_hub_address is not None
-            and frame.hub_address != self._expected_hub_address
-        ):
+        try:
+            names = parse_hub_names(frame.hub_address)
+        except ValueError:
             return self._violation("wrong_hub", f"hub calls itself {frame.hub_address!r}")
+        expected = self.expected_hub_address
+        if expected is not None and expected not in names:
+            # Refused before anything is signed: a relay, or a hub configured
+            # without the name its agents use (--hub-address).
+            return self._violation(
+                "wrong_hub",
+                f"dialled {expected} but the hub answers to {', '.join(names)}; "
+                "dial one of those names, or start the hub with --hub-address "
+                f"{expected}",
+            )
+        self.login_address = expected if expected is not None else names[0]
         self.hello = frame
         self.version = chosen
         self.peer_max_frame_size = frame.max_frame_size
         return HelloReceived(
-            chosen, frame.hub_address, frame.max_frame_size, frame.max_envelope_bytes
+            chosen, frame.hub_address, frame.max_frame_size, frame.max_envelope_bytes, names
         )
 
     def _on_logged_in(self, frame: LoggedIn) -> Event:

@@ -604,11 +604,12 @@ def test_sign_login_refuses_bytes_that_are_not_a_login_challenge():
 
     from agentmesh import Agent
     from agentmesh.errors import LocalProtocolError
+    from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT
 
     agent = Agent("signer")
     with pytest.raises(LocalProtocolError):
         agent.sign_login(b"pay mallory 100 coins")
-    assert len(agent.sign_login(b"AgentMesh-login-v1" + bytes(32))) == 64
+    assert len(agent.sign_login(LOGIN_CONTEXT + bytes(32))) == 64
 
 
 def test_small_order_ed25519_identity_keys_are_rejected():

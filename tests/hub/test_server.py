@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import socket
 import sqlite3
@@ -33,6 +34,7 @@ from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets, SignedPrekey
 from agentmesh.errors import (
     AuthFailedError,
+    ConfigurationError,
     HubError,
     HubUnavailableError,
     MailboxFullError,
@@ -46,7 +48,6 @@ from agentmesh.protocol import hub_protocol as hp
 from agentmesh.protocol.envelope import RatchetHeader, decode_envelope, encode_header
 
 pytestmark = pytest.mark.timeout(60)
-
 
 
 KEY = IdentityKeyPair.generate().public.signing
@@ -445,6 +446,22 @@ def test_prekeys_low_reaches_the_owner(shared_hub: HubProcess, clients: Any) -> 
 # --- abuse and limits ------------------------------------------------------------
 
 
+def _login(key: bytes, hub_address: str, binding: bytes = b"") -> Callable[[int], bytes]:
+    """A LOGIN with a zero signature, for the hub on a port; ``{port}`` names that port."""
+    return lambda port: f.encode_frame(
+        f.Login(
+            1,
+            hp.PROTOCOL_VERSION,
+            "x",
+            key,
+            bytes(64),
+            b"",
+            hub_address.format(port=port),
+            binding,
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("garbage", "code"),
     [
@@ -452,19 +469,27 @@ def test_prekeys_low_reaches_the_owner(shared_hub: HubProcess, clients: Any) -> 
         (b"\x7f\xff\xff\xff", "frame_too_large"),
         (b"\x00\x00\x00\x00", "bad_frame"),
         (f.encode_frame(f.Send(1, b"early")), "unexpected_frame"),
-        (f.encode_frame(f.Login(1, 1, "x", bytes(32), bytes(64))), "weak_key"),
-        (f.encode_frame(f.Login(1, 1, "x", KEY, bytes(64))), "bad_signature"),
+        (_login(bytes(32), "127.0.0.1:{port}"), "weak_key"),
+        (_login(KEY, "127.0.0.1:{port}"), "bad_signature"),
+        (_login(KEY, "127.0.0.1:1"), "wrong_hub"),
+        (_login(KEY, "localhost:{port}", b"\x01" * 32), "channel_binding_mismatch"),
         (f.encode_frame(f.Login(1, 7, "x", bytes(32), bytes(64))), "unsupported_version"),
+        (f.encode_frame(f.Login(1, 1, "x", KEY, bytes(64))), "unsupported_version"),
     ],
 )
 def test_malformed_frames_get_an_error_then_close(
-    shared_hub: HubProcess, garbage: bytes, code: str
+    shared_hub: HubProcess, garbage: bytes | Callable[[int], bytes], code: str
 ) -> None:
+    data = garbage(shared_hub.port) if callable(garbage) else garbage
     with socket.create_connection(("127.0.0.1", shared_hub.port), timeout=15) as sock:
-        sock.sendall(garbage)
+        sock.sendall(data)
         frames = frames_until_eof(sock)
     assert isinstance(frames[0], f.Hello)
-    assert frames[-1] == f.Error(0, code, frames[-1].text, fatal=True)  # type: ignore[attr-defined]
+    last = frames[-1]
+    assert isinstance(last, f.Error) and last.fatal and last.code == code
+    assert last.request_id == (
+        1 if data[4:5] == bytes([f.Login.TYPE]) else 0
+    )  # LOGIN refusals name it
 
 
 def test_abuse_does_not_disturb_legitimate_agents(shared_hub: HubProcess, clients: Any) -> None:
@@ -672,6 +697,53 @@ def test_tls_round_trip(start_hub: Any, clients: Any, tmp_path: Path) -> None:
     # Without trusting the certificate the client refuses to talk.
     with pytest.raises(HubUnavailableError):
         clients(hub_proc, tls=True, connect_timeout=2.0).register(FakeEndpoint(unique("x")))
+
+
+def test_wildcard_hub_without_a_name_derives_names_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Version 1's NetworkHubServer("0.0.0.0") keeps working: it guesses its names.
+    server = NetworkHubServer("0.0.0.0", 0, str(tmp_path / "w.sqlite"))
+    with caplog.at_level(logging.INFO, logger="agentmesh.hub.server"):
+        server.start(block=False)
+    port = server.port
+    try:
+        assert any("pass hub_address" in r.getMessage() for r in caplog.records)
+        for host in ("127.0.0.1", "localhost"):
+            with NetworkHub(host, port, connect_timeout=5.0) as hub:
+                hub.register(FakeEndpoint(unique("alice")))
+    finally:
+        server.stop()
+    [announced] = [
+        r.getMessage().removeprefix("hub names: ")
+        for r in caplog.records
+        if r.getMessage().startswith("hub names: ")
+    ]
+    names = hp.parse_hub_names(announced.replace(" ", ""))
+    assert set(hp.loopback_names(port)) <= set(names)
+
+
+def test_hub_address_names_the_hub_and_expected_hub_address_overrides(tmp_path: Path) -> None:
+    server = NetworkHubServer(
+        "127.0.0.1", 0, str(tmp_path / "n.sqlite"), hub_address="hub.example,other.example:1"
+    )
+    server.start(block=False)
+    try:
+        port = server.port
+        with NetworkHub("127.0.0.1", port, connect_timeout=5.0) as hub:
+            with pytest.raises(AuthFailedError, match=r"hub\.example:"):
+                hub.register(FakeEndpoint(unique("alice")))
+        expected = f"HUB.example:{port}"
+        with NetworkHub("127.0.0.1", port, expected_hub_address=expected) as hub:
+            hub.register(FakeEndpoint(unique("alice")))
+    finally:
+        server.stop()
+    with pytest.raises(ConfigurationError):
+        NetworkHubServer("127.0.0.1", 0, hub_address="bad name:1")
+    with pytest.raises(ConfigurationError, match="tls_cert"):
+        NetworkHubServer("127.0.0.1", 0, ssl_context=ssl.create_default_context())
+    with pytest.raises(ValueError):
+        NetworkHub("127.0.0.1", 1, expected_hub_address="no port")
 
 
 def test_database_holds_no_plaintext(start_hub: Any, tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ SAMPLES: list[f.Frame] = [
     f.Hello(1, b"\x07" * 32, "hub.example:7700", 1 << 20, 1 << 19),
     f.Login(1, 1, "alice", b"\x01" * 32, b"\x02" * 64, b""),
     f.Login(2, 1, "alice.bot-1_x", b"\x01" * 32, b"\x02" * 64, b"bundle-bytes"),
+    f.Login(3, 2, "alice", b"\x01" * 32, b"\x02" * 64, b"", "hub.example:7700", b"\x03" * 32),
+    f.Login(4, 2, "alice", b"\x01" * 32, b"\x02" * 64, b"b", "[::1]:7700", b""),
     f.LoggedIn(1, True),
     f.LoggedIn(0xFFFFFFFF, False),
     f.RotateKey(3, b"\x03" * 32, b"\x04" * 64, b"\x05" * 64),
@@ -127,6 +129,15 @@ def test_oversized_declared_length_fails_immediately_without_buffering() -> None
         (f.SendAck.TYPE, b"\x00\x00\x00\x01" + MID + b"\x07"),
         (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x01x\x05abcde\x00\x00"),  # 5-byte message id
         (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x01x\x00\x00\x01\xff"),  # text not UTF-8
+        (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x02x\n\x00\x00\x00"),  # code with a newline
+        (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x01X\x00\x00\x00"),  # code not [a-z_]
+        (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x00\x00\x00\x00"),  # empty code
+        (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x41" + b"x" * 65 + b"\x00\x00\x00"),  # 65 chars
+        (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x01x\x00\x00\x02a\n"),  # text with a newline
+        (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x01x\x00\x00\x03\xe2\x80\xa8"),  # U+2028
+        (f.Error.TYPE, b"\x00\x00\x00\x00\x00\x01x\x00\x04\x01" + b"a" * 1025),  # too long
+        # A version 2 LOGIN with a 65-byte channel binding.
+        (f.Login.TYPE, bytes(5) + b"\x02\x01x" + bytes(100) + b"\x00\x41" + bytes(65)),
         (f.FetchBundle.TYPE, b"\x00\x00\x00\x01\x03../"),  # invalid agent id
         (f.FetchBundle.TYPE, b"\x00\x00\x00\x01\x00"),  # empty agent id
         (f.Agents.TYPE, b"\x00\x00\x00\x01\xff\xff\xff\xff"),  # count beyond the frame
@@ -145,13 +156,28 @@ def test_encoder_refuses_out_of_range_fields() -> None:
         f.encode_frame(f.Login(1, 1, "bad id", b"\x01" * 32, b"\x02" * 64))
     with pytest.raises(ValueError):
         f.encode_frame(f.Hello(1, b"\x00" * 31, "hub", 1, 1))
+    for code in ("", "Bad", "x\nFORGED", "x" * 65, "code-1"):
+        with pytest.raises(ValueError, match="error code"):
+            f.encode_frame(f.Error(1, code))
+    with pytest.raises(ValueError):  # version 1 had no place for them
+        f.encode_frame(f.Login(1, 1, "alice", b"\x01" * 32, b"\x02" * 64, b"", "hub:1"))
+    with pytest.raises(ValueError):
+        f.encode_frame(f.Login(1, 2, "alice", b"\x01" * 32, b"\x02" * 64, b"", "h:1", bytes(65)))
 
 
 def test_error_text_is_cut_on_a_character_boundary() -> None:
     frame = f.Error(1, "x", "é" * 40000)
     decoded = f.FrameDecoder().feed(f.encode_frame(frame))[0]
     assert isinstance(decoded, f.Error)
-    assert decoded.text == "é" * 32767
+    assert decoded.text == "é" * (f.MAX_ERROR_TEXT // 2)
+
+
+def test_error_text_controls_are_escaped_by_the_encoder() -> None:
+    frame = f.Error(1, "x", "line one\nFORGED line\r\x1b[31m\u2028end")
+    decoded = f.FrameDecoder().feed(f.encode_frame(frame))[0]
+    assert isinstance(decoded, f.Error)
+    assert decoded.text == "line one\\nFORGED line\\r\\x1b[31m\\u2028end"
+    assert decoded.text.isprintable()
 
 
 @settings(max_examples=300, deadline=None)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from typing import Any
 
 import pytest
 
+from agentmesh.codec import Writer
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeySecrets
 from agentmesh.errors import LocalProtocolError
@@ -28,9 +31,19 @@ def envelope(
 class Link:
     """A hub connection and a client connection wired back to back."""
 
-    def __init__(self, *, max_envelope_bytes: int = 4096, **client_options: object) -> None:
+    def __init__(
+        self,
+        *,
+        max_envelope_bytes: int = 4096,
+        hub_address: str = HUB,
+        hub_binding: bytes = b"",
+        **client_options: object,
+    ) -> None:
         self.server = hp.ServerConnection(
-            nonce=os.urandom(32), hub_address=HUB, max_envelope_bytes=max_envelope_bytes
+            nonce=os.urandom(32),
+            hub_address=hub_address,
+            channel_binding=hub_binding,
+            max_envelope_bytes=max_envelope_bytes,
         )
         self.client = hp.ClientConnection(**client_options)  # type: ignore[arg-type]
         self.server_events: list[hp.Event] = []
@@ -99,14 +112,18 @@ def test_hello_then_login(alice: IdentityKeyPair) -> None:
     link = Link()
     assert state(link.server) is hp.State.AWAIT_LOGIN
     _, client_events = link.pump()
-    assert client_events == [hp.HelloReceived(1, HUB, 4096 + hp.FRAME_OVERHEAD, 4096)]
+    assert client_events == [
+        hp.HelloReceived(hp.PROTOCOL_VERSION, HUB, 4096 + hp.FRAME_OVERHEAD, 4096, (HUB,))
+    ]
     bundle, _ = bundle_of("alice", alice)
     challenge = link.client.login_challenge("alice")
-    assert challenge == hp.login_message(link.server.nonce, "alice", HUB)
+    assert challenge == hp.login_message(link.server.nonce, "alice", HUB, b"")
     link.client.login("alice", alice.public.signing, alice.sign(challenge), bundle)
     assert state(link.client) is hp.State.AUTHENTICATING
     server_events, _ = link.pump()
-    assert server_events == [hp.LoginRequested(1, 1, "alice", alice.public.signing, bundle)]
+    assert server_events == [
+        hp.LoginRequested(1, hp.PROTOCOL_VERSION, "alice", alice.public.signing, bundle)
+    ]
     assert state(link.server) is hp.State.AUTHENTICATING
     link.server.accept_login(created=True)
     _, client_events = link.pump()
@@ -116,11 +133,13 @@ def test_hello_then_login(alice: IdentityKeyPair) -> None:
     assert link.server.signing_key == alice.public.signing
 
 
-@pytest.mark.parametrize("mistake", ["wrong_key", "other_nonce", "other_hub", "other_id"])
+@pytest.mark.parametrize(
+    "mistake", ["wrong_key", "other_nonce", "other_hub", "other_id", "other_channel"]
+)
 def test_login_signature_must_cover_this_connection(alice: IdentityKeyPair, mistake: str) -> None:
     link = Link()
     link.pump()
-    nonce, hub, agent_id = link.server.nonce, HUB, "alice"
+    nonce, hub, agent_id, binding = link.server.nonce, HUB, "alice", b""
     signer = alice
     if mistake == "wrong_key":
         signer = IdentityKeyPair.generate()
@@ -128,9 +147,11 @@ def test_login_signature_must_cover_this_connection(alice: IdentityKeyPair, mist
         nonce = os.urandom(32)
     elif mistake == "other_hub":
         hub = "evil.example:7700"
+    elif mistake == "other_channel":
+        binding = os.urandom(32)
     else:
         agent_id = "mallory"
-    signature = signer.sign(hp.login_message(nonce, agent_id, hub))
+    signature = signer.sign(hp.login_message(nonce, agent_id, hub, binding))
     link.client.login("alice", alice.public.signing, signature)
     server_events, client_events = link.pump()
     assert server_events == [hp.ConnectionFailed("bad_signature", server_events[0].detail, False)]  # type: ignore[attr-defined]
@@ -165,7 +186,8 @@ def test_small_order_identity_keys_are_refused() -> None:
         assert hp.is_weak_signing_key(weak)
         link = Link()
         link.pump()
-        events = link.server.receive_data(f.encode_frame(f.Login(1, 1, "x", weak, bytes(64))))
+        login = f.Login(1, hp.PROTOCOL_VERSION, "x", weak, bytes(64), b"", HUB)
+        events = link.server.receive_data(f.encode_frame(login))
         assert events == [hp.ConnectionFailed("weak_key", "small-order identity key", False)]
     assert not hp.is_weak_signing_key(IdentityKeyPair.generate().public.signing)
 
@@ -178,18 +200,26 @@ def test_unknown_version_is_refused_by_the_hub(alice: IdentityKeyPair) -> None:
     assert [type(e) for e in events] == [hp.ConnectionFailed]
     assert events[0].code == "unsupported_version"  # type: ignore[attr-defined]
     reply = f.FrameDecoder().feed(link.server.data_to_send())
-    assert reply == [f.Error(0, "unsupported_version", "protocol version 9", fatal=True)]
+    # The refusal names the LOGIN's request, so a client can tell it from a lost connection.
+    assert reply == [f.Error(1, "unsupported_version", "protocol version 9", fatal=True)]
+
+
+def test_version_1_logins_are_refused_by_the_hub(alice: IdentityKeyPair) -> None:
+    # Version 1 signed what the hub announced, so it could be relayed: not spoken.
+    link = Link()
+    link.pump()
+    login = f.Login(1, 1, "alice", alice.public.signing, alice.sign(b"x"))
+    assert f.encode_frame(login)[-1:] == b"\x00"  # the version 1 layout: ends with the bundle
+    events = link.server.receive_data(f.encode_frame(login))
+    assert [e.code for e in events if isinstance(e, hp.ConnectionFailed)] == ["unsupported_version"]
 
 
 def test_client_refuses_a_hub_speaking_only_newer_versions() -> None:
-    link = Link(versions=frozenset({2}))
+    link = Link(versions=frozenset({hp.PROTOCOL_VERSION + 1}))
     server_events, client_events = link.pump()
-    assert client_events == [
-        hp.ConnectionFailed("unsupported_version", "hub speaks version 1", False)
-    ]
-    assert server_events == [
-        hp.ConnectionFailed("unsupported_version", "hub speaks version 1", True)
-    ]
+    why = f"hub speaks version {hp.PROTOCOL_VERSION}"
+    assert client_events == [hp.ConnectionFailed("unsupported_version", why, False)]
+    assert server_events == [hp.ConnectionFailed("unsupported_version", why, True)]
 
 
 def test_client_refuses_an_unexpected_hub_address() -> None:
@@ -197,6 +227,136 @@ def test_client_refuses_an_unexpected_hub_address() -> None:
     _, client_events = link.pump()
     assert isinstance(client_events[0], hp.ConnectionFailed)
     assert client_events[0].code == "wrong_hub"
+
+
+@pytest.mark.parametrize(
+    ("options", "signed"),
+    [
+        ({"dialled_address": HUB}, HUB),
+        ({"dialled_address": "HUB.Test.:7700"}, HUB),  # the same name, spelt otherwise
+        ({"dialled_address": "[::1]:7700"}, "[::1]:7700"),
+        ({"dialled_address": "other:1", "expected_hub_address": "[::1]:7700"}, "[::1]:7700"),
+        ({}, HUB),  # sans-IO without a dialled name: the hub's first name
+    ],
+)
+def test_client_signs_the_name_it_dialled(
+    alice: IdentityKeyPair, options: dict[str, Any], signed: str
+) -> None:
+    link = Link(hub_address=f"{HUB},[0:0::1]:7700", **options)
+    link.login("alice", alice)
+    assert link.client.login_address == signed
+    assert link.client.login_challenge("alice").endswith(Writer().str8(signed).u8(0).getvalue())
+
+
+def test_client_refuses_a_hub_that_does_not_answer_to_the_dialled_name() -> None:
+    link = Link(hub_address="127.0.0.1:7701", dialled_address="127.0.0.1:7700")
+    server_events, client_events = link.pump()
+    assert [type(e) for e in client_events] == [hp.ConnectionFailed]
+    failed = client_events[0]
+    assert isinstance(failed, hp.ConnectionFailed) and failed.code == "wrong_hub"
+    assert "127.0.0.1:7700" in failed.detail and "127.0.0.1:7701" in failed.detail
+    assert [e.code for e in server_events if isinstance(e, hp.ConnectionFailed)] == ["wrong_hub"]
+    assert link.client.closed and link.server.closed
+
+
+@pytest.mark.parametrize("announced", ["", "a b:1", "hub:0", "hub:1,", "hub:1\nFORGED:2"])
+def test_client_refuses_a_hello_without_valid_names(announced: str) -> None:
+    client = hp.ClientConnection(dialled_address="hub:1")
+    hello = f.Hello(hp.PROTOCOL_VERSION, os.urandom(32), announced, 1 << 20, 1 << 16)
+    events = client.receive_data(f.encode_frame(hello))
+    assert [e.code for e in events if isinstance(e, hp.ConnectionFailed)] == ["wrong_hub"]
+
+
+def _signed_login(
+    nonce: bytes, identity: IdentityKeyPair, hub_address: str, binding: bytes
+) -> bytes:
+    signature = identity.sign(hp.login_message(nonce, "alice", hub_address, binding))
+    login = f.Login(
+        1,
+        hp.PROTOCOL_VERSION,
+        "alice",
+        identity.public.signing,
+        signature,
+        b"",
+        hub_address,
+        binding,
+    )
+    return f.encode_frame(login)
+
+
+@pytest.mark.parametrize("address", ["evil.example:7700", "hub.test:7701", "", "not a name"])
+def test_hub_refuses_a_login_signed_for_another_name(alice: IdentityKeyPair, address: str) -> None:
+    link = Link()
+    link.pump()
+    events = link.server.receive_data(_signed_login(link.server.nonce, alice, address, b""))
+    assert [type(e) for e in events] == [hp.ConnectionFailed]
+    assert events[0].code == "wrong_hub"  # type: ignore[attr-defined]
+    assert link.server.closed
+
+
+@pytest.mark.parametrize(
+    ("hub_binding", "login_binding", "accepted"),
+    [
+        (b"", b"", True),
+        (b"\x01" * 32, b"\x01" * 32, True),
+        (b"\x01" * 32, b"\x02" * 32, False),  # a relay with its own certificate
+        (b"\x01" * 32, b"", False),  # TLS hub, a login made over plain TCP
+        (b"", b"\x01" * 32, False),  # plain hub, a login made over TLS to a relay
+    ],
+)
+def test_hub_checks_the_channel_binding(
+    alice: IdentityKeyPair, hub_binding: bytes, login_binding: bytes, accepted: bool
+) -> None:
+    link = Link(hub_binding=hub_binding)
+    link.client.set_channel_binding(login_binding)
+    events = link.send_login("alice", alice)
+    if accepted:
+        assert [type(e) for e in events] == [hp.LoginRequested]
+    else:
+        assert [e.code for e in events] == ["channel_binding_mismatch"]  # type: ignore[attr-defined]
+        assert link.server.closed
+
+
+def test_channel_binding_is_set_before_hello() -> None:
+    link = Link()
+    link.pump()
+    with pytest.raises(LocalProtocolError):
+        link.client.set_channel_binding(b"\x01" * 32)
+
+
+def test_tls_server_end_point_is_the_sha256_of_the_certificate() -> None:
+    assert hp.tls_server_end_point(b"cert") == hashlib.sha256(b"cert").digest()
+
+
+def test_rotation_is_bound_like_the_login(alice: IdentityKeyPair) -> None:
+    link = Link(hub_binding=b"\x05" * 32, dialled_address=HUB)
+    link.client.set_channel_binding(b"\x05" * 32)
+    link.login("alice", alice)
+    new = IdentityKeyPair.generate().public.signing
+    expected = hp.rotation_message(
+        link.server.nonce, "alice", HUB, alice.public.signing, new, b"\x05" * 32
+    )
+    assert link.client.rotation_challenge(alice.public.signing, new) == expected
+
+
+def test_hub_names_are_parsed_into_one_spelling() -> None:
+    assert hp.parse_hub_names(" A.example.:1, [::1]:2,::1,127.0.0.1,a.example:1", 9) == (
+        "a.example:1",
+        "[::1]:2",
+        "[::1]:9",
+        "127.0.0.1:9",
+    )
+    assert hp.parse_hub_names(["x:1,y:2", "z:3"]) == ("x:1", "y:2", "z:3")
+    assert hp.loopback_names(7700) == ("127.0.0.1:7700", "localhost:7700", "[::1]:7700")
+    assert hp.format_hub_address("0:0::1", 5) == "[::1]:5"
+    for bad in ["", "hub", "hub:0", "hub:65536", "hub:+1", "hub:\uff11", "a b:1", "a,b:1"]:
+        with pytest.raises(ValueError):
+            hp.parse_hub_names(bad)
+    for bad in ["[hub]:1", "[::1]x", "fe80::1%eth0", "hub:1\nFORGED", "-hub:1", "h" * 254 + ":1"]:
+        with pytest.raises(ValueError):
+            hp.parse_hub_address(bad, 1)
+    with pytest.raises(ValueError, match="255"):
+        hp.parse_hub_names([f"hub-{i}.example:7700" for i in range(20)])
 
 
 def test_requests_before_login(alice: IdentityKeyPair) -> None:
@@ -235,7 +395,8 @@ def test_pipelining_before_the_login_answer_is_a_violation(alice: IdentityKeyPai
 
 def test_unsolicited_logged_in_is_a_violation() -> None:
     client = hp.ClientConnection()
-    client.receive_data(f.encode_frame(f.Hello(1, os.urandom(32), HUB, 1 << 20, 1 << 16)))
+    hello = f.Hello(hp.PROTOCOL_VERSION, os.urandom(32), HUB, 1 << 20, 1 << 16)
+    client.receive_data(f.encode_frame(hello))
     events = client.receive_data(f.encode_frame(f.LoggedIn(1, True)))
     assert events == [
         hp.ConnectionFailed(

@@ -306,9 +306,16 @@ async def _connection(port: int, inputs: Inputs, scenario: Scenario, report: Rep
             if not isinstance(hello, f.Hello):
                 return
             identity = inputs.identities[scenario.login_as]
-            challenge = hp.login_message(hello.nonce, scenario.login_as, hello.hub_address)
+            address = hp.parse_hub_names(hello.hub_address)[0]
+            challenge = hp.login_message(hello.nonce, scenario.login_as, address)
             login = f.Login(
-                1, 1, scenario.login_as, identity.public.signing, identity.sign(challenge)
+                1,
+                hp.PROTOCOL_VERSION,
+                scenario.login_as,
+                identity.public.signing,
+                identity.sign(challenge),
+                b"",
+                address,
             )
             writer.write(f.encode_frame(login))
             report.frames += 1

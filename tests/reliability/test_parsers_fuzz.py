@@ -87,7 +87,7 @@ def sample_frames() -> list[f.Frame]:
     """One valid frame of every type, with realistic field contents."""
     mid = bytes(range(16))
     return [
-        f.Hello(1, bytes(32), HUB, 1 << 20, 1 << 20),
+        f.Hello(hp.PROTOCOL_VERSION, bytes(32), HUB, 1 << 20, 1 << 20),
         f.Login(7, 1, "alice", _IDENTITY.public.signing, bytes(64), _BUNDLE),
         f.LoggedIn(7, True),
         f.RotateKey(8, bytes(32), bytes(64), bytes(64)),
@@ -202,7 +202,7 @@ def test_hub_connection_never_raises(
 @given(st.lists(st.sampled_from(range(len(_ENCODED))), max_size=4), st.data())
 def test_client_connection_never_raises(picks: list[int], data: st.DataObject) -> None:
     client = hp.ClientConnection()
-    hello = f.encode_frame(f.Hello(1, bytes(32), HUB, 1 << 20, 4096))
+    hello = f.encode_frame(f.Hello(hp.PROTOCOL_VERSION, bytes(32), HUB, 1 << 20, 4096))
     stream = hello + b"".join(_ENCODED[i] for i in picks)
     stream = mutate(stream, data) if data.draw(st.booleans()) else stream
     for event in client.receive_data(stream):

@@ -242,13 +242,13 @@ def test_version_downgrade_is_refused__version_pinning(
     hub = InterceptHub()
     alice = agents("alice", hub=hub, keypair_path=keydir / "alice.json", prekey_pool_size=3)
     bob = agents("bob", hub=hub, keypair_path=keydir / "bob.json", prekey_pool_size=3)
-    genuine = hub.capture(lambda: alice.send("bob", "v1 only"))
-    for version in (0, 2, 255):
+    genuine = hub.capture(lambda: alice.send("bob", "v2 only"))
+    for version in (0, 1, 3, 255):  # 1: protocol 1's envelopes
         downgraded = bytes((version,)) + genuine[1:]
         with pytest.raises(DecodeError, match="version"):
             bob.receive_envelope(downgraded)
 
-    for version in (0, 2):
+    for version in (hp.PROTOCOL_VERSION - 1, hp.PROTOCOL_VERSION + 1):
         raw = RawClient(shared_hub.port)
         try:
             raw.hello()
@@ -266,29 +266,29 @@ def test_version_downgrade_is_refused__version_pinning(
     try:
         assert isinstance(raw.login(user, identity), hp.LoginAccepted)
         # An envelope from this user, then the same with its version byte changed.
-        body = Writer().u8(1).u8(2).raw(os.urandom(16)).u64(1).str8(user).str8(user)
+        body = Writer().u8(2).u8(2).raw(os.urandom(16)).u64(1).str8(user).str8(user)
         body.raw(os.urandom(32)).u32(0).u32(0).bytes32(os.urandom(40))
         envelope = body.getvalue()
-        for version in (0, 2):
+        for version in (0, 1, 3):
             answer = raw.answer(raw.conn.send(bytes((version,)) + envelope[1:]))
             assert isinstance(answer, hp.ErrorReceived) and answer.code == "bad_envelope"
     finally:
         raw.close()
     assert shared_hub.queued_for(user) == 0
 
-    for offered in (0, 2):
+    for offered in (hp.PROTOCOL_VERSION - 1, hp.PROTOCOL_VERSION + 1):
         client = hp.ClientConnection()
-        hello = f.Hello(offered, os.urandom(32), "hub", 1 << 20, 1 << 20)
+        hello = f.Hello(offered, os.urandom(32), "hub:1", 1 << 20, 1 << 20)
         events = client.receive_data(f.encode_frame(hello))
-        if offered == 0:
+        if offered < hp.PROTOCOL_VERSION:
             assert [type(e) for e in events] == [hp.ConnectionFailed]
             assert events[0].code == "unsupported_version"  # type: ignore[attr-defined]
             assert client.closed
-        else:  # a newer hub: the client speaks its own version 1, never another
+        else:  # a newer hub: the client speaks its own version, never another
             assert client.version == hp.PROTOCOL_VERSION
             client.login(user, identity.public.signing, bytes(64))
             sent = f.FrameDecoder().feed(client.data_to_send())
-            assert [fr.version for fr in sent if isinstance(fr, f.Login)] == [1]
+            assert [fr.version for fr in sent if isinstance(fr, f.Login)] == [hp.PROTOCOL_VERSION]
 
 
 @contextmanager
