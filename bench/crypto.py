@@ -204,7 +204,9 @@ def _primitives(duration_s: float) -> dict[str, Measurement]:
             lambda: p.hkdf_sha256(ikm, salt=salt, info=b"bench", length=64), duration_s
         ),
         "HMAC-SHA256 (1 B)": measure(lambda: p.hmac_sha256(key, b"\x01"), duration_s),
-        "message key -> AES key+nonce": measure(lambda: message_key_material(key, bytes(16)), duration_s),
+        "message key -> AES key+nonce": measure(
+            lambda: message_key_material(key, bytes(16)), duration_s
+        ),
     }
 
 

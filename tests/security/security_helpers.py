@@ -210,6 +210,8 @@ def field_spans(data: bytes) -> dict[str, tuple[int, int]]:
     }
     h = 68 + s + r
     if env.prekey is not None:
+        spans["session_flags"] = (h, h + 1)
+        h += 1
         spans.update(
             identity_signing=(h, h + 32),
             identity_exchange=(h + 32, h + 64),
