@@ -6,10 +6,24 @@ puts this folder on ``sys.path``).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from agentmesh import Agent, Message
+from agentmesh.crypto.identity import IdentityKeyPair
+from agentmesh.crypto.keypair import AgentKeyPair
 from agentmesh.hub.base import Hub
+
+
+def labelled_keypair(label: str) -> AgentKeyPair:
+    """A deterministic key pair: the same label always gives the same keys."""
+    stream = hashlib.sha512(label.encode()).digest()
+    return AgentKeyPair(IdentityKeyPair.from_private_bytes(stream[:32], stream[32:]))
+
+
+def bundle_of(kp: AgentKeyPair, agent_id: str) -> dict[str, str]:
+    """Version 1's bundle dict of ``kp`` under ``agent_id``."""
+    return {**kp.public_bundle(), "agent_id": agent_id}
 
 
 class Inbox(list):  # type: ignore[type-arg]

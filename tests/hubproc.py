@@ -227,3 +227,18 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def write_pem(cert: Any, key: Any, cert_path: Path, key_path: Path) -> tuple[Path, Path]:
+    """Write an ``x509.Certificate`` and its private key as PEM files (TLS tests)."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

@@ -9,39 +9,27 @@ tests (no key reuse across sessions) are in tests/security/test_sec_static.py.
 from __future__ import annotations
 
 import copy
-import hashlib
 
 import pytest
+from agentkit import bundle_of, labelled_keypair
 
 from agentmesh.crypto import (
-    AgentKeyPair,
     CryptoError,
     CryptoSession,
     perform_key_exchange,
     seal,
     unseal,
 )
-from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.errors import AuthenticationError, DecodeError, ReplayError, SignatureError
 from agentmesh.protocol.envelope import Envelope
 
-
-def keypair(label: str) -> AgentKeyPair:
-    stream = hashlib.sha512(label.encode()).digest()
-    return AgentKeyPair(IdentityKeyPair.from_private_bytes(stream[:32], stream[32:]))
-
-
-ALICE, BOB = keypair("alice"), keypair("bob")
+ALICE, BOB = labelled_keypair("alice"), labelled_keypair("bob")
 pytestmark = pytest.mark.filterwarnings("ignore:perform_key_exchange:DeprecationWarning")
 
 
-def bundle(kp: AgentKeyPair, agent_id: str) -> dict[str, str]:
-    return {**kp.public_bundle(), "agent_id": agent_id}
-
-
 def sessions() -> tuple[CryptoSession, CryptoSession]:
-    return perform_key_exchange(ALICE, bundle(BOB, "bob")), perform_key_exchange(
-        BOB, bundle(ALICE, "alice")
+    return perform_key_exchange(ALICE, bundle_of(BOB, "bob")), perform_key_exchange(
+        BOB, bundle_of(ALICE, "alice")
     )
 
 
@@ -123,26 +111,30 @@ def test_seal_unseal_round_trip() -> None:
     a, b = sessions()
     env = seal(a, ALICE, "alice", "bob", {"type": "message", "text": "hi", "n": [1, 2]})
     assert isinstance(env, Envelope)
-    assert unseal(b, env, bundle(ALICE, "alice")) == {"type": "message", "text": "hi", "n": [1, 2]}
+    assert unseal(b, env, bundle_of(ALICE, "alice")) == {
+        "type": "message",
+        "text": "hi",
+        "n": [1, 2],
+    }
     reply = seal(b, BOB, "bob", "alice", {"type": "message", "text": "hello"})
-    assert unseal(a, bytes(reply), bundle(BOB, "bob"))["text"] == "hello"
+    assert unseal(a, bytes(reply), bundle_of(BOB, "bob"))["text"] == "hello"
 
 
 def test_unseal_accepts_bytes_and_rejects_garbage() -> None:
     a, b = sessions()
     env = seal(a, ALICE, "alice", "bob", {"text": "x"})
-    assert unseal(b, env.to_bytes(), bundle(ALICE, "alice")) == {"text": "x"}
+    assert unseal(b, env.to_bytes(), bundle_of(ALICE, "alice")) == {"text": "x"}
     with pytest.raises(CryptoError):
-        unseal(b, b"\x01\x02garbage", bundle(ALICE, "alice"))
+        unseal(b, b"\x01\x02garbage", bundle_of(ALICE, "alice"))
 
 
 def test_unseal_replay() -> None:
     a, b = sessions()
     env = seal(a, ALICE, "alice", "bob", {"text": "x"})
-    unseal(b, env, bundle(ALICE, "alice"))
+    unseal(b, env, bundle_of(ALICE, "alice"))
     before = snapshot(b)
     with pytest.raises(CryptoError, match="Replay attack detected"):
-        unseal(b, env, bundle(ALICE, "alice"))
+        unseal(b, env, bundle_of(ALICE, "alice"))
     assert snapshot(b) == before
 
 
@@ -152,23 +144,23 @@ def test_unseal_tampered_envelope() -> None:
     data[-1] ^= 0x01
     before = snapshot(b)
     with pytest.raises(CryptoError, match="Authentication tag mismatch"):
-        unseal(b, bytes(data), bundle(ALICE, "alice"))
+        unseal(b, bytes(data), bundle_of(ALICE, "alice"))
     assert snapshot(b) == before
 
 
 def test_unseal_with_the_wrong_sender_bundle() -> None:
     a, b = sessions()
     env = seal(a, ALICE, "alice", "bob", {"text": "x"})
-    carol = keypair("carol")
+    carol = labelled_keypair("carol")
     with pytest.raises(CryptoError):
-        unseal(b, env, bundle(carol, "alice"))
+        unseal(b, env, bundle_of(carol, "alice"))
 
 
 def test_seal_with_a_foreign_signing_key_rejected() -> None:
     a, b = sessions()
-    env = seal(a, keypair("mallory"), "alice", "bob", {"text": "x"})
+    env = seal(a, labelled_keypair("mallory"), "alice", "bob", {"text": "x"})
     with pytest.raises(SignatureError):
-        unseal(b, env, bundle(ALICE, "alice"))
+        unseal(b, env, bundle_of(ALICE, "alice"))
 
 
 def test_unsigned_envelope_rejected_by_unseal() -> None:
@@ -176,7 +168,7 @@ def test_unsigned_envelope_rejected_by_unseal() -> None:
     a._sending().sign_messages = False
     env = seal(a, ALICE, "alice", "bob", {"text": "x"})
     with pytest.raises(SignatureError, match="unsigned message in a signed session"):
-        unseal(b, env, bundle(ALICE, "alice"))
+        unseal(b, env, bundle_of(ALICE, "alice"))
 
 
 def test_payload_must_be_a_json_object() -> None:
@@ -185,19 +177,19 @@ def test_payload_must_be_a_json_object() -> None:
     inner.local_id, inner.peer_id = "alice", "bob"
     env = inner.encrypt(ALICE.identity, b"[1, 2]", message_id=bytes(16), timestamp_ms=1)
     with pytest.raises(CryptoError):
-        unseal(b, env, bundle(ALICE, "alice"))
+        unseal(b, env, bundle_of(ALICE, "alice"))
 
 
 def test_key_exchange_warns_towards_agent() -> None:
     with pytest.warns(DeprecationWarning, match="Use agentmesh.Agent"):
-        perform_key_exchange(ALICE, bundle(BOB, "bob"))
+        perform_key_exchange(ALICE, bundle_of(BOB, "bob"))
 
 
 def test_key_exchange_with_oneself_or_bad_bundle() -> None:
     with pytest.raises(CryptoError):
-        perform_key_exchange(ALICE, bundle(ALICE, "alice"))
-    bad = bundle(BOB, "bob")
-    bad["identity_binding"] = bundle(ALICE, "alice")["identity_binding"]
+        perform_key_exchange(ALICE, bundle_of(ALICE, "alice"))
+    bad = bundle_of(BOB, "bob")
+    bad["identity_binding"] = bundle_of(ALICE, "alice")["identity_binding"]
     with pytest.raises(SignatureError):
         perform_key_exchange(ALICE, bad)
     with pytest.raises(DecodeError):

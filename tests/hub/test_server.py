@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hubproc import HubProcess, RawClient, unique, wait_until
+from hubproc import HubProcess, RawClient, unique, wait_until, write_pem
 
 from agentmesh import Agent
 from agentmesh.crypto.identity import IdentityKeyPair
@@ -671,16 +671,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = tmp_path / "hub.crt", tmp_path / "hub.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return write_pem(cert, key, tmp_path / "hub.crt", tmp_path / "hub.key")
 
 
 def test_tls_round_trip(start_hub: Any, clients: Any, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hubproc import ROOT, HubProcess, unique
+from hubproc import ROOT, HubProcess, unique, write_pem
 
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.errors import AuthFailedError
@@ -117,16 +117,7 @@ class TestCA:
             )
             .sign(self.key, hashes.SHA256())
         )
-        cert_path, key_path = self.folder / f"{label}.crt", self.folder / f"{label}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return cert_path, key_path
+        return write_pem(cert, key, self.folder / f"{label}.crt", self.folder / f"{label}.key")
 
     def client_context(self) -> ssl.SSLContext:
         """What an agent uses: verify hubs against this CA (and check the name)."""

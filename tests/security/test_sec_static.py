@@ -8,39 +8,27 @@ GHASH key exposure, and replays of bootstrap messages into later sessions.
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
+from agentkit import bundle_of, labelled_keypair
 
 from agentmesh.crypto import (
-    AgentKeyPair,
     CryptoError,
     CryptoSession,
     perform_key_exchange,
     seal,
     unseal,
 )
-from agentmesh.crypto.identity import IdentityKeyPair
 
 pytestmark = pytest.mark.filterwarnings("ignore:perform_key_exchange:DeprecationWarning")
 
 
-def _keypair(label: str) -> AgentKeyPair:
-    stream = hashlib.sha512(label.encode()).digest()
-    return AgentKeyPair(IdentityKeyPair.from_private_bytes(stream[:32], stream[32:]))
-
-
-ALICE, BOB = _keypair("alice"), _keypair("bob")
-
-
-def _bundle(kp: AgentKeyPair, agent_id: str) -> dict[str, str]:
-    return {**kp.public_bundle(), "agent_id": agent_id}
+ALICE, BOB = labelled_keypair("alice"), labelled_keypair("bob")
 
 
 def _pair() -> tuple[CryptoSession, CryptoSession]:
     return (
-        perform_key_exchange(ALICE, _bundle(BOB, "bob")),
-        perform_key_exchange(BOB, _bundle(ALICE, "alice")),
+        perform_key_exchange(ALICE, bundle_of(BOB, "bob")),
+        perform_key_exchange(BOB, bundle_of(ALICE, "alice")),
     )
 
 
@@ -95,6 +83,6 @@ def test_messages_of_an_old_session_are_refused_by_a_later_one__session_binding(
     with pytest.raises(CryptoError):
         alice.decrypt(old_raw)
     with pytest.raises(CryptoError):
-        unseal(alice, old_sealed, _bundle(BOB, "bob"))
+        unseal(alice, old_sealed, bundle_of(BOB, "bob"))
     assert alice._snapshot() == before
     assert bob.decrypt(alice.encrypt(b"still fine")) == b"still fine"
