@@ -4,6 +4,8 @@ The public surface (pinned by ``tests/test_exports.py``): version 1's names
 plus the error tree and the new trust and hub types.
 """
 
+from typing import TYPE_CHECKING
+
 from agentmesh.agent import Agent, Message
 from agentmesh.crypto import AgentKeyPair, CryptoSession, perform_key_exchange, seal, unseal
 from agentmesh.crypto.proof import VerifiedProof, verify_proof
@@ -24,13 +26,22 @@ from agentmesh.errors import (
     SignatureError,
     StateLockedError,
 )
-from agentmesh.hub.local import LocalHub
+
+if TYPE_CHECKING:  # type checkers see the lazy names (below) as what they are
+    from agentmesh.hub.client import NetworkHub
+    from agentmesh.hub.local import LocalHub
+    from agentmesh.hub.server import NetworkHubServer
 
 __version__ = "2.0.0.dev0"
 
 
 def __getattr__(name: str) -> object:
-    # The network hub pulls in asyncio and the server; import it on first use.
+    # An agent is not a hub: the hubs (and SQLAlchemy and Alembic behind LocalHub's
+    # store, asyncio behind the network ones) load on first use.
+    if name == "LocalHub":
+        from agentmesh.hub.local import LocalHub
+
+        return LocalHub
     if name == "NetworkHub":
         from agentmesh.hub.client import NetworkHub
 

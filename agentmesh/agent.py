@@ -2,7 +2,7 @@
 
 An :class:`Agent` owns one identity, its sessions and its durable state
 (:mod:`agentmesh.state`), and talks to any hub with the
-:class:`~agentmesh.hub.base.Hub` shape. It is the synchronous facade over
+:class:`~agentmesh.protocol.hub_interface.Hub` shape. It is the synchronous facade over
 the I/O-free crypto core.
 
 Send order (issue "agent state"): encrypt → commit the session and the
@@ -49,13 +49,13 @@ from agentmesh.errors import (
     LocalProtocolError,
     ReplayError,
 )
-from agentmesh.hub.base import DeliveryReport, Hub
 from agentmesh.ids import validate_agent_id
 from agentmesh.keyfile import load_or_create_key_file
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.protocol.hub_interface import DeliveryReport, Hub
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
-from agentmesh.protocol.payload import decode_payload, encode_payload
 from agentmesh.state import AgentState, InboxRow, StateLock, state_path_for
+from agentmesh.wire.envelope import decode_envelope
+from agentmesh.wire.payload import decode_payload, encode_payload
 
 #: Replay window: ids are remembered this long, and older messages are refused.
 DEFAULT_REPLAY_WINDOW_MS = 30 * 24 * 3600 * 1000

@@ -42,7 +42,7 @@ from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets
 from agentmesh.crypto.session import Session, SessionRecord, message_key_material
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire.envelope import decode_envelope
 
 PAYLOAD_SIZE = 200
 DEFAULT_DURATION_S = 0.5

@@ -2,7 +2,7 @@
 
 It logs in with a real Ed25519 identity (HELLO -> LOGIN signed over the
 challenge -> LOGGED_IN, using the public codecs of
-:mod:`agentmesh.protocol.frames` and :mod:`agentmesh.protocol.hub_protocol`),
+:mod:`agentmesh.wire.frames` and :mod:`agentmesh.protocol.hub_protocol`),
 then writes pre-encoded SEND frames and counts SEND_ACKs, or receives PUSH
 frames and answers with batched ACKs. It does no end-to-end crypto and keeps
 per-frame work to slicing bytes, so on a 2-core machine as much CPU as
@@ -17,9 +17,9 @@ import struct
 from collections.abc import Callable
 
 from agentmesh.crypto.identity import IdentityKeyPair
-from agentmesh.protocol import frames as f
-from agentmesh.protocol.envelope import Envelope, RatchetHeader
 from agentmesh.protocol.hub_protocol import PROTOCOL_VERSION, login_message, parse_hub_names
+from agentmesh.wire import frames as f
+from agentmesh.wire.envelope import Envelope, RatchetHeader
 from bench.common import now
 
 _HEAD = struct.Struct(">IB")

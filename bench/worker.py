@@ -195,8 +195,8 @@ def loader(args: argparse.Namespace) -> None:
     from agentmesh.crypto.session import SessionRecord
     from agentmesh.hub.client import NetworkHub
     from agentmesh.keyfile import load_or_create_key_file
-    from agentmesh.protocol.payload import encode_payload
     from agentmesh.state import AgentState, state_path_for
+    from agentmesh.wire.payload import encode_payload
     from bench import rawclient
 
     key_path = Path(args.dir) / f"{args.id}.json"

@@ -30,6 +30,8 @@ alice.send("bob", text="Here is some data.", type="data", values=[1, 2, 3])
 
 print(f"safety number (compare out of band): {alice.safety_number('bob')}")
 status = alice.status()
-print(f"alice status: sessions={status['active_sessions']} peers={status['known_peers']} "
-      f"handlers={status['handlers']}")
+print(
+    f"alice status: sessions={status['active_sessions']} peers={status['known_peers']} "
+    f"handlers={status['handlers']}"
+)
 print(f"messages still queued on the hub: {hub.message_count()}")

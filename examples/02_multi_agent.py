@@ -16,8 +16,13 @@ def make_worker(worker: Agent):
     def handle(msg):
         if msg.type == "task":
             numbers = msg.payload["numbers"]
-            worker.send(msg.sender, text=f"sum of {numbers}", type="result",
-                        task_id=msg.payload["task_id"], value=sum(numbers))
+            worker.send(
+                msg.sender,
+                text=f"sum of {numbers}",
+                type="result",
+                task_id=msg.payload["task_id"],
+                value=sum(numbers),
+            )
 
 
 for w in workers:

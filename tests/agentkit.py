@@ -12,7 +12,7 @@ from pathlib import Path
 from agentmesh import Agent, Message
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.keypair import AgentKeyPair
-from agentmesh.hub.base import Hub
+from agentmesh.protocol.hub_interface import Hub
 
 
 def labelled_keypair(label: str) -> AgentKeyPair:

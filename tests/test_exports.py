@@ -44,7 +44,7 @@ EXPECTED_ALL = [
     "unseal",
     "verify_proof",
 ]
-LAZY = {"NetworkHub", "NetworkHubServer"}
+LAZY = {"LocalHub", "NetworkHub", "NetworkHubServer"}
 ERRORS = [
     "AgentMeshError",
     "AuthFailedError",

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.errors import DecodeError, InvalidKeyError
+from agentmesh.wire.codec import Reader, Writer
 
 _BINDING_CONTEXT = b"AgentMesh-identity-binding-v1"
 IDENTITY_ENCODED_LEN = 32 + 32 + 64

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agentmesh.codec import Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity
 from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets
 from agentmesh.errors import InvalidKeyError
-from agentmesh.protocol.envelope import PrekeyMessage
+from agentmesh.wire.codec import Writer
+from agentmesh.wire.envelope import PrekeyMessage
 
 PQXDH_INFO = b"AgentMesh_PQXDH_v1_X25519_SHA-256_ML-KEM-768"
 _F = b"\xff" * 32

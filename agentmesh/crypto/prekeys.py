@@ -54,11 +54,11 @@ import base64
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity
 from agentmesh.errors import DecodeError, InvalidKeyError, LocalProtocolError, ReplayError
 from agentmesh.ids import InvalidAgentIdError, validate_agent_id
+from agentmesh.wire.codec import Reader, Writer
 
 KIND_X25519 = 1
 KIND_KEM = 2

@@ -27,13 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import PublicIdentity
 from agentmesh.crypto.session import SIGNATURE_CONTEXT
 from agentmesh.errors import DecodeError
-from agentmesh.protocol.envelope import decode_envelope
-from agentmesh.protocol.payload import decode_payload
+from agentmesh.wire.codec import Reader, Writer
+from agentmesh.wire.envelope import decode_envelope
+from agentmesh.wire.payload import decode_payload
 
 PROOF_VERSION = 1
 #: A header is at most a few KiB (ids are <= 64 bytes); payloads are bounded by envelopes.

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.errors import CryptoError, DecodeError, ReplayError
-from agentmesh.protocol.envelope import RatchetHeader
+from agentmesh.wire.codec import Reader, Writer
+from agentmesh.wire.envelope import RatchetHeader
 
 RATCHET_INFO = b"AgentMesh_v1_Ratchet"
 _MESSAGE_KEY_SEED = b"\x01"

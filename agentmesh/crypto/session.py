@@ -45,7 +45,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import pqxdh
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity
@@ -58,7 +57,8 @@ from agentmesh.errors import (
     NoSessionError,
     SignatureError,
 )
-from agentmesh.protocol.envelope import (
+from agentmesh.wire.codec import Reader, Writer
+from agentmesh.wire.envelope import (
     MESSAGE_ID_LEN,
     SESSION_SIGNED,
     Envelope,

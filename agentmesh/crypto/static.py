@@ -47,15 +47,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity
 from agentmesh.crypto.keypair import AgentKeyPair, public_identity_from_bundle
 from agentmesh.crypto.ratchet import RatchetState
 from agentmesh.crypto.session import Session, message_key_material, session_associated_data
 from agentmesh.errors import CryptoError, DecodeError, NoSessionError
-from agentmesh.protocol.envelope import SESSION_SIGNED, Envelope, RatchetHeader, decode_envelope
-from agentmesh.protocol.payload import decode_payload, encode_payload
+from agentmesh.wire.codec import Reader, Writer
+from agentmesh.wire.envelope import SESSION_SIGNED, Envelope, RatchetHeader, decode_envelope
+from agentmesh.wire.payload import decode_payload, encode_payload
 
 _STATIC_INFO = b"AgentMesh_static_v2"
 _AD_CONTEXT = b"AgentMesh-static-AD-v2"

@@ -1,4 +1,5 @@
-"""The network hub client: :class:`NetworkHub`, a :class:`~agentmesh.hub.base.Hub` over TCP/TLS.
+"""The network hub client: :class:`NetworkHub`, a :class:`~agentmesh.protocol.hub_interface.Hub`
+over TCP/TLS.
 
 Threads
     One background I/O thread runs an asyncio event loop for every
@@ -57,9 +58,9 @@ from agentmesh.errors import (
     LocalProtocolError,
     MailboxFullError,
 )
-from agentmesh.hub.base import HubEndpoint
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import Envelope, decode_envelope
+from agentmesh.protocol.hub_interface import HubEndpoint
+from agentmesh.wire.envelope import Envelope, decode_envelope
 
 logger = logging.getLogger("agentmesh.hub.client")
 
@@ -856,7 +857,7 @@ class _Link:
 
 
 class NetworkHub:
-    """A hub reached over the network (implements :class:`~agentmesh.hub.base.Hub`).
+    """A hub reached over the network (implements :class:`~agentmesh.protocol.hub_interface.Hub`).
 
     ``NetworkHub(host, port=7700, *, tls=False, ...)``: ``tls`` is False, True
     (verify the hub's certificate with the system trust store) or an

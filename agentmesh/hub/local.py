@@ -33,7 +33,6 @@ from agentmesh.errors import (
     MailboxFullError,
     ReplayError,
 )
-from agentmesh.hub.base import HubEndpoint
 from agentmesh.hub.store import (
     EnqueueResult,
     EnqueueStatus,
@@ -41,7 +40,8 @@ from agentmesh.hub.store import (
     NewEnvelope,
     StoredEnvelope,
 )
-from agentmesh.protocol.envelope import Envelope, decode_envelope
+from agentmesh.protocol.hub_interface import HubEndpoint
+from agentmesh.wire.envelope import Envelope, decode_envelope
 
 log = logging.getLogger("agentmesh.hub.local")
 

@@ -76,7 +76,7 @@ from agentmesh.hub.store import (
     StoredEnvelope,
 )
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.frames import Error, encode_frame
+from agentmesh.wire.frames import Error, encode_frame
 
 logger = logging.getLogger("agentmesh.hub.server")
 

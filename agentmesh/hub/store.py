@@ -401,7 +401,6 @@ _SchemaState = Literal["head", "behind", "empty"]
 # --------------------------------------------------------------------------- the store
 
 
-
 def _admit(
     batch: list[NewEnvelope],
     held: set[bytes],
@@ -443,9 +442,11 @@ def _admit(
         admitted.append((position, item))
     return results, admitted, added
 
+
 #: One-time prekeys of each kind the hub keeps per agent (its pool is 100 of each):
 #: the bound keeps one agent from filling the database with prekeys.
 MAX_ONE_TIME_PREKEYS_PER_KIND = 1000
+
 
 class HubStore:
     """The hub's durable state in one SQLite file or PostgreSQL database.

@@ -1,5 +1,9 @@
-"""Wire formats and I/O-free protocol state machines.
+"""I/O-free protocol state machines, and the interface between agents and hubs.
 
-Nothing under ``agentmesh.protocol`` performs I/O or imports asyncio, socket
-or sqlalchemy: bytes go in, events and bytes come out.
+``hub_protocol`` holds the client and server connection state machines over
+the frames of :mod:`agentmesh.wire.frames`; ``hub_interface`` the typing
+protocols an agent and a hub call each other through. Nothing under
+``agentmesh.protocol`` performs I/O or imports asyncio, socket or sqlalchemy:
+bytes go in, events and bytes come out. It sits above ``crypto/`` and
+``wire/`` and below the agent and the hubs.
 """

@@ -51,14 +51,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from agentmesh.codec import Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.prekeys import KIND_KEM, KIND_X25519, PrekeyBundle, SignedPrekey
 from agentmesh.crypto.primitives import ed25519_verify
 from agentmesh.errors import CryptoError, DecodeError, LocalProtocolError
 from agentmesh.ids import validate_agent_id
-from agentmesh.protocol.envelope import MESSAGE_ID_LEN, decode_envelope
-from agentmesh.protocol.frames import (
+from agentmesh.wire.codec import Writer
+from agentmesh.wire.envelope import MESSAGE_ID_LEN, decode_envelope
+from agentmesh.wire.frames import (
     LOGIN_BINDING_VERSION,
     NONCE_LEN,
     Ack,

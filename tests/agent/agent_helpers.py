@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from agentmesh import LocalHub
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire.envelope import decode_envelope
 
 
 class RecordingHub(LocalHub):
@@ -35,7 +35,7 @@ class RecordingHub(LocalHub):
 
 
 def identity_signing_offset(data: bytes) -> int:
-    """Offset of ``identity_signing`` in a prekey envelope (see protocol/envelope.py)."""
+    """Offset of ``identity_signing`` in a prekey envelope (see wire/envelope.py)."""
     envelope = decode_envelope(data)
     assert envelope.prekey is not None, "not a prekey envelope"
     sender, recipient = envelope.sender.encode(), envelope.recipient.encode()

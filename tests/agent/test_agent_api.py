@@ -24,7 +24,7 @@ from agentmesh import (
     Message,
     ReplayError,
 )
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire.envelope import decode_envelope
 
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{4}(:[0-9a-f]{4}){7}$")
 

@@ -28,7 +28,7 @@ from agentkit import Inbox, flip
 
 import agentmesh
 from agentmesh import Agent, CryptoError
-from agentmesh.hub.base import DeliveryReport
+from agentmesh.protocol.hub_interface import DeliveryReport
 from agentmesh.state import AgentState, InboxRow
 
 ROOT = Path(agentmesh.__file__).resolve().parents[1]

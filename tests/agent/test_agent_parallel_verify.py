@@ -20,8 +20,8 @@ import pytest
 from agentmesh import Agent, CryptoError, LocalHub
 from agentmesh import agent as agent_module
 from agentmesh.crypto.identity import IdentityKeyPair
-from agentmesh.hub.base import DeliveryReport
-from agentmesh.protocol.payload import encode_payload
+from agentmesh.protocol.hub_interface import DeliveryReport
+from agentmesh.wire.payload import encode_payload
 
 BATCH = 12
 
@@ -115,6 +115,7 @@ def test_small_batches_verify_as_they_go(twins, monkeypatch: pytest.MonkeyPatch)
     alice, bob, _ = twins
     monkeypatch.setattr(agent_module, "_all_valid", lambda checks: pytest.fail("deferred"))
     small = agent_module._PARALLEL_VERIFY_MIN - 1
-    assert bob.receive_envelopes(_envelopes(alice, small, set())) == [
-        DeliveryReport(accepted=True)
-    ] * small
+    assert (
+        bob.receive_envelopes(_envelopes(alice, small, set()))
+        == [DeliveryReport(accepted=True)] * small
+    )

@@ -32,7 +32,7 @@ from agentmesh.errors import (
     InvalidKeyError,
     SignatureError,
 )
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire.envelope import decode_envelope
 
 NOW = 1_700_000_000_000
 DAY = 24 * 3600 * 1000

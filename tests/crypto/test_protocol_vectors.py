@@ -34,14 +34,14 @@ from agentmesh.crypto.session import (
     session_associated_data,
 )
 from agentmesh.crypto.static import perform_key_exchange
-from agentmesh.protocol.envelope import (
+from agentmesh.wire.envelope import (
     SESSION_SIGNED,
     PrekeyMessage,
     RatchetHeader,
     decode_envelope,
     encode_header,
 )
-from agentmesh.protocol.payload import decode_payload, encode_payload
+from agentmesh.wire.payload import decode_payload, encode_payload
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 

@@ -12,7 +12,6 @@ from deterministic import FUZZ, Rng
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.ratchet import (
     DEFAULT_LIMITS,
@@ -22,7 +21,8 @@ from agentmesh.crypto.ratchet import (
     kdf_rk,
 )
 from agentmesh.errors import AgentMeshError, CryptoError, DecodeError, InvalidKeyError, ReplayError
-from agentmesh.protocol.envelope import RatchetHeader
+from agentmesh.wire.codec import Reader, Writer
+from agentmesh.wire.envelope import RatchetHeader
 
 
 class Duo:

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeySecrets, SignedPrekey
@@ -32,11 +31,10 @@ from agentmesh.errors import (
     ReplayError,
     SignatureError,
 )
-from agentmesh.protocol.envelope import Envelope, RatchetHeader, decode_envelope, encode_header
+from agentmesh.wire.codec import Reader, Writer
+from agentmesh.wire.envelope import Envelope, RatchetHeader, decode_envelope, encode_header
 
 NOW_MS = 1_700_000_000_000
-
-
 
 
 class Pair:

@@ -21,7 +21,7 @@ from agentmesh.crypto import (
     unseal,
 )
 from agentmesh.errors import AuthenticationError, DecodeError, ReplayError, SignatureError
-from agentmesh.protocol.envelope import Envelope
+from agentmesh.wire.envelope import Envelope
 
 ALICE, BOB = labelled_keypair("alice"), labelled_keypair("bob")
 pytestmark = pytest.mark.filterwarnings("ignore:perform_key_exchange:DeprecationWarning")

@@ -39,13 +39,13 @@ from agentmesh.errors import (
     HubUnavailableError,
     MailboxFullError,
 )
-from agentmesh.hub.base import DeliveryReport
 from agentmesh.hub.client import NetworkHub, _chunk_prekeys, backoff, is_retryable
 from agentmesh.hub.server import NetworkHubServer, TokenBucket
 from agentmesh.hub.store import HubStore
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import RatchetHeader, decode_envelope, encode_header
+from agentmesh.protocol.hub_interface import DeliveryReport
+from agentmesh.wire import frames as f
+from agentmesh.wire.envelope import RatchetHeader, decode_envelope, encode_header
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,10 +12,10 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.errors import DecodeError
-from agentmesh.protocol import envelope as env
-from agentmesh.protocol import frames as f
+from agentmesh.wire import envelope as env
+from agentmesh.wire import frames as f
+from agentmesh.wire.codec import Reader, Writer
 
 
 def _normal(sender: str = "alice", recipient: str = "bob", size: int = 300) -> bytes:

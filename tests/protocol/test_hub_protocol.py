@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from agentmesh.codec import Writer
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeySecrets
 from agentmesh.errors import LocalProtocolError
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import RatchetHeader, encode_header
+from agentmesh.wire import frames as f
+from agentmesh.wire.codec import Writer
+from agentmesh.wire.envelope import RatchetHeader, encode_header
 
 HUB = "hub.test:7700"
 

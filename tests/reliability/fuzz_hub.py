@@ -51,9 +51,9 @@ from agentmesh import Agent, Message
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeySecrets
 from agentmesh.errors import AgentMeshError
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import RatchetHeader, encode_header
+from agentmesh.wire import frames as f
+from agentmesh.wire.envelope import RatchetHeader, encode_header
 
 KINDS = (
     "random",

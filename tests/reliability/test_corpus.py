@@ -24,9 +24,9 @@ from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.keypair import AgentKeyPair
 from agentmesh.errors import AgentMeshError, DecodeError
 from agentmesh.keyfile import encode_key_file
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
 from agentmesh.state import AgentState
+from agentmesh.wire import frames as f
 
 CORPUS = Path(__file__).with_name("corpus")
 NAMES = sorted(p.name for p in CORPUS.iterdir() if p.is_file() and p.name != "README.md")

@@ -41,11 +41,11 @@ from agentmesh.crypto.prekeys import PrekeySecrets, compose_bundle
 from agentmesh.crypto.session import SessionRecord
 from agentmesh.errors import AgentMeshError
 from agentmesh.keyfile import decode_key_file, encode_key_file
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import decode_envelope
-from agentmesh.protocol.payload import decode_payload
 from agentmesh.state import AgentState
+from agentmesh.wire import frames as f
+from agentmesh.wire.envelope import decode_envelope
+from agentmesh.wire.payload import decode_payload
 
 FUZZ = settings(
     max_examples=200,

@@ -29,14 +29,14 @@ from typing import Any
 import hubproc
 
 from agentmesh import Agent, LocalHub
-from agentmesh.codec import Writer
 from agentmesh.crypto.identity import IdentityKeyPair
-from agentmesh.hub.base import DeliveryReport
 from agentmesh.hub.client import NetworkHub
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import Envelope, RatchetHeader, decode_envelope, encode_header
+from agentmesh.protocol.hub_interface import DeliveryReport
 from agentmesh.state import state_path_for
+from agentmesh.wire import frames as f
+from agentmesh.wire.codec import Writer
+from agentmesh.wire.envelope import Envelope, RatchetHeader, decode_envelope, encode_header
 
 STATE_TABLES = ("meta", "sessions", "peers", "seen", "inbox", "outbox")
 

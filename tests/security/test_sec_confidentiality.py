@@ -15,7 +15,7 @@ from hubproc import unique
 from security_helpers import InterceptHub, wait_until
 
 from agentmesh.errors import CryptoError, DecodeError
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,9 +17,9 @@ from agentmesh import Agent
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.errors import MailboxFullError
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire import frames as f
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(60)
 

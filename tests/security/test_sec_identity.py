@@ -11,14 +11,14 @@ from hubproc import HubProcess, RawClient, unique
 from security_helpers import fatal_code, frames_until_eof, login_frame_for, raw_frame, wait_until
 
 from agentmesh import Agent, LocalHub
-from agentmesh.codec import Writer
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.crypto.session import Session
 from agentmesh.hub.store import HubStore
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire import frames as f
+from agentmesh.wire.codec import Writer
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,13 +17,13 @@ from hubproc import HubProcess, RawClient, unique
 from security_helpers import InterceptHub, field_spans, frames_until_eof, reheader, state_dump
 
 from agentmesh import Agent
-from agentmesh.codec import Writer
 from agentmesh.crypto import primitives as prim
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.errors import AuthenticationError, CryptoError, DecodeError
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire import frames as f
+from agentmesh.wire.codec import Writer
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(60)
 

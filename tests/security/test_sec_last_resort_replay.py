@@ -21,7 +21,7 @@ from agentmesh.crypto.prekeys import (
 )
 from agentmesh.crypto.session import Session, SessionRecord
 from agentmesh.errors import AuthenticationError, InvalidKeyError, ReplayError
-from agentmesh.protocol.envelope import Envelope, decode_envelope
+from agentmesh.wire.envelope import Envelope, decode_envelope
 
 NOW = 1_700_000_000_000
 RNG = Rng("last-resort-replay")

@@ -19,11 +19,11 @@ import pytest
 from hubproc import HubProcess
 from security_helpers import raw_frame, wait_until
 
-from agentmesh.codec import Writer
 from agentmesh.errors import HubError, HubUnavailableError
 from agentmesh.hub.client import NetworkHub
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
+from agentmesh.wire import frames as f
+from agentmesh.wire.codec import Writer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,10 +29,10 @@ from hubproc import ROOT, HubProcess, unique, write_pem
 
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.errors import AuthFailedError
-from agentmesh.hub.base import DeliveryReport
 from agentmesh.hub.client import NetworkHub
-from agentmesh.protocol import frames as f
 from agentmesh.protocol import hub_protocol as hp
+from agentmesh.protocol.hub_interface import DeliveryReport
+from agentmesh.wire import frames as f
 
 pytestmark = pytest.mark.timeout(60)
 

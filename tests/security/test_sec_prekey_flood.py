@@ -23,7 +23,7 @@ from agentmesh.crypto.prekeys import (
     PrekeyBundle,
     PrekeySecrets,
 )
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(120)
 

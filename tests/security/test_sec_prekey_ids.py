@@ -23,8 +23,8 @@ from agentmesh import Agent, LocalHub
 from agentmesh.crypto.identity import IdentityKeyPair
 from agentmesh.crypto.prekeys import PrekeyBundle, PrekeySecrets, prekey_epoch
 from agentmesh.hub.local import MemoryMailboxes
-from agentmesh.protocol.envelope import decode_envelope
 from agentmesh.state import state_path_for
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,8 +15,8 @@ from security_helpers import InterceptHub, RecordingAgent, state_dump, wait_unti
 
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.crypto.session import SessionRecord
-from agentmesh.hub.base import DeliveryReport
-from agentmesh.protocol.envelope import decode_envelope
+from agentmesh.protocol.hub_interface import DeliveryReport
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,8 +17,8 @@ from security_helpers import InterceptHub
 
 from agentmesh import Agent
 from agentmesh.errors import ReplayError
-from agentmesh.protocol.envelope import decode_envelope
 from agentmesh.state import state_path_for
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -32,7 +32,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from agentmesh.codec import Writer
 from agentmesh.crypto import pqxdh
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import IdentityKeyPair, safety_number
@@ -41,8 +40,9 @@ from agentmesh.crypto.prekeys import PrekeySecrets, SignedPrekey
 from agentmesh.crypto.ratchet import kdf_ck, kdf_rk
 from agentmesh.crypto.session import Session, SessionRecord, message_key_material
 from agentmesh.crypto.static import perform_key_exchange
-from agentmesh.protocol.envelope import RatchetHeader, decode_envelope, encode_header
-from agentmesh.protocol.payload import encode_payload
+from agentmesh.wire.codec import Writer
+from agentmesh.wire.envelope import RatchetHeader, decode_envelope, encode_header
+from agentmesh.wire.payload import encode_payload
 
 HERE = Path(__file__).resolve().parent
 

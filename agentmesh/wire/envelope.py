@@ -37,9 +37,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.errors import DecodeError
 from agentmesh.ids import InvalidAgentIdError, validate_agent_id
+from agentmesh.wire.codec import Reader, Writer
 
 ENVELOPE_VERSION = 2
 KIND_PREKEY = 1

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentmesh.errors import AgentMeshError, DecodeError
-from agentmesh.protocol.envelope import (
+from agentmesh.wire.envelope import (
     ENVELOPE_VERSION,
     KIND_NORMAL,
     KIND_PREKEY,
@@ -21,7 +21,7 @@ from agentmesh.protocol.envelope import (
     decode_envelope,
     encode_header,
 )
-from agentmesh.protocol.payload import decode_payload, encode_payload
+from agentmesh.wire.payload import decode_payload, encode_payload
 
 FUZZ = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 

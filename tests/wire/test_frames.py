@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentmesh.errors import DecodeError
-from agentmesh.protocol import frames as f
+from agentmesh.wire import frames as f
 
 MID = bytes(range(16))
 

@@ -6,8 +6,8 @@ Every frame on a hub connection (client <-> hub, plain TCP or TLS) is::
     u8      type        one of the codes in :data:`FRAME_TYPES`
     ...     body        the frame's fields (big-endian, see each class)
 
-Bodies are built with :class:`agentmesh.codec.Writer` and parsed with
-:class:`agentmesh.codec.Reader`, so parsing is strict: an unknown type, a bad
+Bodies are built with :class:`agentmesh.wire.codec.Writer` and parsed with
+:class:`agentmesh.wire.codec.Reader`, so parsing is strict: an unknown type, a bad
 length, an overrun, an invalid agent id or trailing bytes raise
 :class:`~agentmesh.errors.DecodeError`. No JSON and no base64 on this path.
 
@@ -15,7 +15,7 @@ length, an overrun, an invalid agent id or trailing bytes raise
 pipeline requests. 0 means "no request" (an ERROR not tied to a request).
 ``bool`` fields are a u8 that must be 0 or 1.
 
-This module performs no I/O and imports nothing beyond ``agentmesh.codec``,
+This module performs no I/O and imports nothing beyond ``agentmesh.wire.codec``,
 ``agentmesh.errors`` and ``agentmesh.ids``. The table of frames is in
 docs/PROTOCOL.md ("Hub frames").
 """
@@ -28,9 +28,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from agentmesh.codec import Reader, Writer
 from agentmesh.errors import DecodeError
 from agentmesh.ids import InvalidAgentIdError, validate_agent_id
+from agentmesh.wire.codec import Reader, Writer
 
 #: Size of the length prefix.
 LENGTH_PREFIX = 4
