@@ -16,11 +16,12 @@ the hub drops duplicates) and unhandled inbox rows are dispatched again.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,15 @@ class Message:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+#: How many handlers (of any agent) this thread is running: a handler's own sends
+#: never wait for another thread's dispatcher (see Agent.dispatch_pending).
+_handler_depth = threading.local()
+
+
+def _in_handler() -> int:
+    return int(getattr(_handler_depth, "value", 0))
 
 
 _verifier_lock = threading.Lock()
@@ -227,10 +237,15 @@ class Agent:
         self._queue_ready = threading.Condition()
         self._transmitter: threading.Thread | None = None
         self._lock = threading.RLock()  # guards sessions/prekeys (send and receive)
-        self._dispatch_lock = threading.RLock()  # handlers run one message at a time
+        #: Who runs the handlers now (one thread at a time, no lock held meanwhile),
+        #: and whether rows arrived while it did (see dispatch_pending).
+        self._dispatch_cv = threading.Condition()
+        self._dispatcher: threading.Thread | None = None
+        self._dispatch_again = False
+        #: The prekeys changed and the hub has not been told yet (see _publish_prekeys).
+        self._publish_due = False
         self._closed = False
         self._received = 0
-        self._dispatching = False
         self._last_maintenance_ms = clock_ms()
         self._lock_file: StateLock | None = None
         if keypair_path is not None:
@@ -396,8 +411,8 @@ class Agent:
             raise ValueError("An agent cannot send to itself")
         plaintext = encode_payload(payload)
         self._maintain_prekeys_if_due()
-        bundle = None if self._can_send_to(recipient_id) else self._fetch_bundle(recipient_id)
-        with self._lock:
+        self._publish_prekeys()
+        with self._locked_with_bundle(recipient_id) as bundle:
             record, pin = self._sending_record(recipient_id, bundle)
             session = record.active
             assert session is not None
@@ -545,6 +560,20 @@ class Agent:
         # fails its own signatures must never become a pending identity to trust().
         return bundle.verify()
 
+    @contextlib.contextmanager
+    def _locked_with_bundle(self, peer_id: str) -> Iterator[PrekeyBundle | None]:
+        """Hold the lock with either a session that can send to ``peer_id`` or a fresh
+        bundle of the peer's (then yielded). The bundle is fetched with no lock held,
+        since the hub may call back into agents; if the session vanished meanwhile
+        (``trust()`` dropped it), a bundle is fetched after all."""
+        bundle = None if self._can_send_to(peer_id) else self._fetch_bundle(peer_id)
+        while True:
+            with self._lock:
+                if bundle is not None or self._can_send_to(peer_id):
+                    yield bundle
+                    return
+            bundle = self._fetch_bundle(peer_id)
+
     def _sending_record(
         self, peer_id: str, bundle: PrekeyBundle | None
     ) -> tuple[SessionRecord, bytes | None]:
@@ -559,8 +588,7 @@ class Agent:
             self._raise_identity_changed(peer_id, pinned[0], pinned[1])
         if record.active is not None and record.active.ratchet.can_send:
             return record, None
-        if bundle is None:  # the session vanished between the check and the lock
-            bundle = self._fetch_bundle(peer_id)
+        assert bundle is not None  # _locked_with_bundle: a sending session or a bundle
         pin = self._check_pin(peer_id, bundle.identity)
         session = Session.initiate(
             self._identity,
@@ -599,8 +627,7 @@ class Agent:
         if self.hub is None:
             raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
         peer_id = validate_agent_id(peer_id)
-        bundle = None if self._can_send_to(peer_id) else self._fetch_bundle(peer_id)
-        with self._lock:
+        with self._locked_with_bundle(peer_id) as bundle:
             record, pin = self._sending_record(peer_id, bundle)
             if pin is not None:
                 self._state.pin(peer_id, pin, self._clock())
@@ -691,6 +718,12 @@ class Agent:
         ``_PARALLEL_VERIFY_MIN`` verify their signatures on two threads before
         the commit (see :meth:`_decrypt_all`); the outcomes are the same.
         """
+        try:
+            return self._receive_locked(items)
+        finally:
+            self._publish_prekeys()  # a consumed one-time key may need replacing
+
+    def _receive_locked(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
         with self._lock:
             now = self._clock()
             seen = self._state.seen_among([bytes(data[2:18]) for data in items])
@@ -827,22 +860,43 @@ class Agent:
     def dispatch_pending(self) -> int:
         """Run the handlers for committed, unhandled messages (receive steps 4 and 5).
 
-        Returns how many messages were handled. Does nothing while no handler
-        is registered. Safe to call from any thread; messages are handled one
-        at a time, in arrival order.
+        Returns how many messages this call handled. Does nothing while no handler
+        is registered. Safe to call from any thread; messages are handled one at a
+        time, in arrival order, by one thread at a time (the *dispatcher*), which
+        holds no lock while a handler runs. A call while another thread dispatches
+        leaves the new messages to it and waits until it is done, so that (with
+        LocalHub) a send returns after the recipient's handlers ran; a call made
+        from inside a handler (any agent's) never waits, so handlers that send to
+        each other cannot deadlock.
         """
-        handled = 0
-        with self._dispatch_lock:
-            if self._dispatching:
-                # A handler of this thread sent a message that came straight back
-                # (LocalHub): the outer loop below picks it up next, in order.
+        me = threading.current_thread()
+        with self._dispatch_cv:
+            if self._dispatcher is not None:
+                self._dispatch_again = True
+                if self._dispatcher is not me and not _in_handler():
+                    self._dispatch_cv.wait_for(lambda: self._dispatcher is None)
                 return 0
-            self._dispatching = True
-            try:
-                handled = self._dispatch_all()
-            finally:
-                self._dispatching = False
+            self._dispatcher = me
+            self._dispatch_again = False
+        handled = 0
+        try:
+            while True:
+                handled += self._dispatch_all()
+                with self._dispatch_cv:
+                    if not self._dispatch_again or self._closed:
+                        break
+                    self._dispatch_again = False
+        finally:
+            with self._dispatch_cv:
+                self._dispatcher = None
+                self._dispatch_cv.notify_all()
         return handled
+
+    def _wait_dispatch_idle(self) -> None:
+        """Wait until no other thread runs this agent's handlers (holding no lock)."""
+        me = threading.current_thread()
+        with self._dispatch_cv:
+            self._dispatch_cv.wait_for(lambda: self._dispatcher in (None, me))
 
     def _dispatch_all(self) -> int:
         handled = 0
@@ -864,10 +918,13 @@ class Agent:
                     _payload_bytes=row.payload,
                 )
                 for handler in list(self._handlers):
+                    _handler_depth.value = _in_handler() + 1
                     try:
                         handler(message)
                     except Exception:
                         self.log.exception("message handler %r raised", handler)
+                    finally:
+                        _handler_depth.value -= 1
                 self._state.mark_handled(row.seq)
                 handled += 1
         return handled
@@ -917,6 +974,7 @@ class Agent:
             )
             if made:  # 0: rate-limited (a report flood); rotate() carries it out later
                 self._maintain_prekeys(force=True)
+        self._publish_prekeys()
 
     def unacked_envelopes(self) -> list[bytes]:
         self._state.sync()  # a (re)login re-sends these: they must be on disk first
@@ -970,7 +1028,8 @@ class Agent:
             self._maintain_prekeys()
 
     def _maintain_prekeys(self, *, force: bool = False) -> None:
-        """Top the one-time pool up (and rotate) when it runs low; re-publish to the hub."""
+        """Top the one-time pool up (and rotate) when it runs low (lock held); the hub
+        hears of it from :meth:`_publish_prekeys` once the lock is released."""
         low = min(len(self._prekeys.one_time), len(self._prekeys.one_time_kem)) < min(
             ONE_TIME_LOW_WATER, self._pool_size
         )
@@ -981,17 +1040,33 @@ class Agent:
             )
         if low or force or rotated:
             self._save_prekeys()
-            refresh = getattr(self.hub, "refresh_prekeys", None)
-            if refresh is not None:
-                try:
-                    refresh(self)
-                except (HubError, HubUnavailableError) as exc:
-                    self.log.warning("could not upload prekeys yet: %s", exc)
+            self._publish_due = True  # told to the hub by _publish_prekeys, after the lock
+
+    def _publish_prekeys(self) -> None:
+        """Tell the hub about changed prekeys, if any. Call with no lock held: the hub
+        calls back into this agent (``prekey_bundle_bytes``, ``one_time_prekeys``)."""
+        with self._lock:
+            if not self._publish_due:
+                return
+            self._publish_due = False
+        refresh = getattr(self.hub, "refresh_prekeys", None)
+        if refresh is None:
+            return
+        try:
+            refresh(self)
+        except (HubError, HubUnavailableError) as exc:
+            self.log.warning("could not upload prekeys yet: %s", exc)
+            with self._lock:
+                self._publish_due = True  # retried with the next send, receipt or report
 
     # -- lifecycle --------------------------------------------------------
 
     def close(self) -> None:
-        """Leave the hub, close the state file and release the identity lock. Idempotent."""
+        """Leave the hub, close the state file and release the identity lock. Idempotent.
+
+        A handler running in another thread is waited for (it may still send); no
+        further message is dispatched. Holds no lock while it waits.
+        """
         if self._closed:
             return
         self._wait_queue_sent(5.0)  # hand pipelined envelopes over while still connected
@@ -1005,7 +1080,8 @@ class Agent:
                 self.log.debug("hub unregister failed", exc_info=True)
         if self._transmitter is not None and self._transmitter is not threading.current_thread():
             self._transmitter.join(10.0)
-        with self._lock, self._dispatch_lock:
+        self._wait_dispatch_idle()
+        with self._lock:
             self._state.close()
             if self._lock_file is not None:
                 self._lock_file.release()

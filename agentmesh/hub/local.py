@@ -11,6 +11,13 @@ in-process fleet survives a restart.
 
 The hub binds each agent id to its identity key on first registration and
 refuses a different key for it (``AuthFailedError``): no mailbox takeover.
+
+Locks: the hub's ``_lock`` guards who is online, who is being drained and the
+outcomes awaited by ``deliver``; the mailboxes have their own lock, taken only
+inside their methods, so the order is the hub's ``_lock``, then the
+mailboxes' lock. The hub never calls into an agent while holding its ``_lock``,
+and an agent never calls the hub while holding its own: neither order between
+the two can arise. Handlers never run under any lock.
 """
 
 from __future__ import annotations
@@ -244,22 +251,24 @@ class LocalHub:
         """Bind the agent's id to its key, publish its prekeys, then hand over its mail.
 
         Raises AuthFailedError if the id is already bound to another identity key.
+        Every call into the agent is made with no hub lock held (the agent may hold
+        its own lock and call this hub: see the module docstring's lock order).
         """
-        now = self._now()
+        self._store.bind_agent(agent.agent_id, agent.signing_public_key, self._now())
+        self.refresh_prekeys(agent)
+        outbox = agent.unacked_envelopes()
         with self._lock:
-            self._store.bind_agent(agent.agent_id, agent.signing_public_key, now)
-            self.refresh_prekeys(agent)
             self._online[agent.agent_id] = agent
-            resent: list[str] = []
-            for data in agent.unacked_envelopes():
-                try:
-                    envelope = self._submit(data)
-                except (HubError, CryptoError, DecodeError, ValueError) as exc:
-                    log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
-                    continue
-                agent.envelope_acked(envelope.message_id)  # stored: drop it from the outbox
-                if envelope.recipient not in resent:
-                    resent.append(envelope.recipient)
+        resent: list[str] = []
+        for data in outbox:
+            try:
+                envelope = self._submit(data)
+            except (HubError, CryptoError, DecodeError, ValueError) as exc:
+                log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
+                continue
+            agent.envelope_acked(envelope.message_id)  # stored: drop it from the outbox
+            if envelope.recipient not in resent:
+                resent.append(envelope.recipient)
         self._drain(agent.agent_id)
         for recipient in resent:  # hand resent mail to recipients that are online
             self._drain(recipient)
