@@ -23,6 +23,7 @@ from agentmesh.errors import (
     MailboxFullError,
     RemoteProtocolError,
     ReplayError,
+    RequestTimeoutError,
     SignatureError,
     StateLockedError,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "NetworkHubServer",
     "RemoteProtocolError",
     "ReplayError",
+    "RequestTimeoutError",
     "SignatureError",
     "StateLockedError",
     "VerifiedProof",

@@ -11,6 +11,15 @@ acknowledges. Receive order: decrypt on a copy → commit session, replay
 record and inbox row in one transaction → acknowledge → run the handlers →
 delete the inbox row. After a crash, the outbox is resent (same message ids;
 the hub drops duplicates) and unhandled inbox rows are dispatched again.
+
+Threads: ``agentmesh-send-<id>`` (``send(wait=False)``'s transmitter, stopped by
+:meth:`Agent.close`) and the module's one-worker signature verifier. Handlers run
+in the thread that dispatches (see :meth:`Agent.dispatch_pending`).
+
+Lock order (docs/ARCHITECTURE.md): ``Agent._lock``, then ``_queue_ready`` or
+``_arrival``, then ``AgentState._lock``. ``_dispatch_cv`` nests with nothing. No
+lock is held while a handler runs or while the hub is called: bundles are
+fetched before ``_lock`` is taken and new prekeys published after it is released.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from agentmesh.errors import (
     IdentityChangedError,
     LocalProtocolError,
     ReplayError,
+    RequestTimeoutError,
 )
 from agentmesh.ids import validate_agent_id
 from agentmesh.keyfile import load_or_create_key_file
@@ -85,10 +95,14 @@ class Message:
     signature: bytes | None = field(default=None, repr=False)
     #: The envelope exactly as received (version 1's ``raw_envelope``).
     raw_envelope: bytes = field(default=b"", repr=False)
+    #: The id of the message this one answers (see :meth:`Agent.request`), or None.
+    in_reply_to: str | None = None
     #: The sender's public identity as pinned when the message was handed out, and the
     #: payload bytes exactly as signed: what :meth:`export_proof` needs.
     _sender_identity: bytes | None = field(default=None, repr=False, compare=False)
     _payload_bytes: bytes = field(default=b"", repr=False, compare=False)
+    #: The agent that received it (for :meth:`reply`).
+    _agent: Agent | None = field(default=None, repr=False, compare=False)
 
     @property
     def text(self) -> str:
@@ -101,6 +115,15 @@ class Message:
     @property
     def signed(self) -> bool:
         return self.signature is not None
+
+    def reply(self, text: str = "", **kwargs: Any) -> str:
+        """Answer this message: send ``{"type": "message", "text": text, **kwargs}`` to its
+        sender as a reply (``in_reply_to`` = this message's id), which goes to the
+        sender's waiting :meth:`Agent.request`. Returns the reply's message id.
+        Same as ``agent.reply(msg, text, **kwargs)``."""
+        if self._agent is None:
+            raise LocalProtocolError("this message was not received by an agent: nothing replies")
+        return self._agent.reply(self, text, **kwargs)
 
     def export_proof(self) -> bytes:
         """A transferable proof that the sender's identity key signed this message.
@@ -116,7 +139,13 @@ class Message:
         if self.signature is None or self._sender_identity is None or not self.raw_envelope:
             raise ValueError("unsigned message: an unsigned session gives no proof of origin")
         header = decode_envelope(self.raw_envelope).header_bytes
-        proof = encode_proof(self._sender_identity, header, self._payload_bytes, self.signature)
+        proof = encode_proof(
+            self._sender_identity,
+            header,
+            self._payload_bytes,
+            self.signature,
+            None if self.in_reply_to is None else bytes.fromhex(self.in_reply_to),
+        )
         verify_proof(proof)  # never hand out a proof that does not verify
         return proof
 
@@ -160,6 +189,17 @@ def _all_valid(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
     except CryptoError:
         return False
     return True
+
+
+class _PendingRequest:
+    """One request() waiting for its reply (fields guarded by ``Agent._arrival``)."""
+
+    __slots__ = ("claimed", "done", "reply")
+
+    def __init__(self) -> None:
+        self.claimed = False  # a reply is being committed for it
+        self.done = False
+        self.reply: Message | None = None
 
 
 class _Inbound:
@@ -244,6 +284,12 @@ class Agent:
         self._dispatch_again = False
         #: The prekeys changed and the hub has not been told yet (see _publish_prekeys).
         self._publish_due = False
+        #: request() calls waiting for a reply, by the request's message id, and the ids
+        #: of committed replies being handed to them (never dispatched or pulled).
+        #: Guarded by _arrival, which next_message also waits on for new messages.
+        self._waiting: dict[bytes, _PendingRequest] = {}
+        self._claimed: set[bytes] = set()
+        self._arrival = threading.Condition()
         self._closed = False
         self._received = 0
         self._last_maintenance_ms = clock_ms()
@@ -353,21 +399,110 @@ class Agent:
             self.dispatch_pending()
         return handler
 
+    # -- pulling ----------------------------------------------------------
+
+    def next_message(self, timeout: float | None = None) -> Message:
+        """The oldest message not handled yet, waiting up to ``timeout`` seconds (None:
+        for ever) for one to arrive. It then counts as handled.
+
+        For agents without handlers: while none is registered with :meth:`on_message`,
+        messages wait in the durable inbox for this call (and survive restarts); with
+        a handler registered they go to the handlers, and this raises
+        LocalProtocolError. Raises the built-in ``TimeoutError`` if nothing arrives in
+        time, and LocalProtocolError once the agent is closed. Replies to a waiting
+        :meth:`request` never come out here.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._arrival:
+            while True:
+                if self._handlers:
+                    raise LocalProtocolError(
+                        "next_message() is for agents without handlers: messages go to the "
+                        "on_message handlers"
+                    )
+                if self._closed:
+                    raise LocalProtocolError(f"Agent {self._id!r} is closed")
+                rows = self._unclaimed(1)
+                if rows:
+                    self._state.mark_handled(rows[0].seq)
+                    return self._message(rows[0])
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no message for {self._id!r} within {timeout} s")
+                self._arrival.wait(remaining)
+
+    def messages(self) -> Iterator[Message]:
+        """Iterate over messages as they arrive (:meth:`next_message` with no timeout);
+        the iteration ends when the agent is closed."""
+        while True:
+            try:
+                yield self.next_message()
+            except LocalProtocolError:
+                if self._closed:
+                    return
+                raise
+
     # -- sending ----------------------------------------------------------
 
-    def send(self, recipient_id: str, text: str = "", *, wait: bool = True, **kwargs: Any) -> None:
-        """Encrypt and send ``{"type": "message", "text": text, **kwargs}``.
+    def send(self, recipient_id: str, text: str = "", *, wait: bool = True, **kwargs: Any) -> str:
+        """Encrypt and send ``{"type": "message", "text": text, **kwargs}``; return its id.
 
         ``type=`` overrides the type; every other extra keyword reaches
         ``msg.payload`` (``wait`` is not a payload field: see :meth:`send_payload`).
         """
         payload: dict[str, Any] = {"type": "message", "text": text}
         payload.update(kwargs)
-        self.send_payload(recipient_id, payload, wait=wait)
+        return self.send_payload(recipient_id, payload, wait=wait)
 
-    def send_payload(
-        self, recipient_id: str, payload: dict[str, Any], *, wait: bool = True
-    ) -> None:
+    def reply(self, message: Message, text: str = "", **kwargs: Any) -> str:
+        """Answer ``message``: send ``{"type": "message", "text": text, **kwargs}`` to its
+        sender with ``in_reply_to`` set to its id (inside the ciphertext). The sender's
+        waiting :meth:`request` gets it; if that timed out, the sender's handlers (or
+        ``next_message``) do. Returns the reply's message id."""
+        payload: dict[str, Any] = {"type": "message", "text": text}
+        payload.update(kwargs)
+        try:
+            answered = bytes.fromhex(message.message_id)
+        except ValueError as exc:
+            raise ValueError(f"cannot reply to a message without an id: {message!r}") from exc
+        return self._send(message.sender, payload, wait=True, in_reply_to=answered).hex()
+
+    def request(
+        self, peer_id: str, text: str = "", *, timeout: float = 30.0, **kwargs: Any
+    ) -> Message:
+        """Send ``{"type": "message", "text": text, **kwargs}`` and wait for the reply.
+
+        Returns the peer's reply (a :class:`Message` whose ``in_reply_to`` is the
+        request's id; it goes to this call, not to the handlers). Raises
+        :class:`~agentmesh.errors.RequestTimeoutError` (a ``TimeoutError``) if none
+        arrives within ``timeout`` seconds; a reply that comes later is delivered
+        like any other message. Any number of requests may wait at once, from any
+        threads; each gets its own reply. Send errors propagate as from :meth:`send`.
+        """
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        message_id = self._rng(16)
+        waiter = _PendingRequest()
+        with self._arrival:  # registered first: with LocalHub the reply comes during send
+            self._waiting[message_id] = waiter
+        try:
+            payload: dict[str, Any] = {"type": "message", "text": text}
+            payload.update(kwargs)
+            self._send(peer_id, payload, wait=True, message_id=message_id)
+            with self._arrival:
+                answered = self._arrival.wait_for(lambda: waiter.done, timeout)
+                if not answered:
+                    self._waiting.pop(message_id, None)
+                    if waiter.claimed:  # being committed just now: wait for the outcome
+                        self._arrival.wait_for(lambda: waiter.done or not waiter.claimed)
+        finally:
+            with self._arrival:
+                self._waiting.pop(message_id, None)
+        if waiter.reply is None:
+            raise RequestTimeoutError(peer_id, message_id.hex(), timeout)
+        return waiter.reply
+
+    def send_payload(self, recipient_id: str, payload: dict[str, Any], *, wait: bool = True) -> str:
         """Encrypt ``payload`` (a JSON-safe dict) for ``recipient_id`` and hand it to the hub.
 
         With ``wait=True`` (the default) it returns once the hub has durably
@@ -403,7 +538,20 @@ class Agent:
 
         Envelopes sent with either ``wait`` reach the hub, and so each recipient,
         in call order. :meth:`flush` waits until the hub has acknowledged everything.
+        Returns the message id (hex).
         """
+        return self._send(recipient_id, payload, wait=wait).hex()
+
+    def _send(
+        self,
+        recipient_id: str,
+        payload: dict[str, Any],
+        *,
+        wait: bool,
+        in_reply_to: bytes | None = None,
+        message_id: bytes | None = None,
+    ) -> bytes:
+        """:meth:`send_payload`, optionally as a reply or with a chosen id; returns the id."""
         if self.hub is None:
             raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
         recipient_id = validate_agent_id(recipient_id)
@@ -417,9 +565,14 @@ class Agent:
             session = record.active
             assert session is not None
             session = session.copy()
-            message_id = self._rng(16)
+            if message_id is None:
+                message_id = self._rng(16)
             envelope = session.encrypt(
-                self._identity, plaintext, message_id=message_id, timestamp_ms=self._clock()
+                self._identity,
+                plaintext,
+                message_id=message_id,
+                timestamp_ms=self._clock(),
+                in_reply_to=in_reply_to,
             )
             data = envelope.to_bytes()
             new_record = record.promote(session, replaces=record.active)
@@ -439,9 +592,10 @@ class Agent:
                     self._queue.append(data)
                     self._queue_ready.notify_all()
                     self._start_transmitter()
-                return
+                return message_id
         self._wait_queue_sent(None)  # keep call order behind earlier pipelined sends
         self._transmit(message_id, data)
+        return message_id
 
     def _start_transmitter(self) -> None:
         if self._transmitter is None:
@@ -736,6 +890,7 @@ class Agent:
             batch, outcomes = decrypted
             if not batch.messages:
                 return outcomes
+            replies = self._claim_replies(batch.messages)
             try:
                 self._state.commit_received_batch(
                     {peer: record.to_bytes() for peer, record in batch.records.items()},
@@ -745,10 +900,14 @@ class Agent:
                     now,
                 )
             except Exception as exc:
+                self._hand_over_replies(replies, committed=False)
                 return [
                     exc if isinstance(o, DeliveryReport) and not o.duplicate else o
                     for o in outcomes
                 ]
+            self._hand_over_replies(replies, committed=True)
+            with self._arrival:  # wake next_message()
+                self._arrival.notify_all()
             self._records.update(batch.records)
             if batch.prekeys is not self._prekeys:
                 self._prekeys = batch.prekeys
@@ -758,6 +917,43 @@ class Agent:
             if before // 1024 != self._received // 1024:
                 self._state.forget_seen_before(now - self._replay_window_ms)
         return outcomes
+
+    def _claim_replies(self, rows: list[InboxRow]) -> list[tuple[InboxRow, _PendingRequest]]:
+        """Before a commit: the rows that answer a waiting request(), claimed so that no
+        dispatcher or puller takes them once they are committed."""
+        claims: list[tuple[InboxRow, _PendingRequest]] = []
+        with self._arrival:
+            if not self._waiting:
+                return claims
+            for row in rows:
+                waiter = self._waiting.get(row.in_reply_to) if row.in_reply_to else None
+                if waiter is not None and not waiter.claimed:
+                    waiter.claimed = True
+                    self._claimed.add(row.message_id)
+                    claims.append((row, waiter))
+        return claims
+
+    def _hand_over_replies(
+        self, claims: list[tuple[InboxRow, _PendingRequest]], *, committed: bool
+    ) -> None:
+        """After the commit: give each claimed reply to its request() (it counts as
+        handled), or, if the commit failed, release the claims (the hub redelivers)."""
+        handed: list[tuple[_PendingRequest, Message | None]] = []
+        for row, waiter in claims:
+            message = None
+            if committed:
+                seq = self._state.inbox_seq(row.message_id)
+                if seq is not None:
+                    self._state.mark_handled(seq)
+                message = self._message(row)
+            handed.append((waiter, message))
+        with self._arrival:
+            for (row, _), (waiter, message) in zip(claims, handed, strict=True):
+                self._claimed.discard(row.message_id)
+                waiter.claimed = False
+                if committed:
+                    waiter.reply, waiter.done = message, True
+            self._arrival.notify_all()
 
     def _decrypt_all(
         self, items: list[bytes], now: int, seen: set[bytes], *, deferred: bool
@@ -853,6 +1049,7 @@ class Agent:
                 envelope.timestamp,
                 message.signature,
                 bytes(data),
+                message.in_reply_to,
             )
         )
         return DeliveryReport(accepted=True)
@@ -898,25 +1095,37 @@ class Agent:
         with self._dispatch_cv:
             self._dispatch_cv.wait_for(lambda: self._dispatcher in (None, me))
 
+    def _message(self, row: InboxRow) -> Message:
+        pinned = self._state.pinned_identity(row.sender)
+        return Message(
+            sender=row.sender,
+            recipient=self._id,
+            payload=decode_payload(row.payload),
+            timestamp=row.timestamp_ms,
+            message_id=row.message_id.hex(),
+            signature=row.signature,
+            raw_envelope=row.envelope,
+            in_reply_to=None if row.in_reply_to is None else row.in_reply_to.hex(),
+            _sender_identity=None if pinned is None else pinned[0],
+            _payload_bytes=row.payload,
+            _agent=self,
+        )
+
+    def _unclaimed(self, limit: int) -> list[InboxRow]:
+        """Unhandled rows, oldest first, without replies being handed to request()."""
+        rows = self._state.unhandled(limit=limit)
+        with self._arrival:
+            claimed = set(self._claimed)
+        return [row for row in rows if row.message_id not in claimed]
+
     def _dispatch_all(self) -> int:
         handled = 0
         while self._handlers and not self._closed:
-            rows = self._state.unhandled(limit=256)
+            rows = self._unclaimed(256)
             if not rows:
                 break
             for row in rows:
-                pinned = self._state.pinned_identity(row.sender)
-                message = Message(
-                    sender=row.sender,
-                    recipient=self._id,
-                    payload=decode_payload(row.payload),
-                    timestamp=row.timestamp_ms,
-                    message_id=row.message_id.hex(),
-                    signature=row.signature,
-                    raw_envelope=row.envelope,
-                    _sender_identity=None if pinned is None else pinned[0],
-                    _payload_bytes=row.payload,
-                )
+                message = self._message(row)
                 for handler in list(self._handlers):
                     _handler_depth.value = _in_handler() + 1
                     try:
@@ -1081,6 +1290,8 @@ class Agent:
         if self._transmitter is not None and self._transmitter is not threading.current_thread():
             self._transmitter.join(10.0)
         self._wait_dispatch_idle()
+        with self._arrival:  # wake next_message() and messages()
+            self._arrival.notify_all()
         with self._lock:
             self._state.close()
             if self._lock_file is not None:

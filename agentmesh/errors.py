@@ -17,6 +17,7 @@ from the *peer's*, as h11 does with Local/RemoteProtocolError::
     │   ├── NoSessionError        no session can decrypt this message
     │   └── IdentityChangedError  a pinned peer presented a different identity key
     ├── StateLockedError          another process already holds this identity
+    ├── RequestTimeoutError       no reply to request() in time (also a TimeoutError)
     ├── HubError                  the hub refused a request (carries its code)
     │   ├── MailboxFullError      the recipient's quota is exhausted
     │   └── AuthFailedError       login refused (bad signature, id bound to another key)
@@ -102,6 +103,16 @@ class IdentityChangedError(CryptoError):
 
 class StateLockedError(AgentMeshError):
     """Another process already holds this identity's state (one process per identity)."""
+
+
+class RequestTimeoutError(AgentMeshError, TimeoutError):
+    """``Agent.request()`` got no reply in time. A reply that comes later is delivered
+    like any other message (to the handlers or ``next_message``)."""
+
+    def __init__(self, peer_id: str, message_id: str, timeout_s: float) -> None:
+        self.peer_id = peer_id
+        self.message_id = message_id
+        super().__init__(f"no reply from {peer_id!r} to request {message_id} within {timeout_s} s")
 
 
 class HubError(AgentMeshError):

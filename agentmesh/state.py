@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     payload BLOB NOT NULL,
     timestamp_ms INTEGER NOT NULL,
     signature BLOB,
-    envelope BLOB NOT NULL
+    envelope BLOB NOT NULL,
+    in_reply_to BLOB
 );
 """
 #: Version 2: sessions and message keys of AgentMesh protocol version 2; a version 1
@@ -87,8 +88,8 @@ _SECRET_META = frozenset({"prekeys"})
 SCRUB_INTERVAL_S = 1.0
 _PIN_SQL = "INSERT OR IGNORE INTO peers (peer_id, identity, first_seen_ms) VALUES (?, ?, ?)"
 _INSERT_INBOX_SQL = (
-    "INSERT INTO inbox (message_id, sender, payload, timestamp_ms, signature, envelope) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO inbox (message_id, sender, payload, timestamp_ms, signature, envelope, "
+    "in_reply_to) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE_OUTBOX_SQL = "DELETE FROM outbox WHERE message_id = ?"
 #: An upsert rewrites the record in place (OR REPLACE would also rewrite the key's index).
@@ -221,6 +222,8 @@ class InboxRow:
     signature: bytes | None
     #: The envelope as received (``Message.raw_envelope``; its header is the signed one).
     envelope: bytes = b""
+    #: The id of the message this one answers (a reply), from inside the ciphertext.
+    in_reply_to: bytes | None = None
 
 
 class AgentState:
@@ -774,7 +777,7 @@ class AgentState:
             db.execute("INSERT INTO seen (message_id, seen_ms) VALUES (?, ?)", (message_id, now_ms))
             db.execute(
                 _INSERT_INBOX_SQL,
-                (message_id, peer_id, payload, timestamp_ms, signature, envelope),
+                (message_id, peer_id, payload, timestamp_ms, signature, envelope, None),
             )
 
     def commit_received_batch(
@@ -807,7 +810,15 @@ class AgentState:
             db.executemany(
                 _INSERT_INBOX_SQL,
                 [
-                    (m.message_id, m.sender, m.payload, m.timestamp_ms, m.signature, m.envelope)
+                    (
+                        m.message_id,
+                        m.sender,
+                        m.payload,
+                        m.timestamp_ms,
+                        m.signature,
+                        m.envelope,
+                        m.in_reply_to,
+                    )
                     for m in messages
                 ],
             )
@@ -816,16 +827,28 @@ class AgentState:
         with self._lock:
             self._delete_handled()
             rows = self._db.execute(
-                "SELECT seq, message_id, sender, payload, timestamp_ms, signature, envelope "
-                "FROM inbox ORDER BY seq LIMIT ?",
+                "SELECT seq, message_id, sender, payload, timestamp_ms, signature, envelope, "
+                "in_reply_to FROM inbox ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
             InboxRow(
-                s, bytes(m), snd, bytes(pl), ts, None if sig is None else bytes(sig), bytes(env)
+                s,
+                bytes(m),
+                snd,
+                bytes(pl),
+                ts,
+                None if sig is None else bytes(sig),
+                bytes(env),
+                None if irt is None else bytes(irt),
             )
-            for s, m, snd, pl, ts, sig, env in rows
+            for s, m, snd, pl, ts, sig, env, irt in rows
         ]
+
+    def inbox_seq(self, message_id: bytes) -> int | None:
+        """The inbox sequence number of a committed, unhandled message, if there is one."""
+        row = self._one("SELECT seq FROM inbox WHERE message_id = ?", (message_id,))
+        return None if row is None else int(row[0])
 
     def mark_handled(self, seq: int) -> None:
         """Receive order step 5: the row is handled; it is deleted (no handled plaintext

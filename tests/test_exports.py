@@ -35,6 +35,7 @@ EXPECTED_ALL = [
     "NetworkHubServer",
     "RemoteProtocolError",
     "ReplayError",
+    "RequestTimeoutError",
     "SignatureError",
     "StateLockedError",
     "VerifiedProof",

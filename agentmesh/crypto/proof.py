@@ -12,6 +12,7 @@ Layout (docs/PROTOCOL.md, "Proof of origin")::
     128     the sender's public identity (Ed25519 key, X25519 key, binding signature)
     bytes16 header_bytes (the envelope header exactly as signed)
     bytes32 payload (the JSON bytes exactly as signed)
+    u8      is_reply (0 or 1), then [16 in_reply_to] if 1
     64      signature
 
 What it proves: the holder of the identity key with that fingerprint signed a
@@ -29,7 +30,7 @@ from typing import Any
 
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.identity import PublicIdentity
-from agentmesh.crypto.session import SIGNATURE_CONTEXT
+from agentmesh.crypto.session import signed_message
 from agentmesh.errors import DecodeError
 from agentmesh.wire.codec import Reader, Writer
 from agentmesh.wire.envelope import decode_envelope
@@ -50,24 +51,35 @@ class VerifiedProof:
     message_id: str
     timestamp: int
     payload: dict[str, Any]
+    #: The message id (hex) this message answers, if it is a reply.
+    in_reply_to: str | None
     #: The signer's fingerprint (``Agent.fingerprint`` format): compare it out of band.
     fingerprint: str
 
 
 def encode_proof(
-    sender_identity: bytes, header_bytes: bytes, payload: bytes, signature: bytes
+    sender_identity: bytes,
+    header_bytes: bytes,
+    payload: bytes,
+    signature: bytes,
+    in_reply_to: bytes | None = None,
 ) -> bytes:
     """Pack a signed message's proof (``sender_identity`` is ``PublicIdentity.encode()``)."""
-    w = Writer().u8(PROOF_VERSION).raw(sender_identity)
-    return w.bytes16(header_bytes).bytes32(payload).raw(signature).getvalue()
+    w = Writer().u8(PROOF_VERSION).raw(sender_identity).bytes16(header_bytes).bytes32(payload)
+    if in_reply_to is None:
+        w.u8(0)
+    else:
+        w.u8(1).raw(in_reply_to)
+    return w.raw(signature).getvalue()
 
 
 def verify_proof(proof: bytes) -> VerifiedProof:
     """Check a proof made by ``Message.export_proof()``; return what it establishes.
 
     Raises DecodeError for bytes that are not a proof (or whose header or payload
-    do not parse) and SignatureError/InvalidKeyError if the identity binding or the
-    message signature does not verify, or if the header's sender does not match.
+    do not parse, or whose header names another identity) and
+    SignatureError/InvalidKeyError if the identity binding or the message signature
+    does not verify.
     """
     r = Reader(proof, "proof")
     if r.u8() != PROOF_VERSION:
@@ -75,10 +87,14 @@ def verify_proof(proof: bytes) -> VerifiedProof:
     identity = PublicIdentity.read(r)
     header = r.bytes16(_MAX_HEADER)
     payload = r.bytes32(_MAX_PAYLOAD)
+    flag = r.u8()
+    if flag not in (0, 1):
+        raise DecodeError("proof: bad reply flag")
+    in_reply_to = r.raw(16) if flag else None
     signature = r.raw(64)
     r.finish()
     identity.verify()
-    p.ed25519_verify(identity.signing, signature, SIGNATURE_CONTEXT + header + payload)
+    p.ed25519_verify(identity.signing, signature, signed_message(header, payload, in_reply_to))
     # The header is parsed as the front of an envelope with an empty tag-sized body.
     envelope = decode_envelope(header + (16).to_bytes(4, "big") + bytes(16))
     prekey = envelope.prekey
@@ -90,5 +106,6 @@ def verify_proof(proof: bytes) -> VerifiedProof:
         message_id=envelope.message_id.hex(),
         timestamp=envelope.timestamp,
         payload=decode_payload(payload),
+        in_reply_to=None if in_reply_to is None else in_reply_to.hex(),
         fingerprint=identity.fingerprint,
     )

@@ -33,7 +33,11 @@ are in the AD of every message, nobody who holds only the session's chain keys
 the peer's (review finding F-4); an agent with ``require_signatures`` refuses
 to answer an unsigned initial message at all.
 
-The inner plaintext is ``u8 flags || u32 len || payload [|| Ed25519 signature]``.
+The inner plaintext is ``u8 flags || u32 len || payload [|| in_reply_to] [||
+Ed25519 signature]``: flag 0x01 a signature, flag 0x02 a reply, whose 16-byte
+``in_reply_to`` is the message id it answers (inside the ciphertext, so the hub
+cannot link requests and replies). A reply's signature covers
+``"AgentMesh-reply-v2" || envelope header || in_reply_to || payload`` instead.
 The signature travels *inside* the ciphertext, so only the recipient sees it:
 auditability towards the recipient without giving the hub an oracle for
 plaintext guesses.
@@ -74,7 +78,9 @@ SignatureCheck = Callable[[bytes, bytes, bytes], None]
 
 MESSAGE_KEYS_INFO = b"AgentMesh_v2_MessageKeys"
 SIGNATURE_CONTEXT = b"AgentMesh-msg-v2"
+REPLY_SIGNATURE_CONTEXT = b"AgentMesh-reply-v2"
 _FLAG_SIGNED = 0x01
+_FLAG_REPLY = 0x02
 #: 2: message keys bound to the message id, the signing mode in the AD (protocol 2).
 _SESSION_VERSION = 2
 MAX_ARCHIVED_SESSIONS = 4
@@ -87,6 +93,13 @@ def message_key_material(message_key: bytes, message_id: bytes) -> tuple[bytes, 
     return out[:32], out[32:]
 
 
+def signed_message(header: bytes, payload: bytes, in_reply_to: bytes | None) -> bytes:
+    """The bytes a message's Ed25519 signature covers (a reply has its own context)."""
+    if in_reply_to is None:
+        return SIGNATURE_CONTEXT + header + payload
+    return REPLY_SIGNATURE_CONTEXT + header + in_reply_to + payload
+
+
 def session_associated_data(handshake_ad: bytes, session_flags: int) -> bytes:
     """The AD every message of a session authenticates: the handshake's AD, then the
     session flags (so the signing mode cannot be changed after the handshake)."""
@@ -95,11 +108,13 @@ def session_associated_data(handshake_ad: bytes, session_flags: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class DecryptedMessage:
-    """A decrypted envelope: the payload bytes and, if the sender signed, the signature."""
+    """A decrypted envelope: the payload bytes, the signature if the sender signed, and
+    the message id it answers if it is a reply."""
 
     envelope: Envelope
     payload: bytes
     signature: bytes | None
+    in_reply_to: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -165,10 +180,16 @@ class Session:
         *,
         message_id: bytes,
         timestamp_ms: int,
+        in_reply_to: bytes | None = None,
     ) -> Envelope:
-        """Encrypt one payload into an envelope. Mutates the session (advance the chain)."""
+        """Encrypt one payload into an envelope. Mutates the session (advance the chain).
+
+        ``in_reply_to``: the 16-byte id of the message this one answers (a reply).
+        """
         if len(message_id) != MESSAGE_ID_LEN:
             raise ValueError("message_id must be 16 bytes")
+        if in_reply_to is not None and len(in_reply_to) != MESSAGE_ID_LEN:
+            raise ValueError("in_reply_to must be a 16-byte message id")
         ratchet_header, message_key = self.ratchet.next_sending_key()
         header = encode_header(
             message_id,
@@ -178,12 +199,14 @@ class Session:
             ratchet_header,
             self.pending_prekey,
         )
-        inner = Writer()
+        flags = (_FLAG_SIGNED if self.sign_messages else 0) | (
+            _FLAG_REPLY if in_reply_to is not None else 0
+        )
+        inner = Writer().u8(flags).bytes32(payload)
+        if in_reply_to is not None:
+            inner.raw(in_reply_to)
         if self.sign_messages:
-            signature = identity.sign(SIGNATURE_CONTEXT + header + payload)
-            inner.u8(_FLAG_SIGNED).bytes32(payload).raw(signature)
-        else:
-            inner.u8(0).bytes32(payload)
+            inner.raw(identity.sign(signed_message(header, payload, in_reply_to)))
         key, nonce = message_key_material(message_key, message_id)
         ciphertext = p.aes_gcm_encrypt(key, nonce, inner.getvalue(), self.associated_data + header)
         return Envelope(
@@ -225,9 +248,10 @@ class Session:
         try:
             r = Reader(inner, "inner plaintext")
             flags = r.u8()
-            if flags & ~_FLAG_SIGNED:
+            if flags & ~(_FLAG_SIGNED | _FLAG_REPLY):
                 raise DecodeError("inner plaintext: unknown flags")
             payload = r.bytes32(len(inner))
+            in_reply_to = r.raw(MESSAGE_ID_LEN) if flags & _FLAG_REPLY else None
             signature = r.raw(64) if flags & _FLAG_SIGNED else None
             r.finish()
         except DecodeError as exc:
@@ -241,11 +265,11 @@ class Session:
             check_signature(
                 self.peer_identity.signing,
                 signature,
-                SIGNATURE_CONTEXT + envelope.header_bytes + payload,
+                signed_message(envelope.header_bytes, payload, in_reply_to),
             )
         # The peer has the session once it has answered (PQXDH section 3.3).
         new.pending_prekey = None if envelope.prekey is None else new.pending_prekey
-        return new, DecryptedMessage(envelope, payload, signature)
+        return new, DecryptedMessage(envelope, payload, signature, in_reply_to)
 
     # -- serialization -----------------------------------------------------
 

@@ -339,7 +339,10 @@ _RECEIVE_BATCH = 128
 
 
 class _Link:
-    """One registered agent: its connection (re-made after losses) and dispatcher thread."""
+    """One registered agent: its connection (re-made after losses), its dispatcher
+    thread (hands pushes to the endpoint and acks them) and its handler thread (runs
+    the endpoint's handlers), so that a handler waiting for a reply (``request``)
+    does not stop the reply from being received."""
 
     def __init__(self, hub: NetworkHub, endpoint: HubEndpoint, loop: asyncio.AbstractEventLoop):
         self.hub = hub
@@ -375,12 +378,18 @@ class _Link:
         self._dispatcher = threading.Thread(
             target=self._dispatch_forever, name=f"agentmesh-dispatch-{self.agent_id}", daemon=True
         )
+        #: Set when committed messages may wait for the handlers (see _handle_forever).
+        self._handlers_due = threading.Event()
+        self._handler_thread = threading.Thread(
+            target=self._handle_forever, name=f"agentmesh-handlers-{self.agent_id}", daemon=True
+        )
 
     # -- lifecycle (loop thread) ------------------------------------------
 
     async def start(self) -> None:
         """Connect and log in once; raise if that fails (no background retry then)."""
         self._dispatcher.start()
+        self._handler_thread.start()
         first: asyncio.Future[None] = self.loop.create_future()
         self._supervisor = self.loop.create_task(self._supervise(first))
         await first
@@ -400,11 +409,14 @@ class _Link:
             self.wire.close()
         self._inbox.put(_STOP)
         self._dispatching.set()
+        self._handlers_due.set()
 
     def join(self, timeout: float) -> None:
-        """Wait for the dispatcher thread to finish its current envelope (not from itself)."""
-        if self._dispatcher.is_alive() and threading.current_thread() is not self._dispatcher:
-            self._dispatcher.join(timeout)
+        """Wait for the dispatcher and handler threads to finish what they are doing
+        (never for the calling thread itself)."""
+        for thread in (self._dispatcher, self._handler_thread):
+            if thread.is_alive() and threading.current_thread() is not thread:
+                thread.join(timeout)
 
     async def _supervise(self, first: asyncio.Future[None]) -> None:
         delays = self.hub.make_backoff()
@@ -828,13 +840,23 @@ class _Link:
         return True
 
     def _run_handlers(self) -> None:
+        """Dispatcher thread: let the handler thread run the handlers (never waits)."""
+        self._handlers_due.set()
+
+    def _handle_forever(self) -> None:
+        """Handler thread: run the endpoint's handlers whenever messages were committed."""
         dispatch = getattr(self.endpoint, "dispatch_pending", None)
-        if dispatch is None:
-            return
-        try:
-            dispatch()
-        except Exception:
-            logger.exception("%s: running message handlers failed", self.agent_id)
+        while True:
+            self._handlers_due.wait()
+            self._handlers_due.clear()
+            if self.closing:
+                return
+            if dispatch is None:
+                continue
+            try:
+                dispatch()
+            except Exception:
+                logger.exception("%s: running message handlers failed", self.agent_id)
 
     def _processed_batch(self, results: list[tuple[bytes, bool]]) -> None:
         for message_id, ack in results:

@@ -237,7 +237,8 @@ class LocalHub:
         self._max_messages = mailbox_max_messages
         self._max_bytes = mailbox_max_bytes
         self._online: dict[str, HubEndpoint] = {}
-        self._draining: set[str] = set()
+        #: Agents being drained, and by which thread (see _drain).
+        self._draining: dict[str, int] = {}
         self._outcomes: dict[bytes, BaseException | None] = {}
         self._lock = threading.RLock()
 
@@ -341,12 +342,23 @@ class LocalHub:
             raise outcome
 
     def _drain(self, agent_id: str) -> None:
-        """Hand the recipient its queued envelopes in order, then run its handlers."""
+        """Hand the recipient its queued envelopes in order, then run its handlers.
+
+        One thread drains an agent at a time; another thread's call returns at once
+        (the draining thread takes its envelopes too). A call nested in the draining
+        thread (a handler of the agent sent something that came back to it, for
+        example a reply to a request() it waits for) hands the envelopes over but
+        leaves running the handlers to the outer call, which is between two pages
+        then, so order is kept.
+        """
+        me = threading.get_ident()
         with self._lock:
             agent = self._online.get(agent_id)
-            if agent is None or agent_id in self._draining:
-                return  # offline, or an outer frame of this thread is already draining it
-            self._draining.add(agent_id)
+            owner = self._draining.get(agent_id)
+            if agent is None or (owner is not None and owner != me):
+                return  # offline, or another thread is draining it
+            nested = owner == me
+            self._draining[agent_id] = me
         try:
             after = 0
             while True:
@@ -360,11 +372,12 @@ class LocalHub:
                     if not self._hand_over(agent, stored):
                         return
                 agent_dispatch = getattr(agent, "dispatch_pending", None)
-                if agent_dispatch is not None:
+                if agent_dispatch is not None and not nested:
                     agent_dispatch()
         finally:
-            with self._lock:
-                self._draining.discard(agent_id)
+            if not nested:
+                with self._lock:
+                    self._draining.pop(agent_id, None)
 
     def _hand_over(self, agent: HubEndpoint, stored: StoredEnvelope) -> bool:
         """Deliver one envelope; False means stop draining (held back for this agent)."""
