@@ -29,6 +29,8 @@ from agentmesh.errors import (
 )
 
 if TYPE_CHECKING:  # type checkers see the lazy names (below) as what they are
+    from agentmesh.async_agent import AsyncAgent
+    from agentmesh.hub.async_client import AsyncNetworkHub
     from agentmesh.hub.client import NetworkHub
     from agentmesh.hub.local import LocalHub
     from agentmesh.hub.server import NetworkHubServer
@@ -39,6 +41,14 @@ __version__ = "2.0.0.dev0"
 def __getattr__(name: str) -> object:
     # An agent is not a hub: the hubs (and SQLAlchemy and Alembic behind LocalHub's
     # store, asyncio behind the network ones) load on first use.
+    if name == "AsyncAgent":
+        from agentmesh.async_agent import AsyncAgent
+
+        return AsyncAgent
+    if name == "AsyncNetworkHub":
+        from agentmesh.hub.async_client import AsyncNetworkHub
+
+        return AsyncNetworkHub
     if name == "LocalHub":
         from agentmesh.hub.local import LocalHub
 
@@ -58,6 +68,8 @@ __all__ = [
     "Agent",
     "AgentKeyPair",
     "AgentMeshError",
+    "AsyncAgent",
+    "AsyncNetworkHub",
     "AuthFailedError",
     "AuthenticationError",
     "ConfigurationError",

@@ -194,9 +194,10 @@ def _all_valid(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
 class _PendingRequest:
     """One request() waiting for its reply (fields guarded by ``Agent._arrival``)."""
 
-    __slots__ = ("claimed", "done", "reply")
+    __slots__ = ("callback", "claimed", "done", "reply")
 
-    def __init__(self) -> None:
+    def __init__(self, callback: Callable[[], None] | None = None) -> None:
+        self.callback = callback
         self.claimed = False  # a reply is being committed for it
         self.done = False
         self.reply: Message | None = None
@@ -290,6 +291,9 @@ class Agent:
         self._waiting: dict[bytes, _PendingRequest] = {}
         self._claimed: set[bytes] = set()
         self._arrival = threading.Condition()
+        #: Called, with no lock held, after messages were committed and on close (the
+        #: asyncio driver wakes its loop with it).
+        self._arrival_listeners: list[Callable[[], None]] = []
         self._closed = False
         self._received = 0
         self._last_maintenance_ms = clock_ms()
@@ -420,16 +424,36 @@ class Agent:
                         "next_message() is for agents without handlers: messages go to the "
                         "on_message handlers"
                     )
-                if self._closed:
-                    raise LocalProtocolError(f"Agent {self._id!r} is closed")
-                rows = self._unclaimed(1)
-                if rows:
-                    self._state.mark_handled(rows[0].seq)
-                    return self._message(rows[0])
+                message = self._take_message()
+                if message is not None:
+                    return message
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no message for {self._id!r} within {timeout} s")
                 self._arrival.wait(remaining)
+
+    def _take_message(self) -> Message | None:
+        """The oldest unhandled message, now counted as handled; None if there is none.
+        Raises LocalProtocolError once the agent is closed. Never waits."""
+        with self._arrival:
+            if self._closed:
+                raise LocalProtocolError(f"Agent {self._id!r} is closed")
+            rows = self._unclaimed(1)
+            if not rows:
+                return None
+            self._state.mark_handled(rows[0].seq)
+            return self._message(rows[0])
+
+    def _peek_messages(self, limit: int) -> list[tuple[int, Message]]:
+        """Up to ``limit`` unhandled messages, oldest first, with their inbox sequence
+        numbers for :meth:`_mark_handled` (the asyncio driver's dispatch)."""
+        with self._arrival:
+            if self._closed:
+                return []
+            return [(row.seq, self._message(row)) for row in self._unclaimed(limit)]
+
+    def _mark_handled(self, seq: int) -> None:
+        self._state.mark_handled(seq)
 
     def messages(self) -> Iterator[Message]:
         """Iterate over messages as they arrive (:meth:`next_message` with no timeout);
@@ -482,25 +506,40 @@ class Agent:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         message_id = self._rng(16)
-        waiter = _PendingRequest()
-        with self._arrival:  # registered first: with LocalHub the reply comes during send
-            self._waiting[message_id] = waiter
+        waiter = self._await_reply(message_id)
+        reply = None
         try:
             payload: dict[str, Any] = {"type": "message", "text": text}
             payload.update(kwargs)
             self._send(peer_id, payload, wait=True, message_id=message_id)
             with self._arrival:
-                answered = self._arrival.wait_for(lambda: waiter.done, timeout)
-                if not answered:
-                    self._waiting.pop(message_id, None)
-                    if waiter.claimed:  # being committed just now: wait for the outcome
-                        self._arrival.wait_for(lambda: waiter.done or not waiter.claimed)
+                self._arrival.wait_for(lambda: waiter.done, timeout)
         finally:
-            with self._arrival:
-                self._waiting.pop(message_id, None)
-        if waiter.reply is None:
+            reply = self._stop_waiting(message_id, waiter)
+        if reply is None:
             raise RequestTimeoutError(peer_id, message_id.hex(), timeout)
-        return waiter.reply
+        return reply
+
+    def _await_reply(
+        self, message_id: bytes, callback: Callable[[], None] | None = None
+    ) -> _PendingRequest:
+        """Register a request's waiter before it is sent (with LocalHub the reply comes
+        during the send). ``callback`` runs, from the receiving thread and with no lock
+        held, once the reply is handed over (the asyncio driver's hook)."""
+        waiter = _PendingRequest(callback)
+        with self._arrival:
+            self._waiting[message_id] = waiter
+        return waiter
+
+    def _stop_waiting(self, message_id: bytes, waiter: _PendingRequest) -> Message | None:
+        """Stop waiting for the reply to ``message_id``; return it if it came. A reply
+        being committed at this moment is waited for (briefly), so none is lost; one
+        that comes later goes to the handlers or next_message."""
+        with self._arrival:
+            self._waiting.pop(message_id, None)
+            if waiter.claimed:
+                self._arrival.wait_for(lambda: waiter.done or not waiter.claimed)
+            return waiter.reply
 
     def send_payload(self, recipient_id: str, payload: dict[str, Any], *, wait: bool = True) -> str:
         """Encrypt ``payload`` (a JSON-safe dict) for ``recipient_id`` and hand it to the hub.
@@ -876,6 +915,15 @@ class Agent:
             return self._receive_locked(items)
         finally:
             self._publish_prekeys()  # a consumed one-time key may need replacing
+            self._notify_arrival()
+
+    def _notify_arrival(self) -> None:
+        """Tell the arrival listeners (no lock held; a spurious call is harmless)."""
+        for listener in list(self._arrival_listeners):
+            try:
+                listener()
+            except Exception:
+                self.log.exception("arrival listener %r raised", listener)
 
     def _receive_locked(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
         with self._lock:
@@ -954,6 +1002,9 @@ class Agent:
                 if committed:
                     waiter.reply, waiter.done = message, True
             self._arrival.notify_all()
+        for waiter, _ in handed:
+            if committed and waiter.callback is not None:
+                waiter.callback()
 
     def _decrypt_all(
         self, items: list[bytes], now: int, seen: set[bytes], *, deferred: bool
@@ -1292,6 +1343,7 @@ class Agent:
         self._wait_dispatch_idle()
         with self._arrival:  # wake next_message() and messages()
             self._arrival.notify_all()
+        self._notify_arrival()
         with self._lock:
             self._state.close()
             if self._lock_file is not None:

@@ -18,6 +18,8 @@ EXPECTED_ALL = [
     "Agent",
     "AgentKeyPair",
     "AgentMeshError",
+    "AsyncAgent",
+    "AsyncNetworkHub",
     "AuthFailedError",
     "AuthenticationError",
     "ConfigurationError",
@@ -45,7 +47,7 @@ EXPECTED_ALL = [
     "unseal",
     "verify_proof",
 ]
-LAZY = {"LocalHub", "NetworkHub", "NetworkHubServer"}
+LAZY = {"AsyncAgent", "AsyncNetworkHub", "LocalHub", "NetworkHub", "NetworkHubServer"}
 ERRORS = [
     "AgentMeshError",
     "AuthFailedError",
