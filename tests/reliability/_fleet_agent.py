@@ -3,9 +3,10 @@
 Usage::
 
     python _fleet_agent.py --id a3 --dir DIR --port PORT --peers a0,a1,... \
-        --count 250 --seed 1 --incarnation 4 [--handler-delay 0.002]
+        --count 250 --seed 1 --incarnation 4 [--handler-delay 0.002] [--async]
 
 Runs ``Agent(ID, hub=NetworkHub("127.0.0.1", PORT), keypair_path=DIR/ID.json)``
+(with ``--async``, an ``AsyncAgent`` with an async handler, on an event loop thread)
 and sends ``--count`` messages, message ``n`` to a peer picked by a
 :class:`random.Random` seeded with ``(seed, id)``, so every incarnation
 computes the same schedule. It records, durably (append, flush, fsync), one
@@ -30,16 +31,19 @@ few times a second) carries the outbox and inbox sizes for the drain check.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from agentmesh import Agent, Message, NetworkHub
+from agentmesh import Agent, AsyncAgent, Message, NetworkHub
 from agentmesh.errors import AgentMeshError, StateLockedError
 
 #: Bounded waits (seconds): a worker never hangs forever, whatever the hub does.
@@ -81,6 +85,40 @@ def write_status(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class AsyncFleetAgent:
+    """What main() uses of an Agent (send, status, list_peers, close), over an
+    AsyncAgent whose loop runs on its own thread; the handler is async."""
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="fleet-loop", daemon=True).start()
+
+    def __init__(
+        self,
+        me: str,
+        hub: NetworkHub,
+        key: Path,
+        handle: Callable[[Message], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.agent = AsyncAgent(me, hub=hub, keypair_path=key)
+        self.agent.on_message(handle)
+        self._call(self.agent.start())  # raises like Agent(...) while the hub is down
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def send(self, to: str, text: str, **kwargs: Any) -> str:
+        return self._call(self.agent.send(to, text, **kwargs))  # type: ignore[no-any-return]
+
+    def status(self) -> dict[str, Any]:
+        return self.agent.status()
+
+    def list_peers(self) -> list[str]:
+        return self._call(self.agent.list_peers())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._call(self.agent.close())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--id", required=True)
@@ -91,6 +129,7 @@ def main() -> int:
     parser.add_argument("--seed", required=True, type=int)
     parser.add_argument("--incarnation", required=True, type=int)
     parser.add_argument("--handler-delay", type=float, default=0.0)
+    parser.add_argument("--async", dest="use_async", action="store_true")
     args = parser.parse_args()
 
     me, inc = args.id, args.incarnation
@@ -112,6 +151,13 @@ def main() -> int:
             time.sleep(args.handler_delay)
         record(f"done {inc} {msg.sender} {seq}")
 
+    async def handle_async(msg: Message) -> None:
+        seq = int(msg.payload["seq"])
+        record(f"start {inc} {msg.sender} {seq}")
+        if args.handler_delay:
+            await asyncio.sleep(args.handler_delay)
+        record(f"done {inc} {msg.sender} {seq}")
+
     hub = NetworkHub(
         "127.0.0.1",
         args.port,
@@ -121,11 +167,16 @@ def main() -> int:
         reconnect_initial=0.05,
         reconnect_max=0.5,
     )
-    agent: Agent | None = None
+    agent: Agent | AsyncFleetAgent | None = None
     deadline = time.monotonic() + REGISTER_DEADLINE_S
     while agent is None and not stopping:
         try:
-            agent = Agent(me, hub=hub, keypair_path=args.dir / f"{me}.json")
+            key = args.dir / f"{me}.json"
+            if args.use_async:
+                agent = AsyncFleetAgent(me, hub, key, handle_async)
+            else:
+                agent = Agent(me, hub=hub, keypair_path=key)
+                agent.on_message(handle)
         except StateLockedError:
             raise
         except AgentMeshError:
@@ -135,7 +186,6 @@ def main() -> int:
             time.sleep(0.1)
     if agent is None:
         return 0
-    agent.on_message(handle)
     record(f"ready {inc}")
 
     def status(finished: bool) -> None:

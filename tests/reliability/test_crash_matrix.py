@@ -44,6 +44,8 @@ import pytest
 from hubproc import HubProcess
 
 WORKER = Path(__file__).with_name("_fleet_agent.py")
+#: This fleet member runs an AsyncAgent (async handler, sends from its event loop).
+ASYNC_AGENT = "a9"
 SOAK = os.environ.get("AGENTMESH_SOAK") == "1"
 SEED = int(os.environ.get("AGENTMESH_CRASH_SEED", "20261124"))
 AGENTS = 10
@@ -195,6 +197,7 @@ class Fleet:
                     "--seed", str(self.seed),
                     "--incarnation", str(inc),
                     "--handler-delay", str(HANDLER_DELAY_S),
+                    *(["--async"] if name == ASYNC_AGENT else []),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
