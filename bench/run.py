@@ -5,7 +5,8 @@
 Scenarios (issue 5): 1 crypto bound, 2 LocalHub pair, 3 network pair, 4 latency
 at 500 msgs/s, 5 offline drain of 20,000, 6 hub ingest (16 raw connections,
 recipients offline, then online), 7 fleet of 100 agents, 8 5,000 idle
-connections, 9 drain of 1,000 vs 100,000 queued. Peers (RabbitMQ, NATS
+connections, 9 drain of 1,000 vs 100,000 queued, 10 the asyncio driver (an
+AsyncAgent pair, request/reply round trips, the event loop's longest stall). Peers (RabbitMQ, NATS
 JetStream, a raw SQLite commit loop) run with scenarios 3, 5 and 6 and are
 skipped, with the reason, when their service is not running.
 
@@ -32,7 +33,7 @@ from bench import scenarios
 from bench.common import ROOT, raise_fd_limit
 from bench.scenarios import Settings
 
-ALL = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+ALL = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -279,6 +280,18 @@ def build_rows(r: dict[str, Any]) -> list[Row]:
                 ok,
             )
         )
+    if "10" in r:
+        ten = r["10"]
+        rows.append(Row("10 AsyncAgent pair, send(wait=False)", _rate(ten["rate"])))
+        rows.append(Row("10 request/reply round trip p50", f"{ten['rtt_p50_ms']:.2f} ms"))
+        rows.append(Row("10 request/reply round trip p99", f"{ten['rtt_p99_ms']:.2f} ms"))
+        rows.append(
+            Row(
+                f"10 event loop longest stall, {ten['count']:,} messages",
+                f"{ten['loop_stall_max_ms']:.2f} ms",
+                target="(info)",
+            )
+        )
     if "sqlite" in peers:
         rows.append(
             Row(
@@ -400,6 +413,8 @@ def run(selected: list[int], s: Settings) -> dict[str, Any]:
         )
     if 2 in selected:
         put("2", "2 LocalHub pair", lambda: scenarios.local_pair(s), _rate_of)
+    if 10 in selected:
+        put("10", "10 AsyncAgent pair", lambda: scenarios.async_pair(s), _rate_of)
     if 3 in selected:
         three: dict[str, Any] = {}
         value = step(

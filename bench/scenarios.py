@@ -140,6 +140,30 @@ def local_pair(s: Settings) -> dict[str, Any]:
     return {"count": result["count"], "rate": result["count"] / result["seconds"]}
 
 
+def async_pair(s: Settings) -> dict[str, Any]:
+    """Scenario 10: two AsyncAgents over a hub process (the asyncio driver): the pair's
+    pipelined rate, request/reply round trips, and the event loop's longest stall."""
+    d = s.dir("s10-asyncpair")
+    count = s.pick(1000, 300)
+    with _processes() as procs:
+        hub = _hub(procs, d)
+        pair = _worker(
+            procs,
+            d,
+            "asyncpair",
+            "asyncpair",
+            "--port",
+            str(hub.port),
+            "--count",
+            str(count),
+            "--total",
+            str(s.pick(500, 100)),
+        )
+        pair.expect("READY", 180)
+        result = pair.expect("RESULT", 900)
+    return dict(result)
+
+
 # --- 3 and 4 -------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ Roles (see ``bench.scenarios`` for how they are combined):
 ``fleet``     several Agents sending to random peers (scenario 7).
 ``idle``      many idle authenticated connections (scenario 8).
 ``localpair`` two Agents on a LocalHub in one process (scenario 2).
+``asyncpair`` two AsyncAgents on AsyncNetworkHub clients in one asyncio program
+              (scenario 10: pair rate, request/reply round trips, loop stalls).
 
 Every role prints ``READY`` once set up, waits for ``GO`` where it has a timed
 part, prints ``RESULT {json}`` and exits on ``STOP`` (or when its work is done).
@@ -483,6 +485,76 @@ def localpair(args: argparse.Namespace) -> None:
     hub.close()
 
 
+def asyncpair(args: argparse.Namespace) -> None:
+    asyncio.run(_asyncpair(args))
+
+
+async def _asyncpair(args: argparse.Namespace) -> None:
+    from agentmesh import AsyncAgent, AsyncNetworkHub
+    from agentmesh.async_agent import AsyncMessage
+
+    loop = asyncio.get_running_loop()
+    handled = [0]
+    last = [0.0]
+
+    async def bob_handle(msg: AsyncMessage) -> None:
+        if msg.type == "request":
+            await msg.reply(msg.text)
+        else:
+            handled[0] += 1
+            last[0] = now()
+
+    stalls: list[float] = []
+    ticking = [True]
+
+    async def ticker() -> None:
+        """The loop's longest stall: how late a 1 ms sleep wakes up, at worst."""
+        while ticking[0]:
+            t0 = loop.time()
+            await asyncio.sleep(0.001)
+            stalls.append(loop.time() - t0 - 0.001)
+
+    directory = Path(args.dir)
+    options = {"request_timeout": 30.0}
+    async with (
+        AsyncNetworkHub("127.0.0.1", args.port, **options) as hub_a,
+        AsyncNetworkHub("127.0.0.1", args.port, **options) as hub_b,
+        AsyncAgent("alice", hub=hub_a, keypair_path=directory / "alice.json") as alice,
+        AsyncAgent("bob", hub=hub_b, keypair_path=directory / "bob.json") as bob,
+    ):
+        bob.on_message(bob_handle)
+        await alice.request("bob", WARMUP, type="request", timeout=60)
+        text = text_payload()
+        emit("READY")
+        tick = asyncio.ensure_future(ticker())
+        t0 = now()
+        for _ in range(args.count):
+            await alice.send("bob", text, wait=False)
+        while handled[0] < args.count:
+            await asyncio.sleep(0.005)
+        ticking[0] = False
+        await tick
+        pair_seconds = last[0] - t0
+        round_trips = []
+        for _ in range(args.total):
+            r0 = now()
+            await alice.request("bob", "ping", type="request", timeout=60)
+            round_trips.append((now() - r0) * 1000)
+        round_trips.sort()
+        stalls.sort()
+        emit(
+            "RESULT",
+            count=handled[0],
+            seconds=pair_seconds,
+            rate=handled[0] / pair_seconds if pair_seconds > 0 else 0.0,
+            rtt_p50_ms=percentile(round_trips, 50),
+            rtt_p99_ms=percentile(round_trips, 99),
+            round_trips=len(round_trips),
+            loop_stall_max_ms=(stalls[-1] * 1000) if stalls else 0.0,
+            loop_stall_p99_ms=percentile(stalls, 99) * 1000,
+        )
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -521,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         "fleet": fleet,
         "idle": idle,
         "localpair": localpair,
+        "asyncpair": asyncpair,
     }
     return run_role(lambda: roles[args.role](args))
 
