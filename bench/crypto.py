@@ -122,7 +122,10 @@ class _Stream:
         self.payload = os.urandom(PAYLOAD_SIZE)
         self.alice = Session.initiate(parties.alice, "alice", parties.bundle, sign_messages=sign)
         record, _, _ = SessionRecord().decrypt(
-            decode_envelope(self._seal()), identity=parties.bob, prekeys=parties.prekeys
+            decode_envelope(self._seal()),
+            identity=parties.bob,
+            prekeys=parties.prekeys,
+            require_signatures=sign,
         )
         bob = record.active
         assert bob is not None
