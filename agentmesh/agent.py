@@ -62,7 +62,12 @@ from agentmesh.errors import (
 )
 from agentmesh.ids import validate_agent_id
 from agentmesh.keyfile import load_or_create_key_file
-from agentmesh.protocol.hub_interface import DeliveryReport, Hub
+from agentmesh.protocol.hub_interface import (
+    DeliveryReport,
+    Hub,
+    PipelinedHub,
+    PrekeyRefreshingHub,
+)
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
 from agentmesh.state import AgentState, InboxRow, StateLock, state_path_for
 from agentmesh.wire.envelope import decode_envelope
@@ -615,7 +620,7 @@ class Agent:
             )
             data = envelope.to_bytes()
             new_record = record.promote(session, replaces=record.active)
-            pipelined = not wait and getattr(self.hub, "submit", None) is not None
+            pipelined = not wait and isinstance(self.hub, PipelinedHub)
             self._state.commit_sent(
                 recipient_id,
                 new_record.to_bytes(),
@@ -670,14 +675,14 @@ class Agent:
 
     def _transmit_batch(self, batch: list[bytes]) -> None:
         hub = self.hub
-        submit = getattr(hub, "submit", None)
         try:
             self._state.sync()  # durable before anything leaves (one fsync for all)
         except Exception:
             self.log.exception("could not sync the state file; %d envelopes wait", len(batch))
             return  # still in the outbox: sent after the next successful sync or login
-        if submit is None:
+        if not isinstance(hub, PipelinedHub):
             return
+        submit = hub.submit
         for data in batch:
             try:
                 submit(data)
@@ -712,7 +717,7 @@ class Agent:
         reconnect). Useful after ``send(..., wait=False)``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait_acked = getattr(self.hub, "wait_acked", None)
+        wait_acked = self.hub.wait_acked if isinstance(self.hub, PipelinedHub) else None
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._wait_queue_sent(remaining)
@@ -1309,11 +1314,11 @@ class Agent:
             if not self._publish_due:
                 return
             self._publish_due = False
-        refresh = getattr(self.hub, "refresh_prekeys", None)
-        if refresh is None:
+        hub = self.hub
+        if not isinstance(hub, PrekeyRefreshingHub):
             return
         try:
-            refresh(self)
+            hub.refresh_prekeys(self)
         except (HubError, HubUnavailableError) as exc:
             self.log.warning("could not upload prekeys yet: %s", exc)
             with self._lock:

@@ -59,7 +59,7 @@ from agentmesh.errors import (
     MailboxFullError,
 )
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.hub_interface import HubEndpoint
+from agentmesh.protocol.hub_interface import BatchEndpoint, DispatchingEndpoint, HubEndpoint
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
 logger = logging.getLogger("agentmesh.hub.client")
@@ -698,9 +698,8 @@ class _Link:
         """Executor thread: drop acknowledged envelopes from the endpoint's outbox."""
         try:
             ids = [message_id for message_id, _ in batch]
-            many = getattr(self.endpoint, "envelopes_acked", None)
-            if many is not None:
-                many(ids)
+            if isinstance(self.endpoint, BatchEndpoint):
+                self.endpoint.envelopes_acked(ids)
             else:
                 for message_id in ids:
                     self.endpoint.envelope_acked(message_id)
@@ -796,11 +795,11 @@ class _Link:
 
     def _receive_batch(self, batch: list[hp.EnvelopePushed]) -> list[tuple[bytes, bool]]:
         """Hand envelopes to the endpoint; return (message id, may the hub drop it) each."""
-        many = getattr(self.endpoint, "receive_envelopes", None)
-        if many is None or len(batch) == 1:
+        endpoint = self.endpoint
+        if not isinstance(endpoint, BatchEndpoint) or len(batch) == 1:
             return [(item.message_id, self._receive(item)) for item in batch]
         try:
-            outcomes = many([item.envelope for item in batch])
+            outcomes = endpoint.receive_envelopes([item.envelope for item in batch])
         except Exception:
             logger.exception("%s: receiving %d envelopes failed", self.agent_id, len(batch))
             return [(item.message_id, False) for item in batch]
@@ -845,7 +844,8 @@ class _Link:
 
     def _handle_forever(self) -> None:
         """Handler thread: run the endpoint's handlers whenever messages were committed."""
-        dispatch = getattr(self.endpoint, "dispatch_pending", None)
+        endpoint = self.endpoint
+        dispatch = endpoint.dispatch_pending if isinstance(endpoint, DispatchingEndpoint) else None
         while True:
             self._handlers_due.wait()
             self._handlers_due.clear()

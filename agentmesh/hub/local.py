@@ -47,7 +47,7 @@ from agentmesh.hub.store import (
     NewEnvelope,
     StoredEnvelope,
 )
-from agentmesh.protocol.hub_interface import HubEndpoint
+from agentmesh.protocol.hub_interface import DispatchingEndpoint, HubEndpoint
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
 log = logging.getLogger("agentmesh.hub.local")
@@ -371,9 +371,8 @@ class LocalHub:
                     after = stored.seq
                     if not self._hand_over(agent, stored):
                         return
-                agent_dispatch = getattr(agent, "dispatch_pending", None)
-                if agent_dispatch is not None and not nested:
-                    agent_dispatch()
+                if isinstance(agent, DispatchingEndpoint) and not nested:
+                    agent.dispatch_pending()
         finally:
             if not nested:
                 with self._lock:

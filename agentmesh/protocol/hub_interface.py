@@ -5,6 +5,10 @@ never sees keys or plaintext. ``Agent`` talks to any object with the
 :class:`Hub` shape, and a hub talks back to the agent through the
 :class:`HubEndpoint` shape that ``Agent`` implements.
 
+Optional features are *capabilities*: a hub or an endpoint that has one
+implements the matching protocol below, and callers test for it with
+``isinstance`` (they are ``runtime_checkable``), so mypy checks every use.
+
 No I/O here: these are typing protocols and small value types only.
 """
 
@@ -106,3 +110,51 @@ class Hub(Protocol):
     def list_agents(self) -> list[str]: ...
 
     def message_count(self) -> int: ...
+
+
+# --- capabilities ---------------------------------------------------------------
+
+
+@runtime_checkable
+class PipelinedHub(Protocol):
+    """A hub that accepts envelopes without a round trip each (``send(wait=False)``)."""
+
+    def submit(self, envelope: bytes) -> None:
+        """Hand over one envelope; its acknowledgement comes later (``envelope_acked``)."""
+        ...
+
+    def wait_acked(self, agent_id: str, timeout: float | None = None) -> bool:
+        """Wait until every submitted envelope of ``agent_id`` is acknowledged or refused."""
+        ...
+
+
+@runtime_checkable
+class PrekeyRefreshingHub(Protocol):
+    """A hub an agent can tell about new prekeys between logins."""
+
+    def refresh_prekeys(self, agent: HubEndpoint) -> None:
+        """(Re)publish the agent's bundle and upload its new one-time prekeys."""
+        ...
+
+
+@runtime_checkable
+class BatchEndpoint(Protocol):
+    """An endpoint that commits several envelopes in one transaction, and takes
+    several acknowledgements at once."""
+
+    def receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
+        """One outcome per envelope, in order: a report, or the error it would raise."""
+        ...
+
+    def envelopes_acked(self, message_ids: list[bytes]) -> None:
+        """The hub stored these envelopes: drop them from the outbox."""
+        ...
+
+
+@runtime_checkable
+class DispatchingEndpoint(Protocol):
+    """An endpoint whose message handlers a hub runs after handing envelopes over."""
+
+    def dispatch_pending(self) -> int:
+        """Run the handlers for committed, unhandled messages; return how many."""
+        ...
