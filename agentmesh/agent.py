@@ -57,6 +57,7 @@ from agentmesh.errors import (
     HubUnavailableError,
     IdentityChangedError,
     LocalProtocolError,
+    NoHubError,
     ReplayError,
     RequestTimeoutError,
 )
@@ -305,6 +306,11 @@ class Agent:
         self._lock_file: StateLock | None = None
         if keypair_path is not None:
             key_path = Path(keypair_path)
+            if key_path.is_dir():  # refused before anything touches it (or its mode)
+                raise ConfigurationError(
+                    f"keypair_path {key_path} is a directory: pass the path of a key file "
+                    f"in it, for example {key_path / (agent_id + '.json')}"
+                )
             key_path.parent.mkdir(parents=True, exist_ok=True)
             state_file = state_path_for(key_path)
             self._lock_file = StateLock(state_file.with_suffix(".lock"))
@@ -338,6 +344,11 @@ class Agent:
 
     @property
     def agent_id(self) -> str:
+        return self._id
+
+    @property
+    def id(self) -> str:
+        """The agent id (version 1's attribute; the same as :attr:`agent_id`)."""
         return self._id
 
     @property
@@ -597,7 +608,7 @@ class Agent:
     ) -> bytes:
         """:meth:`send_payload`, optionally as a reply or with a chosen id; returns the id."""
         if self.hub is None:
-            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+            raise NoHubError()
         recipient_id = validate_agent_id(recipient_id)
         if recipient_id == self._id:
             raise ValueError("An agent cannot send to itself")
@@ -750,7 +761,7 @@ class Agent:
         """Fetch the peer's bundle from the hub. Called without holding the state lock,
         because the hub may call back into other agents (e.g. "prekeys low")."""
         if self.hub is None:
-            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+            raise NoHubError()
         bundle = PrekeyBundle.decode(self.hub.fetch_prekey_bundle(peer_id))
         if bundle.agent_id != peer_id:
             raise CryptoError(f"hub returned a bundle for {bundle.agent_id!r}, not {peer_id!r}")
@@ -823,7 +834,7 @@ class Agent:
     def connect(self, peer_id: str) -> None:
         """Set up a session with ``peer_id`` ahead of time (optional: send connects itself)."""
         if self.hub is None:
-            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+            raise NoHubError()
         peer_id = validate_agent_id(peer_id)
         with self._locked_with_bundle(peer_id) as bundle:
             record, pin = self._sending_record(peer_id, bundle)
@@ -867,7 +878,7 @@ class Agent:
     def list_peers(self) -> list[str]:
         """The other agents registered on the hub (never this one)."""
         if self.hub is None:
-            raise RuntimeError("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+            raise NoHubError()
         return [a for a in self.hub.list_agents() if a != self._id]
 
     def status(self) -> dict[str, Any]:

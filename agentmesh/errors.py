@@ -6,7 +6,10 @@ from the *peer's*, as h11 does with Local/RemoteProtocolError::
 
     AgentMeshError
     ├── LocalProtocolError        you asked for something the protocol forbids
-    │   └── ConfigurationError    bad settings (paths, quotas, URLs)
+    │   ├── ConfigurationError    bad settings (paths, quotas, URLs)
+    │   ├── NoHubError            the agent has no hub (also a RuntimeError, as in version 1)
+    │   └── PayloadError          a payload that is not JSON-safe (also TypeError, ValueError)
+    ├── PeerNotFoundError         the recipient never registered (also a ValueError)
     ├── RemoteProtocolError       the other side sent something invalid
     │   └── DecodeError           bytes that do not parse (frames, envelopes, state)
     ├── CryptoError               any cryptographic failure (opaque on purpose)
@@ -39,6 +42,36 @@ class LocalProtocolError(AgentMeshError):
 
 class ConfigurationError(LocalProtocolError):
     """A setting is invalid: a path, URL, quota or option value."""
+
+
+class NoHubError(LocalProtocolError, RuntimeError):
+    """The agent was created without a hub and asked to talk to one
+    (version 1's ``RuntimeError: No hub configured``)."""
+
+    def __init__(self) -> None:
+        super().__init__("No hub configured: pass hub=LocalHub() or NetworkHub(...) to Agent")
+
+
+class PayloadError(LocalProtocolError, TypeError, ValueError):
+    """A payload that JSON cannot carry exactly; ``field`` names the top-level key.
+
+    A ``TypeError`` (a value of a type JSON has not) and a ``ValueError`` (what
+    earlier versions raised for NaN and infinities), so old ``except`` clauses hold.
+    """
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        self.field = field
+        where = "the payload" if field is None else f"payload field {field!r}"
+        super().__init__(f"{where} is not JSON-safe: {reason}")
+
+
+class PeerNotFoundError(AgentMeshError, ValueError):
+    """The recipient is not registered on the hub (version 1's ``ValueError: Peer 'x'
+    not found on hub``)."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        super().__init__(f"Peer '{peer_id}' not found on hub")
 
 
 class RemoteProtocolError(AgentMeshError):

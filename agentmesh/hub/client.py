@@ -57,6 +57,7 @@ from agentmesh.errors import (
     IdentityChangedError,
     LocalProtocolError,
     MailboxFullError,
+    PeerNotFoundError,
 )
 from agentmesh.protocol import hub_protocol as hp
 from agentmesh.protocol.hub_interface import BatchEndpoint, DispatchingEndpoint, HubEndpoint
@@ -121,7 +122,7 @@ def is_retryable(exc: BaseException) -> bool:
 def hub_error(code: str, text: str, recipient: str | None = None) -> Exception:
     """The exception a client raises for a hub ERROR with ``code``."""
     if code == "unknown_recipient" and recipient is not None:
-        return ValueError(f"Peer '{recipient}' not found on hub")
+        return PeerNotFoundError(recipient)
     if code == "mailbox_full":
         return MailboxFullError(code, text)
     if code in _AUTH_CODES:
@@ -1126,7 +1127,7 @@ class NetworkHub:
             self.request_timeout + 1.0,
         )
         if isinstance(event, hp.ErrorReceived) and event.code == "not_found":
-            raise ValueError(f"Peer '{agent_id}' not found on hub")
+            raise PeerNotFoundError(agent_id)
         bundle = _expect(event, hp.BundleReceived).bundle
         try:
             if PrekeyBundle.decode(bundle).agent_id != agent_id:

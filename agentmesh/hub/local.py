@@ -38,6 +38,7 @@ from agentmesh.errors import (
     HubError,
     IdentityChangedError,
     MailboxFullError,
+    PeerNotFoundError,
     ReplayError,
 )
 from agentmesh.hub.store import (
@@ -316,7 +317,7 @@ class LocalHub:
             max_bytes_per_recipient=self._max_bytes,
         )
         if result.status is EnqueueStatus.UNKNOWN_RECIPIENT:
-            raise ValueError(f"Peer '{envelope.recipient}' not found on hub")
+            raise PeerNotFoundError(envelope.recipient)
         if result.status is EnqueueStatus.MAILBOX_FULL:
             raise MailboxFullError("mailbox_full", f"mailbox of {envelope.recipient!r} is full")
         return envelope
@@ -403,7 +404,7 @@ class LocalHub:
         """The peer's bundle with one one-time prekey of each kind (each handed out once)."""
         fetched = self._store.fetch_bundle(agent_id, self._now())
         if fetched is None:
-            raise ValueError(f"Peer '{agent_id}' not found on hub")
+            raise PeerNotFoundError(agent_id)
         bundle = PrekeyBundle.decode(fetched.bundle).with_one_time(
             SignedPrekey.decode(fetched.one_time_x25519) if fetched.one_time_x25519 else None,
             SignedPrekey.decode(fetched.one_time_kem) if fetched.one_time_kem else None,
