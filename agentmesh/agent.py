@@ -298,8 +298,10 @@ class Agent:
         self._claimed: set[bytes] = set()
         self._arrival = threading.Condition()
         #: Called, with no lock held, after messages were committed and on close (the
-        #: asyncio driver wakes its loop with it).
+        #: asyncio driver wakes its loop with it); and the callbacks of request waiters
+        #: whose replies were handed over, waiting for the lock to be released.
         self._arrival_listeners: list[Callable[[], None]] = []
+        self._callbacks_due: list[Callable[[], None]] = []
         self._closed = False
         self._received = 0
         self._last_maintenance_ms = clock_ms()
@@ -934,8 +936,11 @@ class Agent:
             self._notify_arrival()
 
     def _notify_arrival(self) -> None:
-        """Tell the arrival listeners (no lock held; a spurious call is harmless)."""
-        for listener in list(self._arrival_listeners):
+        """Run due reply callbacks and tell the arrival listeners (call with no lock
+        held; a spurious call is harmless)."""
+        with self._arrival:
+            due, self._callbacks_due = self._callbacks_due, []
+        for listener in [*due, *self._arrival_listeners]:
             try:
                 listener()
             except Exception:
@@ -1017,10 +1022,9 @@ class Agent:
                 waiter.claimed = False
                 if committed:
                     waiter.reply, waiter.done = message, True
+            if committed:  # run by _notify_arrival, once no lock is held
+                self._callbacks_due.extend(w.callback for w, _ in handed if w.callback)
             self._arrival.notify_all()
-        for waiter, _ in handed:
-            if committed and waiter.callback is not None:
-                waiter.callback()
 
     def _decrypt_all(
         self, items: list[bytes], now: int, seen: set[bytes], *, deferred: bool
