@@ -88,6 +88,42 @@ _PARALLEL_VERIFY_MIN = 8
 _MAINTENANCE_INTERVAL_MS = 60_000
 
 
+#: How many times a handler that raises is run for one message, and the waits between.
+DEFAULT_MAX_HANDLER_ATTEMPTS = 3
+_HANDLER_RETRY_S = 0.05
+_HANDLER_RETRY_MAX_S = 1.0
+#: How much of a failing handler's error a dead letter keeps.
+_REASON_MAX = 500
+
+
+def handler_retry_delay(attempt: int) -> float:
+    """The wait before rerunning a handler after its ``attempt``-th failure (1-based)."""
+    return float(min(_HANDLER_RETRY_MAX_S, _HANDLER_RETRY_S * 2 ** (attempt - 1)))
+
+
+def failure_reason(handler: object, exc: BaseException) -> str:
+    """A dead letter's reason: which handler raised what (bounded)."""
+    name = getattr(handler, "__qualname__", None) or type(handler).__name__
+    return f"handler {name} raised {type(exc).__name__}: {exc}"[:_REASON_MAX]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that could not be handled or sent, kept with the reason.
+
+    ``direction`` is ``"in"`` (received; its handler kept failing) or ``"out"``;
+    ``message_id`` is hex; ``payload`` the decoded dict (or None); ``timestamp`` the
+    sender's, in milliseconds. See :meth:`Agent.dead_letters`.
+    """
+
+    direction: str
+    message_id: str
+    peer: str
+    reason: str
+    payload: dict[str, Any] | None
+    timestamp: int
+
+
 @dataclass(frozen=True)
 class Message:
     """A decrypted message as handlers receive it (version 1 fields, plus audit data)."""
@@ -197,6 +233,20 @@ def _all_valid(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
     return True
 
 
+#: _run_handler's answer when the agent closed while a handler waited for a retry.
+_INTERRUPTED = object()
+
+
+def _message_id_bytes(message_id: str) -> bytes:
+    try:
+        raw = bytes.fromhex(message_id)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raise LocalProtocolError(f"not a message id (32 hex digits): {message_id!r}")
+    return raw
+
+
 class _PendingRequest:
     """One request() waiting for its reply (fields guarded by ``Agent._arrival``)."""
 
@@ -259,6 +309,7 @@ class Agent:
         ratchet_limits: RatchetLimits = DEFAULT_LIMITS,
         replay_window_ms: int = DEFAULT_REPLAY_WINDOW_MS,
         prekey_pool_size: int = ONE_TIME_POOL_SIZE,
+        max_handler_attempts: int = DEFAULT_MAX_HANDLER_ATTEMPTS,
         clock_ms: Callable[[], int] = _now_ms,
         _rng: p.RandomBytes = p.random_bytes,
     ) -> None:
@@ -275,6 +326,9 @@ class Agent:
         self._limits = ratchet_limits
         self._replay_window_ms = replay_window_ms
         self._pool_size = prekey_pool_size
+        if max_handler_attempts < 1:
+            raise ConfigurationError("max_handler_attempts must be at least 1")
+        self._max_handler_attempts = max_handler_attempts
         self._handlers: list[Handler] = []
         #: Parsed session records by peer, as last committed (saves a parse per message).
         self._records: dict[str, SessionRecord] = {}
@@ -410,9 +464,11 @@ class Agent:
     def on_message(self, handler: Handler) -> Handler:
         """Register a handler; usable as ``@agent.on_message`` or ``agent.on_message(fn)``.
 
-        Handlers run in registration order; one that raises is logged and the
-        others still run. Messages that arrived before any handler existed are
-        handed to the first one registered.
+        Handlers run in registration order; one that raises is logged, rerun after a
+        short backoff up to ``max_handler_attempts`` times, and the others still run
+        (once each); if it keeps raising, the message goes to :meth:`dead_letters`.
+        Messages that arrived before any handler existed are handed to the first one
+        registered.
         """
         if not callable(handler):
             raise TypeError("on_message expects a callable")
@@ -898,6 +954,7 @@ class Agent:
                 "inbox_pending": self._state.inbox_pending(),
                 "one_time_prekeys": len(self._prekeys.one_time),
                 "sign_messages": self._sign,
+                "dead_letters": self._state.dead_letter_count(),
             }
 
     # -- receiving (HubEndpoint) -----------------------------------------
@@ -1197,17 +1254,107 @@ class Agent:
                 break
             for row in rows:
                 message = self._message(row)
+                failure: tuple[Handler, Exception] | None = None
                 for handler in list(self._handlers):
-                    _handler_depth.value = _in_handler() + 1
-                    try:
-                        handler(message)
-                    except Exception:
-                        self.log.exception("message handler %r raised", handler)
-                    finally:
-                        _handler_depth.value -= 1
-                self._state.mark_handled(row.seq)
+                    outcome = self._run_handler(handler, message)
+                    if outcome is _INTERRUPTED:
+                        return handled  # closing: left in the inbox, dispatched after restart
+                    if isinstance(outcome, Exception):
+                        failure = (handler, outcome)
+                if failure is None:
+                    self._state.mark_handled(row.seq)
+                else:
+                    self._dead_letter(row.seq, message, failure_reason(*failure))
                 handled += 1
         return handled
+
+    def _run_handler(self, handler: Handler, message: Message) -> Exception | object | None:
+        """Run one handler, rerunning it after a short backoff while it raises, up to
+        ``max_handler_attempts`` times (handlers that succeeded are not rerun). Returns
+        None, the last error, or ``_INTERRUPTED`` if the agent closed meanwhile."""
+        for attempt in range(1, self._max_handler_attempts + 1):
+            _handler_depth.value = _in_handler() + 1
+            try:
+                handler(message)
+                return None
+            except Exception as exc:
+                if attempt == self._max_handler_attempts:
+                    self.log.exception(
+                        "message handler %r raised on message %s (attempt %d of %d)",
+                        handler,
+                        message.message_id,
+                        attempt,
+                        attempt,
+                    )
+                    return exc
+                self.log.warning(
+                    "message handler %r raised %s on message %s (attempt %d of %d); retrying",
+                    handler,
+                    type(exc).__name__,
+                    message.message_id,
+                    attempt,
+                    self._max_handler_attempts,
+                )
+            finally:
+                _handler_depth.value -= 1
+            with self._arrival:  # close() wakes this wait
+                if self._arrival.wait_for(lambda: self._closed, handler_retry_delay(attempt)):
+                    return _INTERRUPTED
+        return None  # not reached: the loop returns
+
+    def _dead_letter(self, seq: int, message: Message, reason: str) -> None:
+        """Move a received message whose handler kept failing to the dead letters."""
+        row = InboxRow(
+            seq,
+            bytes.fromhex(message.message_id),
+            message.sender,
+            message._payload_bytes,
+            message.timestamp,
+            message.signature,
+            message.raw_envelope,
+            None if message.in_reply_to is None else bytes.fromhex(message.in_reply_to),
+        )
+        self._state.dead_letter_received(row, reason)
+        self.log.warning(
+            "message %s from %s moved to the dead letters", message.message_id, message.sender
+        )
+
+    # -- dead letters -------------------------------------------------------
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The dead-letter list, oldest first: received messages whose handler kept
+        raising after ``max_handler_attempts`` attempts (``direction="in"``, with the
+        error as ``reason``). It persists in the state file; nothing in it is lost or
+        retried until you call :meth:`retry_dead_letter` or :meth:`discard_dead_letter`."""
+        return [
+            DeadLetter(
+                direction,
+                message_id.hex(),
+                peer,
+                reason,
+                None if payload is None else decode_payload(payload),
+                timestamp,
+            )
+            for direction, message_id, peer, reason, payload, timestamp in (
+                self._state.dead_letters()
+            )
+        ]
+
+    def retry_dead_letter(self, message_id: str) -> None:
+        """Hand a received dead letter to the handlers again (or to ``next_message``),
+        after the messages already waiting. Raises LocalProtocolError if there is no
+        received dead letter with that id."""
+        if not self._state.retry_dead_letter(_message_id_bytes(message_id)):
+            raise LocalProtocolError(f"no received dead letter with id {message_id!r}")
+        with self._arrival:
+            self._arrival.notify_all()
+        self._notify_arrival()
+        self.dispatch_pending()
+
+    def discard_dead_letter(self, message_id: str) -> None:
+        """Delete a dead letter for good. Raises LocalProtocolError if there is none."""
+        if not self._state.discard_dead_letter(_message_id_bytes(message_id)):
+            raise LocalProtocolError(f"no dead letter with id {message_id!r}")
 
     # -- hub endpoint plumbing --------------------------------------------
 
@@ -1360,9 +1507,9 @@ class Agent:
                 self.log.debug("hub unregister failed", exc_info=True)
         if self._transmitter is not None and self._transmitter is not threading.current_thread():
             self._transmitter.join(10.0)
-        self._wait_dispatch_idle()
-        with self._arrival:  # wake next_message() and messages()
+        with self._arrival:  # wake next_message(), messages() and a handler's retry wait
             self._arrival.notify_all()
+        self._wait_dispatch_idle()
         self._notify_arrival()
         with self._lock:
             self._state.close()

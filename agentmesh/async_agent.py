@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from agentmesh.agent import Agent, Message
+from agentmesh.agent import Agent, DeadLetter, Message, failure_reason, handler_retry_delay
 from agentmesh.errors import LocalProtocolError, RequestTimeoutError
 
 _T = TypeVar("_T")
@@ -219,16 +219,46 @@ class AsyncAgent:
                 continue
             for seq, message in pending:
                 wrapped = _as_async(message, self)
+                failure: tuple[AsyncHandler, Exception] | None = None
                 for handler in list(self._handlers):
-                    try:
-                        result = handler(wrapped)
-                        if inspect.isawaitable(result):
-                            await result
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        self.log.exception("message handler %r raised", handler)
-                agent._mark_handled(seq)
+                    error = await self._run_handler(handler, wrapped, agent)
+                    if error is not None:
+                        failure = (handler, error)
+                if failure is None:
+                    agent._mark_handled(seq)
+                else:
+                    agent._dead_letter(seq, message, failure_reason(*failure))
+
+    async def _run_handler(
+        self, handler: AsyncHandler, message: AsyncMessage, agent: Agent
+    ) -> Exception | None:
+        """Run one handler, rerunning it after a short backoff while it raises, up to
+        the agent's ``max_handler_attempts``; return None or the last error."""
+        attempts = agent._max_handler_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                result = handler(message)
+                if inspect.isawaitable(result):
+                    await result
+                return None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt == attempts:
+                    self.log.exception(
+                        "message handler %r raised on message %s", handler, message.message_id
+                    )
+                    return exc
+                self.log.warning(
+                    "message handler %r raised %s on message %s (attempt %d of %d); retrying",
+                    handler,
+                    type(exc).__name__,
+                    message.message_id,
+                    attempt,
+                    attempts,
+                )
+            await asyncio.sleep(handler_retry_delay(attempt))
+        return None
 
     def _wake_from_any_thread(self) -> None:
         loop, arrived = self._loop, self._arrived
@@ -310,6 +340,21 @@ class AsyncAgent:
         """Coroutine of :meth:`Agent.list_peers`."""
         agent = await self._started()
         return await self._run(agent.list_peers)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Coroutine of :meth:`Agent.dead_letters`."""
+        agent = await self._started()
+        return await self._run(agent.dead_letters)
+
+    async def retry_dead_letter(self, message_id: str) -> None:
+        """Coroutine of :meth:`Agent.retry_dead_letter` (the handler task takes it)."""
+        agent = await self._started()
+        await self._run(agent.retry_dead_letter, message_id)
+
+    async def discard_dead_letter(self, message_id: str) -> None:
+        """Coroutine of :meth:`Agent.discard_dead_letter`."""
+        agent = await self._started()
+        await self._run(agent.discard_dead_letter, message_id)
 
     async def trust(self, peer_id: str, fingerprint: str) -> None:
         """Coroutine of :meth:`Agent.trust`."""

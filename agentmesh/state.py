@@ -68,6 +68,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     envelope BLOB NOT NULL,
     created_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    message_id BLOB PRIMARY KEY,
+    direction TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload BLOB,
+    timestamp_ms INTEGER NOT NULL,
+    signature BLOB,
+    envelope BLOB NOT NULL,
+    in_reply_to BLOB
+);
 CREATE TABLE IF NOT EXISTS inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id BLOB NOT NULL UNIQUE,
@@ -905,6 +916,72 @@ class AgentState:
             with self._tx() as db:
                 db.executemany("DELETE FROM inbox WHERE seq = ?", seqs)
         log.unlink()
+
+    # -- dead letters -------------------------------------------------------
+
+    def dead_letter_received(self, row: InboxRow, reason: str) -> None:
+        """Move a received message whose handler kept failing from the inbox to the
+        dead-letter list, in one transaction (so it is in exactly one of them)."""
+        with self._tx(secret=True) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters (message_id, direction, peer, reason, "
+                "payload, timestamp_ms, signature, envelope, in_reply_to) "
+                "VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.message_id,
+                    row.sender,
+                    reason,
+                    row.payload,
+                    row.timestamp_ms,
+                    row.signature,
+                    row.envelope,
+                    row.in_reply_to,
+                ),
+            )
+            db.execute("DELETE FROM inbox WHERE seq = ?", (row.seq,))
+
+    def dead_letters(self) -> list[tuple[str, bytes, str, str, bytes | None, int]]:
+        """``(direction, message_id, peer, reason, payload, timestamp_ms)`` of every
+        dead letter, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT direction, message_id, peer, reason, payload, timestamp_ms "
+                "FROM dead_letters ORDER BY timestamp_ms, message_id"
+            ).fetchall()
+        return [
+            (d, bytes(m), peer, reason, None if pl is None else bytes(pl), ts)
+            for d, m, peer, reason, pl, ts in rows
+        ]
+
+    def retry_dead_letter(self, message_id: bytes) -> bool:
+        """Put a received dead letter back into the inbox (it is dispatched again, as the
+        newest message); False if there is no such received dead letter."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT peer, payload, timestamp_ms, signature, envelope, in_reply_to "
+                "FROM dead_letters WHERE message_id = ? AND direction = 'in'",
+                (message_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            peer, payload, ts, signature, envelope, in_reply_to = row
+            db.execute(
+                _INSERT_INBOX_SQL, (message_id, peer, payload, ts, signature, envelope, in_reply_to)
+            )
+            db.execute("DELETE FROM dead_letters WHERE message_id = ?", (message_id,))
+            return True
+
+    def discard_dead_letter(self, message_id: bytes) -> bool:
+        """Delete a dead letter for good; False if there is none with that id."""
+        with self._tx(secret=True) as db:
+            return (
+                db.execute("DELETE FROM dead_letters WHERE message_id = ?", (message_id,)).rowcount
+                > 0
+            )
+
+    def dead_letter_count(self) -> int:
+        row = self._one("SELECT COUNT(*) FROM dead_letters")
+        return int(row[0]) if row else 0
 
     def inbox_pending(self) -> int:
         with self._lock:

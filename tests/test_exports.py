@@ -25,6 +25,7 @@ EXPECTED_ALL = [
     "ConfigurationError",
     "CryptoError",
     "CryptoSession",
+    "DeadLetter",
     "DecodeError",
     "HubError",
     "HubUnavailableError",
