@@ -24,12 +24,15 @@ fetched before ``_lock`` is taken and new prekeys published after it is released
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +95,8 @@ _MAINTENANCE_INTERVAL_MS = 60_000
 DEFAULT_MAX_HANDLER_ATTEMPTS = 3
 _HANDLER_RETRY_S = 0.05
 _HANDLER_RETRY_MAX_S = 1.0
+#: At interpreter exit an open agent waits this long for the hub to take its outbox.
+DEFAULT_EXIT_FLUSH_TIMEOUT_S = 5.0
 #: How much of a failing handler's error a dead letter keeps.
 _REASON_MAX = 500
 
@@ -233,6 +238,24 @@ def _all_valid(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
     return True
 
 
+def _close_at_exit(ref: weakref.ref[Agent]) -> None:
+    """atexit: flush an agent that is still open (bounded by its exit_flush_timeout_s),
+    say what is still queued, then close it."""
+    agent = ref()
+    if agent is None or agent._closed:
+        return
+    try:
+        if agent._exit_flush_timeout_s > 0 and not agent.flush(agent._exit_flush_timeout_s):
+            agent.log.warning(
+                "exiting with %d envelopes not yet taken by the hub; they stay in the "
+                "outbox and are sent at the next start",
+                agent._state.outbox_size(),
+            )
+        agent.close()
+    except Exception:  # exit must go on
+        agent.log.exception("closing the agent at exit failed")
+
+
 #: _run_handler's answer when the agent closed while a handler waited for a retry.
 _INTERRUPTED = object()
 
@@ -285,7 +308,10 @@ class Agent:
     Keyword-only extras: ``passphrase``, ``sign_messages`` (default True: every
     message carries an Ed25519 signature inside the ciphertext),
     ``require_signatures`` (default: the value of ``sign_messages``),
-    ``ratchet_limits``, ``replay_window_ms`` and ``clock_ms``.
+    ``ratchet_limits``, ``replay_window_ms``, ``clock_ms``, ``max_handler_attempts``
+    (see :meth:`on_message`) and ``exit_flush_timeout_s`` (at interpreter exit an
+    agent still open waits up to this long for the hub to take its outbox, logs what
+    is left, and closes; 0 skips the wait).
 
     The signing mode belongs to a session, fixed by whoever starts it and
     authenticated by every message (docs/PROTOCOL.md, "Per-message signature"):
@@ -310,6 +336,7 @@ class Agent:
         replay_window_ms: int = DEFAULT_REPLAY_WINDOW_MS,
         prekey_pool_size: int = ONE_TIME_POOL_SIZE,
         max_handler_attempts: int = DEFAULT_MAX_HANDLER_ATTEMPTS,
+        exit_flush_timeout_s: float = DEFAULT_EXIT_FLUSH_TIMEOUT_S,
         clock_ms: Callable[[], int] = _now_ms,
         _rng: p.RandomBytes = p.random_bytes,
     ) -> None:
@@ -329,6 +356,8 @@ class Agent:
         if max_handler_attempts < 1:
             raise ConfigurationError("max_handler_attempts must be at least 1")
         self._max_handler_attempts = max_handler_attempts
+        self._exit_flush_timeout_s = exit_flush_timeout_s
+        self._exit_hook: Callable[[], None] | None = None
         self._handlers: list[Handler] = []
         #: Parsed session records by peer, as last committed (saves a parse per message).
         self._records: dict[str, SessionRecord] = {}
@@ -388,6 +417,10 @@ class Agent:
             if hub is not None:
                 self.hub = hub
                 hub.register(self)
+                # A script that sends with wait=False and just exits must still
+                # deliver: at exit, give the hub a bounded chance to take the outbox.
+                self._exit_hook = functools.partial(_close_at_exit, weakref.ref(self))
+                atexit.register(self._exit_hook)
         except BaseException:
             # e.g. AuthFailedError: don't leave the state open and the identity locked
             self._closed = True
@@ -938,6 +971,32 @@ class Agent:
         if self.hub is None:
             raise NoHubError()
         return [a for a in self.hub.list_agents() if a != self._id]
+
+    def wait_for_peer(self, peer_id: str, timeout: float | None = None) -> None:
+        """Return once ``peer_id`` is registered on the hub, so agents may start in any
+        order. Raises the built-in ``TimeoutError`` if it is not within ``timeout``
+        seconds (None: wait for ever). While the hub cannot be reached it keeps
+        asking (with a backoff up to 1 s) until the timeout."""
+        if self.hub is None:
+            raise NoHubError()
+        peer_id = validate_agent_id(peer_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            try:
+                if peer_id in self.hub.list_agents():
+                    return
+            except HubUnavailableError:
+                pass
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"peer {peer_id!r} did not register within {timeout} s")
+            with self._arrival:  # close() wakes this wait
+                if self._arrival.wait_for(
+                    lambda: self._closed, delay if remaining is None else min(delay, remaining)
+                ):
+                    raise LocalProtocolError(f"Agent {self._id!r} is closed")
+            delay = min(1.0, delay * 2)
 
     def status(self) -> dict[str, Any]:
         """A snapshot: id, fingerprint, sessions, pinned peers, handlers, queues."""
@@ -1496,6 +1555,9 @@ class Agent:
         """
         if self._closed:
             return
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
+            self._exit_hook = None
         self._wait_queue_sent(5.0)  # hand pipelined envelopes over while still connected
         self._closed = True
         with self._queue_ready:
