@@ -60,6 +60,7 @@ from agentmesh.errors import (
     HubUnavailableError,
     IdentityChangedError,
     LocalProtocolError,
+    MessageTooLargeError,
     NoHubError,
     ReplayError,
     RequestTimeoutError,
@@ -68,6 +69,7 @@ from agentmesh.ids import validate_agent_id
 from agentmesh.keyfile import load_or_create_key_file
 from agentmesh.protocol.hub_interface import (
     DeliveryReport,
+    EnvelopeLimitedHub,
     Hub,
     PipelinedHub,
     PrekeyRefreshingHub,
@@ -711,6 +713,12 @@ class Agent:
             session = record.active
             assert session is not None
             session = session.copy()
+            hub = self.hub
+            limit = hub.envelope_limit(self._id) if isinstance(hub, EnvelopeLimitedHub) else None
+            if limit:  # refused before anything is encrypted or committed
+                size = session.envelope_size(len(plaintext), reply=in_reply_to is not None)
+                if size > limit:
+                    raise MessageTooLargeError(size, limit)
             if message_id is None:
                 message_id = self._rng(16)
             envelope = session.encrypt(

@@ -8,7 +8,8 @@ from the *peer's*, as h11 does with Local/RemoteProtocolError::
     ├── LocalProtocolError        you asked for something the protocol forbids
     │   ├── ConfigurationError    bad settings (paths, quotas, URLs)
     │   ├── NoHubError            the agent has no hub (also a RuntimeError, as in version 1)
-    │   └── PayloadError          a payload that is not JSON-safe (also TypeError, ValueError)
+    │   ├── PayloadError          a payload that is not JSON-safe (also TypeError, ValueError)
+    │   └── MessageTooLargeError  larger than the hub accepts (also a ValueError)
     ├── PeerNotFoundError         the recipient never registered (also a ValueError)
     ├── RemoteProtocolError       the other side sent something invalid
     │   └── DecodeError           bytes that do not parse (frames, envelopes, state)
@@ -63,6 +64,19 @@ class PayloadError(LocalProtocolError, TypeError, ValueError):
         self.field = field
         where = "the payload" if field is None else f"payload field {field!r}"
         super().__init__(f"{where} is not JSON-safe: {reason}")
+
+
+class MessageTooLargeError(LocalProtocolError, ValueError):
+    """A message whose envelope would exceed the largest envelope the hub accepts;
+    refused before anything was encrypted or committed."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"message too large: its envelope would be {size} bytes, and the hub accepts "
+            f"at most {limit}"
+        )
 
 
 class PeerNotFoundError(AgentMeshError, ValueError):

@@ -68,6 +68,7 @@ from agentmesh.wire.envelope import (
     Envelope,
     PrekeyMessage,
     encode_header,
+    envelope_size,
 )
 
 #: ``check(public_key, signature, message)`` raises SignatureError unless the
@@ -219,6 +220,13 @@ class Session:
             ciphertext=ciphertext,
             header_bytes=header,
         )
+
+    def envelope_size(self, payload_len: int, *, reply: bool = False) -> int:
+        """The exact size of the envelope :meth:`encrypt` would make for a payload of
+        ``payload_len`` bytes now (nothing is derived or changed)."""
+        inner = 1 + 4 + payload_len + (MESSAGE_ID_LEN if reply else 0)
+        inner += 64 if self.sign_messages else 0
+        return envelope_size(self.local_id, self.peer_id, self.pending_prekey, inner + 16)
 
     # -- decryption --------------------------------------------------------
 

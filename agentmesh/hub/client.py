@@ -351,6 +351,8 @@ class _Link:
         self.agent_id = endpoint.agent_id
         self.loop = loop
         self.wire: _Wire | None = None
+        #: The hub's announced envelope limit on the last connection (None: none yet).
+        self.envelope_limit: int | None = None
         self.connected = asyncio.Event()
         self.failure: BaseException | None = None
         self.closing = False
@@ -478,6 +480,7 @@ class _Link:
             rid = conn.login(self.agent_id, endpoint.signing_public_key, signature, bundle)
             _expect(await wire.request(rid, hub.request_timeout), hp.LoginAccepted)
             self.wire = wire
+            self.envelope_limit = conn.max_envelope_bytes
             await self._upload_prekeys(wire, await self._call(endpoint.one_time_prekeys))
             await self._flush_outbox(wire)
         except BaseException:
@@ -1011,6 +1014,12 @@ class NetworkHub:
             wire.close()
             raise
         return wire
+
+    def envelope_limit(self, agent_id: str) -> int | None:
+        """The largest envelope the hub announced on this agent's connection (its last
+        connection while disconnected); None before the first login."""
+        link = self._links.get(agent_id)
+        return None if link is None else link.envelope_limit
 
     def _link(self, agent_id: str) -> _Link:
         link = self._links.get(agent_id)

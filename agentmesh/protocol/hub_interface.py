@@ -129,6 +129,15 @@ class PipelinedHub(Protocol):
 
 
 @runtime_checkable
+class EnvelopeLimitedHub(Protocol):
+    """A hub that announces the largest envelope it accepts (the network hub's HELLO)."""
+
+    def envelope_limit(self, agent_id: str) -> int | None:
+        """The limit announced on ``agent_id``'s connection, in bytes; None if unknown."""
+        ...
+
+
+@runtime_checkable
 class PrekeyRefreshingHub(Protocol):
     """A hub an agent can tell about new prekeys between logins."""
 

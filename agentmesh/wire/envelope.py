@@ -113,6 +113,17 @@ class Envelope:
         return decode_envelope(data)
 
 
+def envelope_size(
+    sender: str, recipient: str, prekey: PrekeyMessage | None, ciphertext_len: int
+) -> int:
+    """The exact length of an envelope with these fields (see the layout above)."""
+    size = 2 + MESSAGE_ID_LEN + 8 + 2 + len(sender.encode()) + len(recipient.encode()) + 40
+    if prekey is not None:
+        size += 1 + 32 + 32 + 64 + 32 + 8 + 1088 + 1
+        size += 4 if prekey.one_time_prekey_id is not None else 0
+    return size + 4 + ciphertext_len
+
+
 def encode_header(
     message_id: bytes,
     timestamp: int,
