@@ -993,6 +993,7 @@ class NetworkHub:
         )
         wire = _Wire(conn, on_event)
         context = self._ssl()
+        where = f"{self.host}:{self.port}"
         try:
             await asyncio.wait_for(
                 loop.create_connection(
@@ -1004,11 +1005,39 @@ class NetworkHub:
                 ),
                 self.connect_timeout,
             )
-            await asyncio.wait_for(asyncio.shield(wire.hello), self.connect_timeout)
+        except ssl.SSLError as exc:
+            wire.close()
+            raise HubUnavailableError(
+                f"TLS with {where} failed ({exc.reason or exc}): is it a hub started with "
+                "--tls-cert, and does the CA given to tls= sign its certificate?"
+            ) from exc
         except (OSError, asyncio.TimeoutError) as exc:
             wire.close()
             raise HubUnavailableError(
-                f"cannot reach the hub at {self.host}:{self.port}: {exc or 'timeout'}"
+                f"cannot reach the hub at {where}: {exc or 'timeout'}"
+            ) from exc
+        except BaseException:
+            wire.close()
+            raise
+        # Connected: now the hub must speak first. Anything else (a database, a web
+        # server, a TLS hub reached in plaintext) fails here, within connect_timeout.
+        hint = (
+            "is it an AgentMesh hub, and does it use TLS?"
+            if context is not None
+            else "is it an AgentMesh hub? A hub started with --tls-cert needs tls= here"
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(wire.hello), self.connect_timeout)
+        except asyncio.TimeoutError as exc:
+            wire.close()
+            raise HubUnavailableError(
+                f"{where} accepted the connection but sent no AgentMesh HELLO within "
+                f"{self.connect_timeout} s: {hint}"
+            ) from exc
+        except HubUnavailableError as exc:
+            wire.close()
+            raise HubUnavailableError(
+                f"{where} closed the connection before any AgentMesh HELLO ({exc}): {hint}"
             ) from exc
         except BaseException:
             wire.close()
