@@ -108,6 +108,37 @@ def handler_retry_delay(attempt: int) -> float:
     return float(min(_HANDLER_RETRY_MAX_S, _HANDLER_RETRY_S * 2 ** (attempt - 1)))
 
 
+def handler_failed(
+    log: logging.Logger,
+    handler: object,
+    message: Message,
+    exc: Exception,
+    attempt: int,
+    attempts: int,
+) -> bool:
+    """Log a handler's failure on its ``attempt``-th run (of ``attempts``); return
+    whether to run it again, after :func:`handler_retry_delay` (both drivers' rule)."""
+    if attempt >= attempts:
+        log.error(
+            "message handler %r raised on message %s (attempt %d of %d)",
+            handler,
+            message.message_id,
+            attempt,
+            attempts,
+            exc_info=exc,
+        )
+        return False
+    log.warning(
+        "message handler %r raised %s on message %s (attempt %d of %d); retrying",
+        handler,
+        type(exc).__name__,
+        message.message_id,
+        attempt,
+        attempts,
+    )
+    return True
+
+
 def failure_reason(handler: object, exc: BaseException) -> str:
     """A dead letter's reason: which handler raised what (bounded)."""
     name = getattr(handler, "__qualname__", None) or type(handler).__name__
@@ -1345,23 +1376,10 @@ class Agent:
                 handler(message)
                 return None
             except Exception as exc:
-                if attempt == self._max_handler_attempts:
-                    self.log.exception(
-                        "message handler %r raised on message %s (attempt %d of %d)",
-                        handler,
-                        message.message_id,
-                        attempt,
-                        attempt,
-                    )
+                if not handler_failed(
+                    self.log, handler, message, exc, attempt, self._max_handler_attempts
+                ):
                     return exc
-                self.log.warning(
-                    "message handler %r raised %s on message %s (attempt %d of %d); retrying",
-                    handler,
-                    type(exc).__name__,
-                    message.message_id,
-                    attempt,
-                    self._max_handler_attempts,
-                )
             finally:
                 _handler_depth.value -= 1
             with self._arrival:  # close() wakes this wait

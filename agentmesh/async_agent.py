@@ -44,7 +44,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from agentmesh.agent import Agent, DeadLetter, Message, failure_reason, handler_retry_delay
+from agentmesh.agent import (
+    Agent,
+    DeadLetter,
+    Message,
+    failure_reason,
+    handler_failed,
+    handler_retry_delay,
+)
 from agentmesh.errors import LocalProtocolError, RequestTimeoutError
 
 _T = TypeVar("_T")
@@ -244,19 +251,8 @@ class AsyncAgent:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if attempt == attempts:
-                    self.log.exception(
-                        "message handler %r raised on message %s", handler, message.message_id
-                    )
+                if not handler_failed(self.log, handler, message, exc, attempt, attempts):
                     return exc
-                self.log.warning(
-                    "message handler %r raised %s on message %s (attempt %d of %d); retrying",
-                    handler,
-                    type(exc).__name__,
-                    message.message_id,
-                    attempt,
-                    attempts,
-                )
             await asyncio.sleep(handler_retry_delay(attempt))
         return None
 

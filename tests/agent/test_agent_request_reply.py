@@ -17,13 +17,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def hub_process(tmp_path: Path) -> Iterator[HubProcess]:
-    hub = HubProcess(tmp_path / "hub", graceful_stop=True).start()
-    yield hub
-    hub.stop()
-
-
-@pytest.fixture
 def network_agents(hub_process: HubProcess) -> Iterator[Callable[[str], Agent]]:
     """``network_agents(agent_id)``: an Agent on its own NetworkHub to the hub process."""
     made: list[Agent] = []

@@ -4,7 +4,6 @@ request/reply, per-sender order, the async pull API and cancellation."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,6 @@ from agentmesh import (
 from agentmesh.async_agent import AsyncMessage
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def hub_process(tmp_path: Path) -> Iterator[HubProcess]:
-    hub = HubProcess(tmp_path / "hub", graceful_stop=True).start()
-    yield hub
-    hub.stop()
 
 
 async def _until(condition: Any, what: str, timeout: float = 20.0) -> None:
