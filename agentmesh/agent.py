@@ -68,6 +68,7 @@ from agentmesh.errors import (
 from agentmesh.ids import validate_agent_id
 from agentmesh.keyfile import load_or_create_key_file
 from agentmesh.protocol.hub_interface import (
+    BackgroundRegisteringHub,
     DeliveryReport,
     EnvelopeLimitedHub,
     Hub,
@@ -449,7 +450,7 @@ class Agent:
             self._prekeys = self._load_prekeys()
             if hub is not None:
                 self.hub = hub
-                hub.register(self)
+                self._register(hub)
                 # A script that sends with wait=False and just exits must still
                 # deliver: at exit, give the hub a bounded chance to take the outbox.
                 self._exit_hook = functools.partial(_close_at_exit, weakref.ref(self))
@@ -461,6 +462,21 @@ class Agent:
             if self._lock_file is not None:
                 self._lock_file.release()
             raise
+
+    def _register(self, hub: Hub) -> None:
+        """Register with the hub; an agent with a key file also starts while the hub is
+        unreachable (its sends wait in the outbox until the hub is back)."""
+        try:
+            hub.register(self)
+        except HubUnavailableError as exc:
+            if self._state.path is None or not isinstance(hub, BackgroundRegisteringHub):
+                raise
+            self.log.warning(
+                "hub unreachable at start (%s); running offline: sends wait in the outbox "
+                "and the agent registers when the hub is back",
+                exc,
+            )
+            hub.register_in_background(self)
 
     # -- identity ---------------------------------------------------------
 

@@ -389,11 +389,17 @@ class _Link:
 
     # -- lifecycle (loop thread) ------------------------------------------
 
-    async def start(self) -> None:
-        """Connect and log in once; raise if that fails (no background retry then)."""
+    async def start(self, *, background: bool = False) -> None:
+        """Connect and log in once; raise if that fails (no background retry then).
+
+        ``background``: return at once and keep trying to log in (with the
+        reconnect backoff) until it works or the hub refuses for good.
+        """
         self._dispatcher.start()
         self._handler_thread.start()
         first: asyncio.Future[None] = self.loop.create_future()
+        if background:
+            first.set_result(None)  # nobody waits for the first login
         self._supervisor = self.loop.create_task(self._supervise(first))
         await first
 
@@ -1100,6 +1106,20 @@ class NetworkHub:
             with contextlib.suppress(Exception):
                 io.run(link.close(), self.request_timeout)
             raise
+
+    def register_in_background(self, agent: HubEndpoint) -> None:
+        """Like :meth:`register`, but return at once and keep trying to log in while the
+        hub is unreachable (an agent that starts before its hub). Until the login,
+        ``deliver`` raises HubUnavailableError (the envelope stays in the agent's
+        outbox); the first login publishes the bundle and re-sends the outbox. A
+        refusal for good (``AuthFailedError``) ends the attempts and is logged."""
+        io = self._thread()
+        agent_id = agent.agent_id
+        self.unregister(agent_id)
+        link = _Link(self, agent, io.loop)
+        with self._lock:
+            self._links[agent_id] = link
+        io.run(link.start(background=True), self.request_timeout)
 
     def unregister(self, agent_id: str) -> None:
         """Close ``agent_id``'s connection; the hub keeps its binding and mailbox."""

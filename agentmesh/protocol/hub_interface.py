@@ -138,6 +138,16 @@ class EnvelopeLimitedHub(Protocol):
 
 
 @runtime_checkable
+class BackgroundRegisteringHub(Protocol):
+    """A hub an agent can register with while it is unreachable (the login happens
+    when it comes back)."""
+
+    def register_in_background(self, agent: HubEndpoint) -> None:
+        """Register without waiting for the hub; never raises HubUnavailableError."""
+        ...
+
+
+@runtime_checkable
 class PrekeyRefreshingHub(Protocol):
     """A hub an agent can tell about new prekeys between logins."""
 

@@ -70,3 +70,45 @@ def test_a_script_that_sends_with_wait_false_and_exits_still_delivers(tmp_path: 
         bob.close()
         client.close()
         hub.stop()
+
+
+def test_an_agent_with_a_key_file_starts_while_the_hub_is_down(tmp_path: Path) -> None:
+    """It starts, its send to a peer it has a session with waits in the outbox, and it
+    registers and delivers once the hub is back; one without a key file still raises."""
+    from agentmesh import HubUnavailableError, NetworkHub
+
+    hub = HubProcess(tmp_path / "hub", graceful_stop=True).start()
+    options = {"connect_timeout": 1.0, "request_timeout": 10.0, "reconnect_max": 0.5}
+    client_b = hub.client(**options)
+    got: list[str] = []
+    bob = Agent("bob", hub=client_b)
+    bob.on_message(lambda m: got.append(m.text))
+    client_a = hub.client(**options)
+    alice = Agent("alice", hub=client_a, keypair_path=tmp_path / "alice.json")
+    clients = [client_b, client_a]
+    try:
+        alice.send("bob", text="first")
+        wait_until(lambda: got == ["first"], 30, "the first message")
+        alice.close()
+        hub.stop()
+
+        client_a = NetworkHub("127.0.0.1", hub.port, **options)  # type: ignore[arg-type]
+        clients.append(client_a)
+        alice = Agent("alice", hub=client_a, keypair_path=tmp_path / "alice.json")
+        alice.send("bob", text="while the hub was down")
+        assert alice.status()["outbox"] == 1
+        assert alice.flush(0.2) is False
+        carol_hub = NetworkHub("127.0.0.1", hub.port, **options)  # type: ignore[arg-type]
+        clients.append(carol_hub)
+        with pytest.raises(HubUnavailableError):
+            Agent("carol", hub=carol_hub)  # no key file: nothing to queue in
+
+        hub.start()
+        assert alice.flush(60) is True
+        wait_until(lambda: got == ["first", "while the hub was down"], 60, "the queued message")
+    finally:
+        alice.close()
+        bob.close()
+        for client in clients:
+            client.close()
+        hub.stop()
