@@ -74,6 +74,7 @@ from agentmesh.protocol.hub_interface import (
     Hub,
     PipelinedHub,
     PrekeyRefreshingHub,
+    supports,
 )
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
 from agentmesh.state import AgentState, InboxRow, StateLock, state_path_for
@@ -469,7 +470,7 @@ class Agent:
         try:
             hub.register(self)
         except HubUnavailableError as exc:
-            if self._state.path is None or not isinstance(hub, BackgroundRegisteringHub):
+            if self._state.path is None or not supports(hub, BackgroundRegisteringHub):
                 raise
             self.log.warning(
                 "hub unreachable at start (%s); running offline: sends wait in the outbox "
@@ -761,7 +762,7 @@ class Agent:
             assert session is not None
             session = session.copy()
             hub = self.hub
-            limit = hub.envelope_limit(self._id) if isinstance(hub, EnvelopeLimitedHub) else None
+            limit = hub.envelope_limit(self._id) if supports(hub, EnvelopeLimitedHub) else None
             if limit:  # refused before anything is encrypted or committed
                 size = session.envelope_size(len(plaintext), reply=in_reply_to is not None)
                 if size > limit:
@@ -777,7 +778,7 @@ class Agent:
             )
             data = envelope.to_bytes()
             new_record = record.promote(session, replaces=record.active)
-            pipelined = not wait and isinstance(self.hub, PipelinedHub)
+            pipelined = not wait and supports(self.hub, PipelinedHub)
             self._state.commit_sent(
                 recipient_id,
                 new_record.to_bytes(),
@@ -837,7 +838,7 @@ class Agent:
         except Exception:
             self.log.exception("could not sync the state file; %d envelopes wait", len(batch))
             return  # still in the outbox: sent after the next successful sync or login
-        if not isinstance(hub, PipelinedHub):
+        if not supports(hub, PipelinedHub):
             return
         submit = hub.submit
         for data in batch:
@@ -874,7 +875,7 @@ class Agent:
         reconnect). Useful after ``send(..., wait=False)``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait_acked = self.hub.wait_acked if isinstance(self.hub, PipelinedHub) else None
+        wait_acked = self.hub.wait_acked if supports(self.hub, PipelinedHub) else None
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._wait_queue_sent(remaining)
@@ -1578,7 +1579,7 @@ class Agent:
                 return
             self._publish_due = False
         hub = self.hub
-        if not isinstance(hub, PrekeyRefreshingHub):
+        if not supports(hub, PrekeyRefreshingHub):
             return
         try:
             hub.refresh_prekeys(self)

@@ -60,7 +60,12 @@ from agentmesh.errors import (
     PeerNotFoundError,
 )
 from agentmesh.protocol import hub_protocol as hp
-from agentmesh.protocol.hub_interface import BatchEndpoint, DispatchingEndpoint, HubEndpoint
+from agentmesh.protocol.hub_interface import (
+    BatchEndpoint,
+    DispatchingEndpoint,
+    HubEndpoint,
+    supports,
+)
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
 logger = logging.getLogger("agentmesh.hub.client")
@@ -708,7 +713,7 @@ class _Link:
         """Executor thread: drop acknowledged envelopes from the endpoint's outbox."""
         try:
             ids = [message_id for message_id, _ in batch]
-            if isinstance(self.endpoint, BatchEndpoint):
+            if supports(self.endpoint, BatchEndpoint):
                 self.endpoint.envelopes_acked(ids)
             else:
                 for message_id in ids:
@@ -806,7 +811,7 @@ class _Link:
     def _receive_batch(self, batch: list[hp.EnvelopePushed]) -> list[tuple[bytes, bool]]:
         """Hand envelopes to the endpoint; return (message id, may the hub drop it) each."""
         endpoint = self.endpoint
-        if not isinstance(endpoint, BatchEndpoint) or len(batch) == 1:
+        if not supports(endpoint, BatchEndpoint) or len(batch) == 1:
             return [(item.message_id, self._receive(item)) for item in batch]
         try:
             outcomes = endpoint.receive_envelopes([item.envelope for item in batch])
@@ -855,7 +860,7 @@ class _Link:
     def _handle_forever(self) -> None:
         """Handler thread: run the endpoint's handlers whenever messages were committed."""
         endpoint = self.endpoint
-        dispatch = endpoint.dispatch_pending if isinstance(endpoint, DispatchingEndpoint) else None
+        dispatch = endpoint.dispatch_pending if supports(endpoint, DispatchingEndpoint) else None
         while True:
             self._handlers_due.wait()
             self._handlers_due.clear()

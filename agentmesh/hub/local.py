@@ -48,7 +48,7 @@ from agentmesh.hub.store import (
     NewEnvelope,
     StoredEnvelope,
 )
-from agentmesh.protocol.hub_interface import DispatchingEndpoint, HubEndpoint
+from agentmesh.protocol.hub_interface import DispatchingEndpoint, HubEndpoint, supports
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
 log = logging.getLogger("agentmesh.hub.local")
@@ -360,6 +360,7 @@ class LocalHub:
                 return  # offline, or another thread is draining it
             nested = owner == me
             self._draining[agent_id] = me
+        dispatcher = agent if supports(agent, DispatchingEndpoint) and not nested else None
         try:
             after = 0
             while True:
@@ -372,8 +373,8 @@ class LocalHub:
                     after = stored.seq
                     if not self._hand_over(agent, stored):
                         return
-                if isinstance(agent, DispatchingEndpoint) and not nested:
-                    agent.dispatch_pending()
+                if dispatcher is not None:
+                    dispatcher.dispatch_pending()
         finally:
             if not nested:
                 with self._lock:

@@ -15,7 +15,7 @@ No I/O here: these are typing protocols and small value types only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, TypeVar, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +177,20 @@ class DispatchingEndpoint(Protocol):
     def dispatch_pending(self) -> int:
         """Run the handlers for committed, unhandled messages; return how many."""
         ...
+
+
+_C = TypeVar("_C")
+#: (type of the object, capability) -> whether it has it: isinstance against a
+#: runtime-checkable Protocol inspects every member (about 10 µs), and the agent asks
+#: on every send.
+_SUPPORTED: dict[tuple[type, type], bool] = {}
+
+
+def supports(obj: object, capability: type[_C]) -> TypeGuard[_C]:
+    """Whether ``obj`` has ``capability`` (one of the protocols above), decided once
+    per type. Capabilities are methods of the class, so the answer is the type's."""
+    key = (type(obj), capability)
+    found = _SUPPORTED.get(key)
+    if found is None:
+        found = _SUPPORTED[key] = isinstance(obj, capability)
+    return found
