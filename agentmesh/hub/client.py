@@ -1096,21 +1096,7 @@ class NetworkHub:
         Raises AuthFailedError if the id is bound to another key,
         HubUnavailableError if the hub cannot be reached.
         """
-        io = self._thread()
-        agent_id = agent.agent_id
-        self.unregister(agent_id)
-        link = _Link(self, agent, io.loop)
-        with self._lock:
-            self._links[agent_id] = link
-        try:
-            io.run(link.start(), self.connect_timeout + 2 * self.request_timeout)
-        except BaseException:
-            with self._lock:
-                if self._links.get(agent_id) is link:
-                    del self._links[agent_id]
-            with contextlib.suppress(Exception):
-                io.run(link.close(), self.request_timeout)
-            raise
+        self._start_link(agent, background=False)
 
     def register_in_background(self, agent: HubEndpoint) -> None:
         """Like :meth:`register`, but return at once and keep trying to log in while the
@@ -1118,13 +1104,29 @@ class NetworkHub:
         ``deliver`` raises HubUnavailableError (the envelope stays in the agent's
         outbox); the first login publishes the bundle and re-sends the outbox. A
         refusal for good (``AuthFailedError``) ends the attempts and is logged."""
+        self._start_link(agent, background=True)
+
+    def _start_link(self, agent: HubEndpoint, *, background: bool) -> None:
+        """Replace ``agent``'s link with a new one and start it; a link whose start
+        fails is removed and closed."""
         io = self._thread()
         agent_id = agent.agent_id
         self.unregister(agent_id)
         link = _Link(self, agent, io.loop)
         with self._lock:
             self._links[agent_id] = link
-        io.run(link.start(background=True), self.request_timeout)
+        try:
+            io.run(
+                link.start(background=background),
+                self.connect_timeout + 2 * self.request_timeout,
+            )
+        except BaseException:
+            with self._lock:
+                if self._links.get(agent_id) is link:
+                    del self._links[agent_id]
+            with contextlib.suppress(Exception):
+                io.run(link.close(), self.request_timeout)
+            raise
 
     def unregister(self, agent_id: str) -> None:
         """Close ``agent_id``'s connection; the hub keeps its binding and mailbox."""
