@@ -764,33 +764,6 @@ class AgentState:
                 )
         return found
 
-    def commit_received(
-        self,
-        peer_id: str,
-        record: bytes,
-        prekeys: bytes | None,
-        message_id: bytes,
-        payload: bytes,
-        timestamp_ms: int,
-        signature: bytes | None,
-        now_ms: int,
-        *,
-        pin_identity: bytes | None = None,
-        envelope: bytes = b"",
-    ) -> None:
-        """Receive order step 2: session, replay record and inbox row in one transaction."""
-        with self._tx(secret=True) as db:
-            self._write_session(db, peer_id, record, pin_identity, now_ms)
-            if prekeys is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('prekeys', ?)", (prekeys,)
-                )
-            db.execute("INSERT INTO seen (message_id, seen_ms) VALUES (?, ?)", (message_id, now_ms))
-            db.execute(
-                _INSERT_INBOX_SQL,
-                (message_id, peer_id, payload, timestamp_ms, signature, envelope, None),
-            )
-
     def commit_received_batch(
         self,
         records: dict[str, bytes],
@@ -804,7 +777,7 @@ class AgentState:
         ``records``: the newest session record of each sender; ``pins``: identities
         to pin for new peers; ``prekeys``: the prekey secrets if a one-time key was
         consumed; ``messages``: a replay record and an inbox row each, in arrival
-        order (their ``seq`` is ignored). All or nothing, like :meth:`commit_received`.
+        order (their ``seq`` is ignored). All or nothing.
         """
         with self._tx(secret=True) as db:
             for peer_id, identity in pins.items():
