@@ -105,6 +105,12 @@ DEFAULT_EXIT_FLUSH_TIMEOUT_S = 5.0
 _REASON_MAX = 500
 
 
+def text_payload(text: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Version 1's message payload: ``{"type": "message", "text": text, **extra}``
+    (``type=`` in ``extra`` overrides the type)."""
+    return {"type": "message", "text": text, **extra}
+
+
 def handler_retry_delay(attempt: int) -> float:
     """The wait before rerunning a handler after its ``attempt``-th failure (1-based)."""
     return float(min(_HANDLER_RETRY_MAX_S, _HANDLER_RETRY_S * 2 ** (attempt - 1)))
@@ -631,8 +637,7 @@ class Agent:
         ``type=`` overrides the type; every other extra keyword reaches
         ``msg.payload`` (``wait`` is not a payload field: see :meth:`send_payload`).
         """
-        payload: dict[str, Any] = {"type": "message", "text": text}
-        payload.update(kwargs)
+        payload = text_payload(text, kwargs)
         return self.send_payload(recipient_id, payload, wait=wait)
 
     def reply(self, message: Message, text: str = "", **kwargs: Any) -> str:
@@ -640,8 +645,7 @@ class Agent:
         sender with ``in_reply_to`` set to its id (inside the ciphertext). The sender's
         waiting :meth:`request` gets it; if that timed out, the sender's handlers (or
         ``next_message``) do. Returns the reply's message id."""
-        payload: dict[str, Any] = {"type": "message", "text": text}
-        payload.update(kwargs)
+        payload = text_payload(text, kwargs)
         try:
             answered = bytes.fromhex(message.message_id)
         except ValueError as exc:
@@ -666,8 +670,7 @@ class Agent:
         waiter = self._await_reply(message_id)
         reply = None
         try:
-            payload: dict[str, Any] = {"type": "message", "text": text}
-            payload.update(kwargs)
+            payload = text_payload(text, kwargs)
             self._send(peer_id, payload, wait=True, message_id=message_id)
             with self._arrival:
                 self._arrival.wait_for(lambda: waiter.done, timeout)

@@ -51,6 +51,7 @@ from agentmesh.agent import (
     failure_reason,
     handler_failed,
     handler_retry_delay,
+    text_payload,
 )
 from agentmesh.errors import LocalProtocolError, RequestTimeoutError
 
@@ -308,8 +309,7 @@ class AsyncAgent:
         waiter = agent._await_reply(message_id, done)
         deadline = time.monotonic() + timeout
         try:
-            payload: dict[str, Any] = {"type": "message", "text": text}
-            payload.update(kwargs)
+            payload = text_payload(text, kwargs)
             await self._run(agent._send, peer_id, payload, wait=True, message_id=message_id)
             remaining = max(0.0, deadline - time.monotonic())
             try:
