@@ -74,6 +74,7 @@ from agentmesh.protocol.hub_interface import (
     Hub,
     PipelinedHub,
     PrekeyRefreshingHub,
+    RoutingHub,
     supports,
 )
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
@@ -862,9 +863,13 @@ class Agent:
             )
 
     def _transmit(self, message_id: bytes, data: bytes) -> None:
-        assert self.hub is not None
+        hub = self.hub
+        assert hub is not None
         try:
-            self.hub.deliver(data)
+            if supports(hub, RoutingHub):
+                hub.route(data)  # the recipient's verdict stays the recipient's
+            else:
+                hub.deliver(data)
         except HubUnavailableError as exc:
             self.log.warning("hub unreachable; message kept in the outbox for resend: %s", exc)
             return

@@ -129,6 +129,20 @@ class PipelinedHub(Protocol):
 
 
 @runtime_checkable
+class RoutingHub(Protocol):
+    """A synchronous hub that hands an envelope to its recipient inside the call
+    (:class:`~agentmesh.LocalHub`) and keeps the recipient's verdict to itself."""
+
+    def route(self, envelope: bytes) -> None:
+        """Queue one envelope and hand it over; raises only the sender's errors."""
+        ...
+
+    def queued_count(self) -> int:
+        """Envelopes queued for recipients that have not taken them yet."""
+        ...
+
+
+@runtime_checkable
 class EnvelopeLimitedHub(Protocol):
     """A hub that announces the largest envelope it accepts (the network hub's HELLO)."""
 

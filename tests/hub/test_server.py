@@ -258,7 +258,7 @@ def test_online_delivery_in_order(shared_hub: HubProcess, clients: Any) -> None:
     anonymous = clients(shared_hub)
     assert bob.agent_id in anonymous.list_agents()
     assert anonymous.stats()["online"] >= 2
-    assert isinstance(anonymous.message_count(), int)
+    assert isinstance(anonymous.queued_count(), int)
 
 
 def fan_in(hub: NetworkHub, senders: int, each: int) -> None:
@@ -324,7 +324,7 @@ def test_store_and_forward_across_a_hub_kill(start_hub: Any, clients: Any) -> No
     bob_again = clients(hub_proc)
     bob_again.register(bob)
     wait_until(bob.got(len(sent)))
-    wait_until(lambda: bob_again.message_count() == 0)  # all acknowledged and deleted
+    wait_until(lambda: bob_again.queued_count() == 0)  # all acknowledged and deleted
     assert bob.received == sent  # every message once, FIFO
 
 
@@ -640,7 +640,7 @@ def test_expired_envelopes_are_not_delivered(start_hub: Any, clients: Any) -> No
     bob_hub.close()
     alice.send(hub, bob.agent_id)
     wait_until(lambda: "purged 1 expired envelopes" in hub_proc.log())
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     clients(hub_proc).register(bob)
     fresh = alice.send(hub, bob.agent_id)
     wait_until(bob.got(1))
@@ -746,7 +746,7 @@ def test_database_holds_no_plaintext(start_hub: Any, tmp_path: Path) -> None:
         bob.close()
         alice = Agent("alice", hub=alice_hub)
         alice.send("bob", marker, note=marker)
-        assert alice_hub.message_count() == 1
+        assert alice_hub.queued_count() == 1
         # While stored (bob offline) and after delivery, no trace of the plaintext.
         assert hub_proc.db is not None
         stored = b"".join(p.read_bytes() for p in hub_proc.db.parent.glob(hub_proc.db.name + "*"))
