@@ -690,6 +690,34 @@ def test_tls_round_trip(start_hub: Any, clients: Any, tmp_path: Path) -> None:
         clients(hub_proc, tls=True, connect_timeout=2.0).register(FakeEndpoint(unique("x")))
 
 
+def test_tls_ca_file_path_between_real_agents(
+    start_hub: Any, tmp_path: Path, keydir: Path, agents: Any
+) -> None:
+    """README's self-signed deployment: ``NetworkHub(..., tls="hub.crt")`` trusts that file."""
+    cert, key = _self_signed(tmp_path)
+    hub_proc = start_hub("--tls-cert", str(cert), "--tls-key", str(key))
+    with (
+        NetworkHub("localhost", hub_proc.port, tls=str(cert)) as hub_a,
+        NetworkHub("localhost", hub_proc.port, tls=cert) as hub_b,
+    ):
+        got: list[str] = []
+        bob = agents("bob", hub=hub_b, keypair_path=keydir / "bob.json")
+        bob.on_message(lambda m: got.append(m.text))
+        alice = agents("alice", hub=hub_a, keypair_path=keydir / "alice.json")
+        alice.send("bob", text="over TLS")
+        wait_until(lambda: got == ["over TLS"])
+
+
+def test_tls_ca_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.crt"
+    with pytest.raises(ConfigurationError, match=r"nope\.crt"):
+        NetworkHub("localhost", 7700, tls=str(missing))
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ConfigurationError, match=r"garbage\.crt"):
+        NetworkHub("localhost", 7700, tls=garbage)
+
+
 def test_wildcard_hub_without_a_name_derives_names_and_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
