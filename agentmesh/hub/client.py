@@ -66,6 +66,7 @@ from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
     HubEndpoint,
+    RefusalAwareEndpoint,
     supports,
 )
 from agentmesh.wire.envelope import Envelope, decode_envelope
@@ -555,11 +556,13 @@ class _Link:
         results = await asyncio.gather(
             *(self._send_on(wire, data) for data in outbox), return_exceptions=True
         )
-        for result in results:
+        for data, result in zip(outbox, results, strict=True):
             if isinstance(result, HubUnavailableError):
                 raise result
             if isinstance(result, BaseException):
                 logger.warning("%s: outbox envelope refused by the hub: %s", self.agent_id, result)
+                if isinstance(result, Exception):
+                    await self._refused(decode_envelope(data).message_id, result)
                 continue
             await self._call(self.endpoint.envelope_acked, result)
         logger.info("%s: re-sent %d outbox envelopes", self.agent_id, len(outbox))
@@ -708,12 +711,21 @@ class _Link:
             self.loop.call_later(delay, self._send_pipelined, wire, data, message_id)
             return
         logger.warning(
-            "%s: the hub refused envelope %s (%r); it stays in the outbox",
-            self.agent_id,
-            message_id.hex(),
-            event.code,
+            "%s: the hub refused envelope %s (%r)", self.agent_id, message_id.hex(), event.code
         )
+        error = hub_error(event.code, event.text, decode_envelope(data).recipient)
+        task = self.loop.create_task(self._refused(message_id, error))
+        self.hub.tasks.add(task)
+        task.add_done_callback(self.hub.tasks.discard)
         self._resolve(1)
+
+    async def _refused(self, message_id: bytes, error: Exception) -> None:
+        """Tell the endpoint the hub refused an outbox envelope (it may dead-letter it)."""
+        if supports(self.endpoint, RefusalAwareEndpoint):
+            try:
+                await self._call(self.endpoint.envelope_refused, message_id, error)
+            except Exception:
+                logger.exception("%s: recording a refusal failed", self.agent_id)
 
     def _queue_ack(self, message_id: bytes, counted: bool) -> None:
         if not self._acked_ids:

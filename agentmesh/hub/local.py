@@ -48,7 +48,12 @@ from agentmesh.hub.store import (
     NewEnvelope,
     StoredEnvelope,
 )
-from agentmesh.protocol.hub_interface import DispatchingEndpoint, HubEndpoint, supports
+from agentmesh.protocol.hub_interface import (
+    DispatchingEndpoint,
+    HubEndpoint,
+    RefusalAwareEndpoint,
+    supports,
+)
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
 log = logging.getLogger("agentmesh.hub.local")
@@ -267,7 +272,12 @@ class LocalHub:
         for data in outbox:
             try:
                 envelope = self._submit(data)
-            except (HubError, CryptoError, DecodeError, ValueError) as exc:
+            except (HubError, PeerNotFoundError) as exc:
+                log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
+                if supports(agent, RefusalAwareEndpoint):
+                    agent.envelope_refused(decode_envelope(data).message_id, exc)
+                continue
+            except (CryptoError, DecodeError, ValueError) as exc:
                 log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
                 continue
             agent.envelope_acked(envelope.message_id)  # stored: drop it from the outbox

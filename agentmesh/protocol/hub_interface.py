@@ -185,6 +185,18 @@ class BatchEndpoint(Protocol):
 
 
 @runtime_checkable
+class RefusalAwareEndpoint(Protocol):
+    """An endpoint that wants to hear when the hub refused an envelope of its outbox,
+    so that a refusal no resend can cure does not block the outbox for ever."""
+
+    def envelope_refused(self, message_id: bytes, error: Exception) -> None:
+        """The hub refused the envelope ``message_id`` with ``error`` (a ``HubError``
+        carrying its code, or ``PeerNotFoundError``); the endpoint decides whether to
+        keep it for a resend or to move it out of the outbox."""
+        ...
+
+
+@runtime_checkable
 class DispatchingEndpoint(Protocol):
     """An endpoint whose message handlers a hub runs after handing envelopes over."""
 

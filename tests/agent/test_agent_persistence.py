@@ -114,7 +114,7 @@ def test_hub_db_persistence_across_restart(tmp_path, keydir) -> None:
 
 
 class FlakyHub(LocalHub):
-    """A LocalHub whose deliver can be made to fail as if the network were down."""
+    """A LocalHub whose deliver and route can be made to fail as if the network were down."""
 
     down = False
 
@@ -122,6 +122,11 @@ class FlakyHub(LocalHub):
         if self.down:
             raise HubUnavailableError("hub is down (test)")
         super().deliver(envelope)
+
+    def route(self, envelope) -> None:
+        if self.down:
+            raise HubUnavailableError("hub is down (test)")
+        super().route(envelope)
 
 
 def test_outbox_is_resent_after_restart(keydir) -> None:
