@@ -59,9 +59,11 @@ from agentmesh.errors import (
     HubError,
     HubUnavailableError,
     IdentityChangedError,
+    InvalidKeyError,
     LocalProtocolError,
     MessageTooLargeError,
     NoHubError,
+    NoSessionError,
     PeerNotFoundError,
     ReplayError,
     RequestTimeoutError,
@@ -106,6 +108,13 @@ DEFAULT_EXIT_FLUSH_TIMEOUT_S = 5.0
 #: How long an envelope may wait in the outbox before it is dead-lettered as expired
 #: (the hub's own default TTL: the hub would have dropped it by then).
 DEFAULT_OUTBOX_TTL_S = 7 * 24 * 3600.0
+#: A session notice (see Agent._send_session_notices): at most one per sender this often.
+_NOTICE_INTERVAL_MS = 60_000
+_NOTICE_PEERS_MAX = 10_000
+_SESSION_NOTICE: dict[str, Any] = {
+    "type": "agentmesh.session_notice",
+    "text": "your message could not be opened here: start a new session",
+}
 #: Hub refusals of an envelope that no resend can cure: it leaves the outbox at once.
 _UNCURABLE_REFUSALS = frozenset({"too_large", "bad_envelope", "forged_sender"})
 #: How much of a failing handler's error a dead letter keeps.
@@ -410,6 +419,8 @@ class Agent:
         if not outbox_ttl_s > 0:
             raise ConfigurationError("outbox_ttl_s must be positive")
         self._outbox_ttl_ms = int(outbox_ttl_s * 1000)
+        #: When each sender last got a session notice (see _send_session_notices).
+        self._notices: dict[str, int] = {}
         self._exit_hook: Callable[[], None] | None = None
         self._handlers: list[Handler] = []
         #: Parsed session records by peer, as last committed (saves a parse per message).
@@ -534,38 +545,58 @@ class Agent:
     def trust(self, peer_id: str, fingerprint: str) -> None:
         """Accept a peer's new identity key after verifying ``fingerprint`` out of band.
 
-        Replaces the pin and drops the old sessions; messages held back by
-        :class:`IdentityChangedError` are then delivered (the hub redelivers them).
-        Raises ValueError if ``fingerprint`` matches neither the pending nor the pinned key.
+        The new key is the one the peer last presented (recorded when
+        :class:`IdentityChangedError` was raised) or, if it matches neither that nor
+        the pinned one, the one the hub now holds for the peer (after an operator
+        released the id for a lost key, say, before the peer wrote). Replaces the pin
+        and drops the old sessions; messages held back by IdentityChangedError are then
+        delivered (the hub redelivers them), and outbox envelopes sealed for the old
+        key move to :meth:`dead_letters`. Raises ValueError if ``fingerprint`` matches
+        none of these keys (nothing changes), PeerNotFoundError if the peer is unknown.
         """
         peer_id = validate_agent_id(peer_id)
+        wanted = fingerprint.strip().lower().encode()
         pinned = self._state.pinned_identity(peer_id)
         if pinned is None:
             raise ValueError(f"No identity known for peer {peer_id!r}")
         current, pending = pinned
-        for candidate in (pending, current):
-            if candidate is None:
-                continue
-            identity = PublicIdentity.decode(candidate)
-            if p.constant_time_equal(
-                identity.fingerprint.encode(), fingerprint.strip().lower().encode()
+        matched = self._matching_identity(wanted, pending, current)
+        if matched is None and self.hub is not None:
+            try:
+                offered = self._fetch_bundle(peer_id).identity.encode()  # verified
+            except (HubUnavailableError, PeerNotFoundError, CryptoError, DecodeError) as exc:
+                self.log.info("could not read %s's identity on the hub: %s", peer_id, exc)
+            else:
+                if self._matching_identity(wanted, offered) is not None:
+                    matched = pending = offered
+        if matched is None:
+            raise ValueError(
+                f"Fingerprint {fingerprint!r} does not match any identity of {peer_id!r}"
+            )
+        if matched is current and matched is not pending:
+            return  # already the pinned key
+        with self._lock:
+            self._state.repin(peer_id, matched, self._clock())
+            self._records.pop(peer_id, None)
+            # Sealed for the key just replaced: the trusted one can never read them,
+            # so they must not wait in the outbox.
+            self._dead_letter_sent(
+                self._state.outbox_to(peer_id),
+                f"identity_changed: sealed for {peer_id}'s previous identity key; send it again",
+            )
+        self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
+        if self.hub is not None:
+            self.hub.register(self)  # redeliver what was held back
+
+    @staticmethod
+    def _matching_identity(wanted: bytes, *candidates: bytes | None) -> bytes | None:
+        """The first encoded identity among ``candidates`` whose fingerprint is ``wanted``."""
+        for candidate in candidates:
+            if candidate is not None and p.constant_time_equal(
+                PublicIdentity.decode(candidate).fingerprint.encode(), wanted
             ):
-                with self._lock:
-                    if candidate is pending:
-                        self._state.repin(peer_id, candidate, self._clock())
-                        self._records.pop(peer_id, None)
-                        # Sealed for the key just replaced: the trusted one can never
-                        # read them, so they must not wait in the outbox.
-                        self._dead_letter_sent(
-                            self._state.outbox_to(peer_id),
-                            f"identity_changed: sealed for {peer_id}'s previous identity "
-                            f"key; send it again",
-                        )
-                self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
-                if self.hub is not None and candidate is pending:
-                    self.hub.register(self)  # redeliver what was held back
-                return
-        raise ValueError(f"Fingerprint {fingerprint!r} does not match any identity of {peer_id!r}")
+                return candidate
+        return None
 
     # -- handlers ---------------------------------------------------------
 
@@ -768,8 +799,12 @@ class Agent:
         wait: bool,
         in_reply_to: bytes | None = None,
         message_id: bytes | None = None,
+        control: bool = False,
     ) -> bytes:
-        """:meth:`send_payload`, optionally as a reply or with a chosen id; returns the id."""
+        """:meth:`send_payload`, optionally as a reply, a control message (for the peer
+        agent, not its handlers) or with a chosen id; returns the id. A control message
+        always starts a new session (from a fresh bundle), which any holder of the
+        peer's current identity can open; the old sessions stay archived."""
         if self.hub is None:
             raise NoHubError()
         recipient_id = validate_agent_id(recipient_id)
@@ -778,8 +813,8 @@ class Agent:
         plaintext = encode_payload(payload)
         self._maintain_prekeys_if_due()
         self._publish_prekeys()
-        with self._locked_with_bundle(recipient_id) as bundle:
-            record, pin = self._sending_record(recipient_id, bundle)
+        with self._locked_with_bundle(recipient_id, fresh=control) as bundle:
+            record, pin = self._sending_record(recipient_id, bundle, fresh=control)
             session = record.active
             assert session is not None
             session = session.copy()
@@ -797,6 +832,7 @@ class Agent:
                 message_id=message_id,
                 timestamp_ms=self._clock(),
                 in_reply_to=in_reply_to,
+                control=control,
             )
             data = envelope.to_bytes()
             new_record = record.promote(session, replaces=record.active)
@@ -946,12 +982,14 @@ class Agent:
         return bundle.verify()
 
     @contextlib.contextmanager
-    def _locked_with_bundle(self, peer_id: str) -> Iterator[PrekeyBundle | None]:
+    def _locked_with_bundle(
+        self, peer_id: str, *, fresh: bool = False
+    ) -> Iterator[PrekeyBundle | None]:
         """Hold the lock with either a session that can send to ``peer_id`` or a fresh
-        bundle of the peer's (then yielded). The bundle is fetched with no lock held,
-        since the hub may call back into agents; if the session vanished meanwhile
-        (``trust()`` dropped it), a bundle is fetched after all."""
-        bundle = None if self._can_send_to(peer_id) else self._fetch_bundle(peer_id)
+        bundle of the peer's (then yielded; always, if ``fresh``). The bundle is fetched
+        with no lock held, since the hub may call back into agents; if the session
+        vanished meanwhile (``trust()`` dropped it), a bundle is fetched after all."""
+        bundle = None if self._can_send_to(peer_id) and not fresh else self._fetch_bundle(peer_id)
         while True:
             with self._lock:
                 if bundle is not None or self._can_send_to(peer_id):
@@ -960,18 +998,19 @@ class Agent:
             bundle = self._fetch_bundle(peer_id)
 
     def _sending_record(
-        self, peer_id: str, bundle: PrekeyBundle | None
+        self, peer_id: str, bundle: PrekeyBundle | None, *, fresh: bool = False
     ) -> tuple[SessionRecord, bytes | None]:
         """The peer's session record with an active session that can send.
 
-        Starts a new session from ``bundle`` if there is none. Returns the record
-        and the identity to pin (None if already pinned). Call with the lock held.
+        Starts a new session from ``bundle`` if there is none (or, if ``fresh``, in any
+        case). Returns the record and the identity to pin (None if already pinned).
+        Call with the lock held.
         """
         record = self._record(peer_id) or SessionRecord()
         pinned = self._state.pinned_identity(peer_id)
         if pinned is not None and pinned[1] is not None:
             self._raise_identity_changed(peer_id, pinned[0], pinned[1])
-        if record.active is not None and record.active.ratchet.can_send:
+        if not fresh and record.active is not None and record.active.ratchet.can_send:
             return record, None
         assert bundle is not None  # _locked_with_bundle: a sending session or a bundle
         pin = self._check_pin(peer_id, bundle.identity)
@@ -1135,6 +1174,37 @@ class Agent:
         finally:
             self._publish_prekeys()  # a consumed one-time key may need replacing
             self._notify_arrival()
+
+    def unreadable_envelope(self, sender: str, error: Exception) -> None:
+        """The hub delivered an envelope from ``sender`` that this agent refused with
+        ``error``. If no session here could open it, tell the sender (a session notice).
+
+        That happens when the sender holds a session (or a bundle) of an identity this
+        id no longer has: our key was lost and the id re-registered, or we lost our
+        state. The notice is a control message in a fresh session (a PQXDH initial
+        message), so the sender learns our current identity: a sender that pinned the
+        old one gets IdentityChangedError naming both fingerprints (and can trust() the
+        new one); a sender whose pin matches simply continues in the new session. Only
+        hubs call this, for envelopes whose sender they authenticated (a network hub
+        refuses envelopes not from the logged-in agent); envelopes handed straight to
+        :meth:`receive_envelopes` never cause one. At most one notice per sender per
+        minute. Called with no lock held.
+        """
+        if self.hub is None or not isinstance(error, NoSessionError | InvalidKeyError):
+            return
+        now = self._clock()
+        if sender == self._id:
+            return
+        if now - self._notices.get(sender, -_NOTICE_INTERVAL_MS) < _NOTICE_INTERVAL_MS:
+            return
+        if len(self._notices) >= _NOTICE_PEERS_MAX:
+            self._notices.clear()  # a bound, not a cache: forgetting allows one more
+        self._notices[sender] = now
+        try:
+            self._send(sender, _SESSION_NOTICE, wait=False, control=True)
+            self.log.info("told %s that its messages cannot be opened here", sender)
+        except Exception as exc:  # the sender may be gone, or its identity changed
+            self.log.info("could not send a session notice to %s: %s", sender, exc)
 
     def _notify_arrival(self) -> None:
         """Run due reply callbacks and tell the arrival listeners (call with no lock
@@ -1322,6 +1392,7 @@ class Agent:
                 message.signature,
                 bytes(data),
                 message.in_reply_to,
+                message.control,
             )
         )
         return DeliveryReport(accepted=True)
@@ -1507,6 +1578,12 @@ class Agent:
             raise LocalProtocolError(f"no dead letter with id {message_id!r}")
 
     # -- hub endpoint plumbing --------------------------------------------
+
+    @property
+    def ephemeral_identity(self) -> bool:
+        """No key file: the identity dies with this object, so hubs bind the id
+        ephemerally (another key may take it once this agent is disconnected)."""
+        return self._state.path is None
 
     @property
     def signing_public_key(self) -> bytes:

@@ -66,7 +66,9 @@ from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
     HubEndpoint,
+    NoticingEndpoint,
     RefusalAwareEndpoint,
+    is_ephemeral,
     supports,
 )
 from agentmesh.wire.envelope import Envelope, decode_envelope
@@ -396,6 +398,8 @@ class _Link:
         #: Loop thread: acknowledged message ids for the endpoint, and whether each was
         #: a pipelined send (counted in ``_in_flight``).
         self._acked_ids: list[tuple[bytes, bool]] = []
+        #: (sender, error) of pushed envelopes the endpoint refused (dispatcher thread).
+        self._unreadable: list[tuple[str, Exception]] = []
         self._write_pending = False
         self._upload_lock = asyncio.Lock()
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -502,10 +506,14 @@ class _Link:
         wire = await hub.open_wire(self._on_event)
         try:
             conn = wire.conn
-            signature = await self._call(endpoint.sign_login, conn.login_challenge(self.agent_id))
+            ephemeral = is_ephemeral(endpoint)
+            challenge = conn.login_challenge(self.agent_id, ephemeral=ephemeral)
+            signature = await self._call(endpoint.sign_login, challenge)
             bundle = await self._call(endpoint.prekey_bundle_bytes)
             wire.require_open()
-            rid = conn.login(self.agent_id, endpoint.signing_public_key, signature, bundle)
+            rid = conn.login(
+                self.agent_id, endpoint.signing_public_key, signature, bundle, ephemeral=ephemeral
+            )
             _expect(await wire.request(rid, hub.request_timeout), hp.LoginAccepted)
             self.wire = wire
             self.envelope_limit = conn.max_envelope_bytes
@@ -832,6 +840,7 @@ class _Link:
                 since_dispatch += len(batch)
                 with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
                     self.loop.call_soon_threadsafe(self._processed_batch, results)
+                self._report_unreadable()
             if follow is None and (since_dispatch >= _DISPATCH_EVERY or self._inbox.empty()):
                 since_dispatch = 0
                 self._run_handlers()
@@ -874,12 +883,27 @@ class _Link:
             logger.warning(
                 "%s: dropping envelope %s: %s", self.agent_id, item.message_id.hex(), exc
             )
+            if isinstance(exc, CryptoError):
+                with contextlib.suppress(DecodeError):
+                    self._unreadable.append((decode_envelope(item.envelope).sender, exc))
         except Exception:
             logger.exception(
                 "%s: receiving envelope %s failed", self.agent_id, item.message_id.hex()
             )
             return False  # left on the hub; redelivered after the next login
         return True
+
+    def _report_unreadable(self) -> None:
+        """Dispatcher thread, after the batch's acks were handed to the loop: tell the
+        endpoint who sent what it refused (the hub vouched for each sender: it refuses
+        envelopes that are not from the logged-in agent)."""
+        reports, self._unreadable = self._unreadable, []
+        if reports and supports(self.endpoint, NoticingEndpoint):
+            for sender, error in reports:
+                try:
+                    self.endpoint.unreadable_envelope(sender, error)
+                except Exception:
+                    logger.exception("%s: reporting a refused envelope failed", self.agent_id)
 
     def _run_handlers(self) -> None:
         """Dispatcher thread: let the handler thread run the handlers (never waits)."""
