@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL schema for tests that run on both SQLite and PostgreSQL.
 
 ``AGENTMESH_TEST_PG`` overrides the server URL. Without the psycopg driver or
-a reachable server, tests that ask for PostgreSQL are skipped with the reason.
+a reachable server, tests that ask for PostgreSQL are skipped with the reason,
+unless ``AGENTMESH_REQUIRE_POSTGRES=1`` (``.ci/run`` sets it): then they fail.
 """
 
 from __future__ import annotations
@@ -36,12 +37,20 @@ def pg_unavailable() -> str | None:
     return None
 
 
+def require_pg() -> None:
+    """Skip the calling test without PostgreSQL, or fail it if CI requires PostgreSQL."""
+    reason = pg_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("AGENTMESH_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason} (AGENTMESH_REQUIRE_POSTGRES=1)")
+    pytest.skip(reason)
+
+
 @contextmanager
 def fresh_pg_schema() -> Iterator[str]:
     """Yield a URL whose search_path is a new, empty schema; drop it afterwards (or skip)."""
-    reason = pg_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_pg()
     schema = f"t_{uuid.uuid4().hex[:16]}"
     admin = create_engine(PG_URL)
     with admin.begin() as conn:

@@ -1,0 +1,115 @@
+"""``agentmesh-hub --metrics-port``: /metrics after real traffic, /healthz, JSON logs.
+
+Real ``agentmesh-hub`` subprocesses and real agents; the counters are read from
+the HTTP endpoint as Prometheus would. Waits are bounded polls.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from agentkit import alice_and_bob
+from hubproc import RawClient, wait_until
+from opskit import ScriptHub, drop_pg_database, fresh_pg_database, http_get, metric
+from sqlalchemy import make_url
+
+from agentmesh.crypto.identity import IdentityKeyPair
+from agentmesh.protocol import hub_protocol as hp
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def scrape(hub: ScriptHub) -> str:
+    status, body = http_get(hub.metrics_port, "/metrics")
+    assert status == 200
+    return body
+
+
+def test_metrics_after_real_traffic_and_json_logs(tmp_path: Path) -> None:
+    hub = ScriptHub(tmp_path, "--metrics-port", "0", "--log-format", "json").start()
+    try:
+        with hub.client() as client:
+            alice, bob, inbox = alice_and_bob(client, tmp_path)
+            alice.send("bob", text="hello")
+            wait_until(lambda: inbox.texts == ["hello"])
+            wait_until(
+                lambda: metric(scrape(hub), "agentmesh_envelopes_delivered_total") == 1,
+                what="bob's ack counted",
+            )
+            body = scrape(hub)
+            assert metric(body, "agentmesh_envelopes_accepted_total") == 1
+            assert metric(body, 'agentmesh_logins_total{kind="new"}') == 2
+            assert metric(body, "agentmesh_connected_agents") == 2
+            assert metric(body, "agentmesh_bound_agents") == 2
+            assert metric(body, "agentmesh_database_up") == 1
+            assert metric(body, "agentmesh_commit_seconds_count") >= 1
+            assert metric(body, "agentmesh_connections_total") >= 2
+            wait_until(lambda: metric(scrape(hub), "agentmesh_queue_depth") == 0)
+
+            bob.close()  # offline: the next message waits in the queue
+            wait_until(lambda: metric(scrape(hub), "agentmesh_connected_agents") == 1)
+            alice.send("bob", text="later")
+            body = scrape(hub)
+            assert metric(body, "agentmesh_queue_depth") == 1
+            assert metric(body, "agentmesh_envelopes_accepted_total") == 2
+
+            # Someone else's key for alice: refused, counted by reason.
+            raw = RawClient(hub.port)
+            refused = raw.login("alice", IdentityKeyPair.generate())
+            raw.close()
+            assert isinstance(refused, hp.ErrorReceived | hp.ConnectionFailed)
+            mismatch = 'agentmesh_login_failures_total{reason="identity_mismatch"}'
+            wait_until(lambda: metric(scrape(hub), mismatch) == 1)
+            alice.close()
+        assert "agentmesh_hub_info{" in body and "process_cpu_seconds_total" in body
+        status, text = http_get(hub.metrics_port, "/nothing-here")
+        assert status == 404 and "/metrics" in text
+    finally:
+        hub.stop()
+
+    # --log-format json: every line of the hub's log is one JSON object.
+    lines = hub.log().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert any(re.match(r"alice logged in from ", r["msg"]) for r in records)
+    assert any("login refused for 'alice'" in r["msg"] for r in records)
+
+
+def test_healthz_answers_503_once_the_database_is_gone(tmp_path: Path) -> None:
+    """PostgreSQL: the hub's database dropped (its connections terminated) under it."""
+    with fresh_pg_database() as url:
+        hub = ScriptHub(tmp_path, "--metrics-port", "0", db=url).start()
+        try:
+            assert http_get(hub.metrics_port, "/healthz") == (200, "ok\n")
+            drop_pg_database(str(make_url(url).database))
+            status, text = http_get(hub.metrics_port, "/healthz")
+            assert status == 503, text
+            assert "database unreachable" in text and "postgres" not in text.lower()
+            body = scrape(hub)  # the metrics still answer, and say why
+            assert metric(body, "agentmesh_database_up") == 0
+            assert "agentmesh_queue_depth " not in body
+        finally:
+            hub.stop()
+
+
+def test_healthz_on_sqlite(tmp_path: Path) -> None:
+    hub = ScriptHub(tmp_path, "--metrics-port", "0").start()
+    try:
+        assert http_get(hub.metrics_port, "/healthz") == (200, "ok\n")
+    finally:
+        hub.stop()
+
+
+def test_metrics_port_without_prometheus_client_exits_2(tmp_path: Path) -> None:
+    """prometheus_client made unimportable (a shadowing package), as without the extra."""
+    shadow = tmp_path / "shadow" / "prometheus_client"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named prometheus_client')\n")
+    hub = ScriptHub(tmp_path, "--metrics-port", "0")
+    hub.env["PYTHONPATH"] = str(tmp_path / "shadow")
+    assert hub.run_to_exit() == 2
+    assert 'pip install "agentmesh[metrics]"' in hub.log()
+    assert "Traceback" not in hub.log()
