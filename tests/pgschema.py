@@ -1,8 +1,7 @@
 """A throwaway PostgreSQL schema for tests that run on both SQLite and PostgreSQL.
 
 ``AGENTMESH_TEST_PG`` overrides the server URL. Without the psycopg driver or
-a reachable server, tests that ask for PostgreSQL are skipped with the reason,
-unless ``AGENTMESH_REQUIRE_POSTGRES=1`` (``.ci/run`` sets it): then they fail.
+a reachable server, tests that ask for PostgreSQL are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ def pg_unavailable() -> str | None:
 
 
 def require_pg() -> None:
-    """Skip the calling test without PostgreSQL, or fail it if CI requires PostgreSQL."""
+    """Skip the calling test without PostgreSQL; fail it instead under
+    ``AGENTMESH_REQUIRE_POSTGRES=1``, which ``.ci/run`` sets."""
     reason = pg_unavailable()
     if reason is None:
         return
