@@ -375,9 +375,13 @@ class OpsEndpoint:
             max_workers=1, thread_name_prefix="agentmesh-hub-health"
         )
         server_class = _Server6 if ":" in host else _Server
-        self._httpd = make_server(
-            host, port, self._app, server_class=server_class, handler_class=_QuietHandler
-        )
+        try:
+            self._httpd = make_server(
+                host, port, self._app, server_class=server_class, handler_class=_QuietHandler
+            )
+        except OSError as exc:
+            self._checker.shutdown(wait=False)
+            raise OSError(exc.errno, f"metrics port {host}:{port}: {exc.strerror}") from exc
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,

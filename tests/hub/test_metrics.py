@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -112,4 +113,15 @@ def test_metrics_port_without_prometheus_client_exits_2(tmp_path: Path) -> None:
     hub.env["PYTHONPATH"] = str(tmp_path / "shadow")
     assert hub.run_to_exit() == 2
     assert 'pip install "agentmesh[metrics]"' in hub.log()
+    assert "Traceback" not in hub.log()
+
+
+def test_metrics_port_in_use_exits_1_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        hub = ScriptHub(tmp_path, "--metrics-port", str(port))
+        assert hub.run_to_exit() == 1
+    assert f"metrics port 127.0.0.1:{port}" in hub.log()
     assert "Traceback" not in hub.log()
