@@ -125,3 +125,50 @@ def test_metrics_port_in_use_exits_1_naming_it(tmp_path: Path) -> None:
         assert hub.run_to_exit() == 1
     assert f"metrics port 127.0.0.1:{port}" in hub.log()
     assert "Traceback" not in hub.log()
+
+
+def test_hooks_count_what_they_are_named() -> None:
+    """The Prometheus hooks in process: labels, login refusals by the protocol, commits."""
+    from agentmesh.hub.metrics import LOGIN_REFUSALS, PrometheusHubMetrics
+    from agentmesh.hub.store import EnqueueResult, EnqueueStatus
+
+    m = PrometheusHubMetrics()
+
+    def value(name: str, **labels: str) -> float:
+        found = m.registry.get_sample_value(name, labels)
+        return 0.0 if found is None else found
+
+    for status in EnqueueStatus:
+        m.send_committed(EnqueueResult(status, 1 if status is EnqueueStatus.STORED else None))
+    m.send_committed(OSError("disk full"))
+    assert value("agentmesh_envelopes_accepted_total") == 1
+    assert value("agentmesh_envelopes_duplicate_total") == 1
+    assert value("agentmesh_envelopes_refused_total", reason="mailbox_full") == 1
+    assert value("agentmesh_envelopes_refused_total", reason="unknown_recipient") == 1
+    assert value("agentmesh_envelopes_refused_total", reason="error") == 1
+
+    for code in sorted(LOGIN_REFUSALS):
+        m.connection_error(code, by_peer=False, logged_in=False)
+        assert value("agentmesh_login_failures_total", reason=code) == 1
+    m.connection_error("bad_frame", by_peer=False, logged_in=True)
+    m.connection_error("wrong_hub", by_peer=True, logged_in=False)  # the peer's, not a login
+    assert value("agentmesh_login_failures_total", reason="wrong_hub") == 1
+    assert value("agentmesh_connection_errors_total", code="bad_frame", side="hub") == 1
+    assert value("agentmesh_connection_errors_total", code="wrong_hub", side="peer") == 1
+
+    m.commit(0.002, 3, ok=True)
+    m.commit(0.2, 1, ok=False)
+    assert value("agentmesh_commit_seconds_count") == 2
+    assert value("agentmesh_commit_seconds_bucket", le="0.0025") == 1
+    assert value("agentmesh_commit_batch_envelopes_sum") == 4
+    assert value("agentmesh_store_errors_total", operation="commit") == 1
+    m.login_succeeded(new=False)
+    m.delivered(5)
+    m.purged(2)
+    m.connection_refused("too_many_connections")
+    m.request_rejected("rate_limited")
+    assert value("agentmesh_logins_total", kind="returning") == 1
+    assert value("agentmesh_envelopes_delivered_total") == 5
+    assert value("agentmesh_envelopes_purged_total") == 2
+    assert value("agentmesh_connections_refused_total", reason="too_many_connections") == 1
+    assert value("agentmesh_requests_rejected_total", code="rate_limited") == 1
