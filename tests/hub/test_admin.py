@@ -173,3 +173,11 @@ def test_admin_on_postgresql(tmp_path: Path) -> None:
         assert "dropped 0 queued envelopes" in released.stdout
         empty = hub_cli("admin", "agents", "--db", url, cwd=tmp_path)
         assert empty.stdout.strip() == "no agent is bound on this hub"
+
+
+def test_admin_on_an_unreachable_database_exits_2(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens on port 1
+    result = hub_cli("admin", "stats", "--db", url, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot use the database {url}" in result.stderr
+    assert "Traceback" not in result.stderr
