@@ -38,6 +38,7 @@ EXPECTED_ALL = [
     "NetworkHub",
     "NetworkHubServer",
     "NoHubError",
+    "OutboxEntry",
     "PayloadError",
     "PeerNotFoundError",
     "RemoteProtocolError",
