@@ -46,6 +46,8 @@ from agentmesh.keyfile import load_or_create_key_file
 from agentmesh.state import StateLock, state_path_for
 
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+#: How long keygen waits for the hub to take the new agent's login.
+_REGISTER_TIMEOUT_S = 10.0
 
 
 # -- output -------------------------------------------------------------------
@@ -241,7 +243,8 @@ def keygen(settings: Settings) -> None:
     """Create the key file (mode 0600) and print its fingerprint.
 
     Refuses to replace an existing key file. With --passphrase-env the file is
-    encrypted (scrypt + AES-GCM) with that variable's value.
+    encrypted (scrypt + AES-GCM) with that variable's value. With --hub the new
+    agent also registers there, so that peers can write to it at once.
     """
     path = settings.key_path
     passphrase = settings.passphrase()
@@ -251,12 +254,29 @@ def keygen(settings: Settings) -> None:
     try:
         if path.exists():
             raise CommandFailed(ExitCode.USAGE, f"key file {path} already exists: not replaced")
+        if state_path_for(path).exists():  # it would refuse the new key
+            raise CommandFailed(
+                ExitCode.USAGE,
+                f"state file {state_path_for(path)} of a former identity is in the way: "
+                "move it (and its -wal, -shm, -handled files) away first",
+            )
         keypair = load_or_create_key_file(path, passphrase)
     finally:
         lock.release()
     if sys.stderr.isatty():
         click.echo(f"created {path}", err=True)
     emit(keypair.fingerprint)
+    if settings.hubs:
+        # Peers can only write to an id the hub knows: log in once, now.
+        with open_agent(settings, with_hub=True) as agent:
+            try:
+                agent.wait_for_peer(agent.id, timeout=_REGISTER_TIMEOUT_S)
+            except TimeoutError:
+                raise CommandFailed(
+                    ExitCode.HUB_UNAVAILABLE,
+                    f"key file created, but the hub {settings.hub_label} did not answer: "
+                    "the agent registers with its first command that reaches the hub",
+                ) from None
 
 
 @cli.command()
