@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 from clikit import Cli
-from hubproc import HubProcess, wait_until
+from hubproc import ROOT, HubProcess, wait_until
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from agentmesh import Agent, IdentityChangedError, Message
@@ -252,3 +254,33 @@ def test_kill_9_and_restart_of_the_server_lose_nothing(
         "arrived before check_inbox",
         "arrived while the server was down",
     ]
+
+
+def test_the_readme_snippet_works_as_written(cli: Cli) -> None:
+    """The README's MCP configuration, run as an MCP client runs it (only the hub's
+    port differs): the installed ``agentmesh`` command, ``args``, ``env``."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", readme, re.S)
+    [config] = [json.loads(b) for b in blocks if '"mcpServers"' in b]
+    server = config["mcpServers"]["agentmesh"]
+    assert server["command"] == "agentmesh" and server["args"] == ["mcp"]
+    # The console script of the environment running the tests (pip install -e .).
+    command = shutil.which(server["command"], path=str(Path(sys.executable).parent))
+    if command is None:
+        pytest.skip("agentmesh is not installed as a command here (pip install -e '.[dev]')")
+    env = dict(server["env"])
+    env["AGENTMESH_HUB"] = cli.environment()["AGENTMESH_HUB"]
+    keygen(cli, env["AGENTMESH_ID"])
+
+    async def scenario() -> None:
+        params = StdioServerParameters(
+            command=command,
+            args=server["args"],
+            env={**env, "HOME": str(cli.home)},
+            cwd=str(cli.home),
+        )
+        async with stdio_client(params) as streams, ClientSession(*streams) as session:
+            await session.initialize()
+            assert (await call(session, "whoami"))["id"] == env["AGENTMESH_ID"]
+
+    asyncio.run(scenario())
