@@ -14,6 +14,7 @@ file is never created implicitly: only ``keygen`` makes one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import Any
 import click
 
 from agentmesh import __version__
+from agentmesh.agent import Agent
 from agentmesh.cli.output import (
     CommandFailed,
     ExitCode,
@@ -40,7 +42,7 @@ from agentmesh.cli.output import (
     terminal_text,
 )
 from agentmesh.cli.settings import Settings, load_keypair, open_agent, parse_hubs
-from agentmesh.errors import LocalProtocolError
+from agentmesh.errors import LocalProtocolError, RequestTimeoutError
 from agentmesh.ids import validate_agent_id
 from agentmesh.keyfile import load_or_create_key_file
 from agentmesh.state import StateLock, state_path_for
@@ -149,6 +151,14 @@ def _not_found(action: Callable[[], object]) -> None:
         if type(exc) not in (ValueError, LocalProtocolError):
             raise
         raise CommandFailed(ExitCode.NOT_FOUND, str(exc)) from None
+
+
+def _act_on(settings: Settings, message_id: str, action: Callable[[Agent, str], None]) -> None:
+    """``action(agent, message_id)`` on the agent's state (no hub); an unknown id is
+    exit code 3, a malformed one 2."""
+    message_id = _message_id(message_id)
+    with open_agent(settings, with_hub=False) as agent:
+        _not_found(lambda: action(agent, message_id))
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -377,8 +387,17 @@ def request(
     if timeout <= 0:
         raise CommandFailed(ExitCode.USAGE, "--timeout must be positive")
     with open_agent(settings, with_hub=True) as agent:
-        with Progress(f"waiting for a reply from {peer}"):
-            reply = agent.request(peer, body, timeout=timeout, **fields)
+        try:
+            with Progress(f"waiting for a reply from {peer}"):
+                reply = agent.request(peer, body, timeout=timeout, **fields)
+        except RequestTimeoutError as exc:
+            if any(e.message_id == exc.message_id for e in agent.outbox()):
+                raise CommandFailed(
+                    ExitCode.HUB_UNAVAILABLE,
+                    f"the hub is unreachable: request {exc.message_id} waits in the outbox "
+                    "and goes with the next command that reaches the hub",
+                ) from None
+            raise
     if as_json:
         emit_json(message_json(reply))
     else:
@@ -424,14 +443,7 @@ def outbox(ctx: click.Context, as_json: bool) -> None:
         entries = agent.outbox()
     for e in entries:
         if as_json:
-            emit_json(
-                {
-                    "message_id": e.message_id,
-                    "recipient": e.recipient,
-                    "created_ms": e.created_ms,
-                    "size": e.size,
-                }
-            )
+            emit_json(dataclasses.asdict(e))
         else:
             emit(f"{e.message_id}\t{e.recipient}\t{_iso(e.created_ms)}\t{e.size}")
 
@@ -457,9 +469,7 @@ def outbox_retry(settings: Settings, timeout: float) -> None:
 @pass_settings
 def outbox_discard(settings: Settings, message_id: str) -> None:
     """Drop MESSAGE_ID from the outbox: it is not sent again."""
-    message_id = _message_id(message_id)
-    with open_agent(settings, with_hub=False) as agent:
-        _not_found(lambda: agent.discard_outbox(message_id))
+    _act_on(settings, message_id, Agent.discard_outbox)
 
 
 @cli.group("dead-letters", invoke_without_command=True)
@@ -474,16 +484,7 @@ def dead_letters(ctx: click.Context, as_json: bool) -> None:
         letters = agent.dead_letters()
     for d in letters:
         if as_json:
-            emit_json(
-                {
-                    "message_id": d.message_id,
-                    "direction": d.direction,
-                    "peer": d.peer,
-                    "reason": d.reason,
-                    "payload": d.payload,
-                    "timestamp": d.timestamp,
-                }
-            )
+            emit_json(dataclasses.asdict(d))
         else:
             text = "" if d.payload is None else str(d.payload.get("text", ""))
             emit(
@@ -497,9 +498,7 @@ def dead_letters(ctx: click.Context, as_json: bool) -> None:
 @pass_settings
 def dead_letter_retry(settings: Settings, message_id: str) -> None:
     """Put MESSAGE_ID back in the inbox (``listen`` or the handlers get it again)."""
-    message_id = _message_id(message_id)
-    with open_agent(settings, with_hub=False) as agent:
-        _not_found(lambda: agent.retry_dead_letter(message_id))
+    _act_on(settings, message_id, Agent.retry_dead_letter)
 
 
 @dead_letters.command("discard")
@@ -507,9 +506,7 @@ def dead_letter_retry(settings: Settings, message_id: str) -> None:
 @pass_settings
 def dead_letter_discard(settings: Settings, message_id: str) -> None:
     """Delete MESSAGE_ID from the dead letters for good."""
-    message_id = _message_id(message_id)
-    with open_agent(settings, with_hub=False) as agent:
-        _not_found(lambda: agent.discard_dead_letter(message_id))
+    _act_on(settings, message_id, Agent.discard_dead_letter)
 
 
 @cli.command()

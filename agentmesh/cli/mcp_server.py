@@ -90,8 +90,9 @@ def explain(exc: BaseException, me: str) -> str:
         )
     if isinstance(exc, RequestTimeoutError):
         return (
-            f"{exc}. The request itself was delivered to the hub; the peer may be offline "
-            f"or busy. A late reply arrives through check_inbox with in_reply_to = "
+            f"{exc}. The request is not lost: it is stored on the hub (or, while the hub "
+            f"is unreachable, in this agent's outbox) for the peer, which may be offline or "
+            f"busy. A late reply arrives through check_inbox with in_reply_to = "
             f"{exc.message_id!r}."
         )
     if isinstance(exc, MailboxFullError):

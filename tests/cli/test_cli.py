@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from clikit import Cli, one_error_line
-from hubproc import HubProcess, wait_until
+from hubproc import HubProcess, self_signed_pem, wait_until
 
 from agentmesh import Agent, Message, __version__
 from agentmesh.hub.client import NetworkHub
@@ -184,23 +184,26 @@ def test_outbox_lists_retries_and_discards_while_the_hub_is_down(cli: Cli, hub: 
     queued = cli("--id", "alice", "send", "bob", "while down")
     assert queued.returncode == 6 and "outbox" in one_error_line(queued)
     kept = queued.stdout.strip()
+    asked = cli("--id", "alice", "request", "bob", "are you there?", "--timeout", "0.5")
+    assert asked.returncode == 6 and "request" in one_error_line(asked)
     dropped = cli("--id", "alice", "send", "bob", "dropped").stdout.strip()
     rows = [line.split("\t") for line in ok(cli("--id", "alice", "outbox")).splitlines()]
-    assert [(row[0], row[1]) for row in rows] == [(kept, "bob"), (dropped, "bob")]
+    assert [row[1] for row in rows] == ["bob"] * 3
+    assert rows[0][0] == kept and rows[2][0] == dropped
     assert json.loads(ok(cli("--id", "alice", "outbox", "--json")).splitlines()[0])["size"] > 0
     ok(cli("--id", "alice", "outbox", "discard", dropped))
     assert cli("--id", "alice", "outbox", "discard", dropped).returncode == 3
     late = cli("--id", "alice", "outbox", "retry", "--timeout", "0.5")
-    assert late.returncode == 4 and "1 messages still wait" in one_error_line(late)
+    assert late.returncode == 4 and "2 messages still wait" in one_error_line(late)
 
     hub.start()  # same port
     ok(cli("--id", "alice", "outbox", "retry"))
     assert ok(cli("--id", "alice", "outbox")) == ""
     texts = [
         json.loads(line)["text"]
-        for line in ok(cli("--id", "bob", "listen", "--count", "2", "--json")).splitlines()
+        for line in ok(cli("--id", "bob", "listen", "--count", "3", "--json")).splitlines()
     ]
-    assert texts == ["while up", "while down"]
+    assert texts == ["while up", "while down", "are you there?"]
 
 
 def test_dead_letters_list_retry_and_discard(
@@ -274,3 +277,22 @@ def test_a_changed_identity_is_exit_5_until_trust(cli: Cli, tmp_path: Path) -> N
         assert texts == ["welcome back"]
     finally:
         other.stop()
+
+
+def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    cert, key = self_signed_pem(tmp_path)
+    process = HubProcess(tmp_path / "tls-hub", "--tls-cert", str(cert), "--tls-key", str(key))
+    process.start()
+    try:
+        (tmp_path / "home").mkdir()
+        cli = Cli(tmp_path / "home", process, {"AGENTMESH_CA": str(cert)})
+        ok(cli("--id", "alice", "keygen"))
+        ok(cli("--id", "bob", "keygen"))
+        ok(cli("--id", "alice", "send", "bob", "over TLS"))
+        got = json.loads(ok(cli("--id", "bob", "listen", "--count", "1", "--json")))
+        assert got["text"] == "over TLS"
+        # --tls alone checks the system's CAs, which do not know this hub: refused.
+        untrusted = cli("--id", "alice", "--tls", "peers", AGENTMESH_CA="")
+        assert untrusted.returncode == 6 and "hub" in one_error_line(untrusted)
+    finally:
+        process.stop()
