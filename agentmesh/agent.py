@@ -62,6 +62,7 @@ from agentmesh.errors import (
     LocalProtocolError,
     MessageTooLargeError,
     NoHubError,
+    PeerNotFoundError,
     ReplayError,
     RequestTimeoutError,
 )
@@ -74,6 +75,7 @@ from agentmesh.protocol.hub_interface import (
     Hub,
     PipelinedHub,
     PrekeyRefreshingHub,
+    RoutingHub,
     supports,
 )
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
@@ -101,6 +103,11 @@ _HANDLER_RETRY_S = 0.05
 _HANDLER_RETRY_MAX_S = 1.0
 #: At interpreter exit an open agent waits this long for the hub to take its outbox.
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 5.0
+#: How long an envelope may wait in the outbox before it is dead-lettered as expired
+#: (the hub's own default TTL: the hub would have dropped it by then).
+DEFAULT_OUTBOX_TTL_S = 7 * 24 * 3600.0
+#: Hub refusals of an envelope that no resend can cure: it leaves the outbox at once.
+_UNCURABLE_REFUSALS = frozenset({"too_large", "bad_envelope", "forged_sender"})
 #: How much of a failing handler's error a dead letter keeps.
 _REASON_MAX = 500
 
@@ -364,9 +371,10 @@ class Agent:
     message carries an Ed25519 signature inside the ciphertext),
     ``require_signatures`` (default: the value of ``sign_messages``),
     ``ratchet_limits``, ``replay_window_ms``, ``clock_ms``, ``max_handler_attempts``
-    (see :meth:`on_message`) and ``exit_flush_timeout_s`` (at interpreter exit an
+    (see :meth:`on_message`), ``exit_flush_timeout_s`` (at interpreter exit an
     agent still open waits up to this long for the hub to take its outbox, logs what
-    is left, and closes; 0 skips the wait).
+    is left, and closes; 0 skips the wait) and ``outbox_ttl_s`` (an envelope the hub
+    has not taken after this long, default 7 days, moves to :meth:`dead_letters`).
 
     The signing mode belongs to a session, fixed by whoever starts it and
     authenticated by every message (docs/PROTOCOL.md, "Per-message signature"):
@@ -392,6 +400,7 @@ class Agent:
         prekey_pool_size: int = ONE_TIME_POOL_SIZE,
         max_handler_attempts: int = DEFAULT_MAX_HANDLER_ATTEMPTS,
         exit_flush_timeout_s: float = DEFAULT_EXIT_FLUSH_TIMEOUT_S,
+        outbox_ttl_s: float = DEFAULT_OUTBOX_TTL_S,
         clock_ms: Callable[[], int] = _now_ms,
         _rng: p.RandomBytes = p.random_bytes,
     ) -> None:
@@ -412,6 +421,9 @@ class Agent:
             raise ConfigurationError("max_handler_attempts must be at least 1")
         self._max_handler_attempts = max_handler_attempts
         self._exit_flush_timeout_s = exit_flush_timeout_s
+        if not outbox_ttl_s > 0:
+            raise ConfigurationError("outbox_ttl_s must be positive")
+        self._outbox_ttl_ms = int(outbox_ttl_s * 1000)
         self._exit_hook: Callable[[], None] | None = None
         self._handlers: list[Handler] = []
         #: Parsed session records by peer, as last committed (saves a parse per message).
@@ -556,6 +568,13 @@ class Agent:
                     if candidate is pending:
                         self._state.repin(peer_id, candidate, self._clock())
                         self._records.pop(peer_id, None)
+                        # Sealed for the key just replaced: the trusted one can never
+                        # read them, so they must not wait in the outbox.
+                        self._dead_letter_sent(
+                            self._state.outbox_to(peer_id),
+                            f"identity_changed: sealed for {peer_id}'s previous identity "
+                            f"key; send it again",
+                        )
                 self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
                 if self.hub is not None and candidate is pending:
                     self.hub.register(self)  # redeliver what was held back
@@ -876,12 +895,19 @@ class Agent:
             )
 
     def _transmit(self, message_id: bytes, data: bytes) -> None:
-        assert self.hub is not None
+        hub = self.hub
+        assert hub is not None
         try:
-            self.hub.deliver(data)
+            if supports(hub, RoutingHub):
+                hub.route(data)  # the recipient's verdict stays the recipient's
+            else:
+                hub.deliver(data)
         except HubUnavailableError as exc:
             self.log.warning("hub unreachable; message kept in the outbox for resend: %s", exc)
             return
+        except (HubError, PeerNotFoundError) as exc:
+            self.envelope_refused(message_id, exc)
+            raise
         self._state.defer_outbox_removal([message_id])
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -1441,10 +1467,19 @@ class Agent:
     # -- dead letters -------------------------------------------------------
 
     def dead_letters(self) -> list[DeadLetter]:
-        """The dead-letter list, oldest first: received messages whose handler kept
-        raising after ``max_handler_attempts`` attempts (``direction="in"``, with the
-        error as ``reason``). It persists in the state file; nothing in it is lost or
-        retried until you call :meth:`retry_dead_letter` or :meth:`discard_dead_letter`."""
+        """The dead-letter list, oldest first. It persists in the state file; nothing in
+        it is lost or retried until you call :meth:`retry_dead_letter` or
+        :meth:`discard_dead_letter`.
+
+        * ``direction="in"``: received messages whose handler kept raising after
+          ``max_handler_attempts`` attempts, with the error as ``reason``.
+        * ``direction="out"``: sent messages that left the outbox because no resend
+          could deliver them (``payload`` is None: only the ciphertext was kept):
+          the hub refused them for good (too large, malformed), their recipient
+          stayed unknown to the hub for ``outbox_ttl_s``, the hub did not take them
+          within ``outbox_ttl_s`` (expired), or they were sealed for a peer's
+          identity key that :meth:`trust` replaced. Later messages are never
+          held behind them."""
         return [
             DeadLetter(
                 direction,
@@ -1461,10 +1496,20 @@ class Agent:
 
     def retry_dead_letter(self, message_id: str) -> None:
         """Hand a received dead letter to the handlers again (or to ``next_message``),
-        after the messages already waiting. Raises LocalProtocolError if there is no
-        received dead letter with that id."""
-        if not self._state.retry_dead_letter(_message_id_bytes(message_id)):
-            raise LocalProtocolError(f"no received dead letter with id {message_id!r}")
+        after the messages already waiting. Put a sent one back into the outbox and hand
+        it to the hub at once, as it was (e.g. after the hub's limit was raised); if the
+        hub is unreachable it waits in the outbox, and if the hub refuses it again the
+        error is raised (and a refusal no resend can cure makes it a dead letter again).
+        Raises LocalProtocolError if there is no dead letter with that id."""
+        mid = _message_id_bytes(message_id)
+        retried = self._state.retry_dead_letter(mid, self._clock())
+        if retried is None:
+            raise LocalProtocolError(f"no dead letter with id {message_id!r}")
+        direction, envelope = retried
+        if direction == "out":
+            if self.hub is not None:
+                self._transmit(mid, envelope)
+            return
         with self._arrival:
             self._arrival.notify_all()
         self._notify_arrival()
@@ -1537,8 +1582,37 @@ class Agent:
         self._publish_prekeys()
 
     def unacked_envelopes(self) -> list[bytes]:
+        self._dead_letter_sent(
+            self._state.outbox_older_than(self._clock() - self._outbox_ttl_ms),
+            "expired: the hub did not take it within outbox_ttl_s",
+        )
         self._state.sync()  # a (re)login re-sends these: they must be on disk first
         return [env for _, env in self._state.outbox()]
+
+    def envelope_refused(self, message_id: bytes, error: Exception) -> None:
+        """The hub refused an outbox envelope. One that no resend can cure (too large,
+        malformed, or addressed to an id that stayed unknown for ``outbox_ttl_s``)
+        moves to the dead letters, so it neither blocks nor arrives after later
+        messages; other refusals (a full mailbox) keep it for the next resend."""
+        code = getattr(error, "code", "")
+        if isinstance(error, PeerNotFoundError):
+            code = "unknown_recipient"
+            expired = self._state.outbox_older_than(self._clock() - self._outbox_ttl_ms)
+            if message_id not in expired:
+                self.log.warning(
+                    "recipient of %s is unknown to the hub; kept in the outbox until it "
+                    "registers or outbox_ttl_s passes",
+                    message_id.hex(),
+                )
+                return
+        elif code not in _UNCURABLE_REFUSALS:
+            return
+        self._dead_letter_sent([message_id], f"refused by the hub: {error}")
+
+    def _dead_letter_sent(self, message_ids: list[bytes], reason: str) -> None:
+        moved = self._state.dead_letter_sent(message_ids, reason) if message_ids else []
+        for message_id in moved:
+            self.log.warning("sent message %s is now a dead letter: %s", message_id.hex(), reason)
 
     def envelope_acked(self, message_id: bytes) -> None:
         self._state.defer_outbox_removal([message_id])

@@ -39,6 +39,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import queue
 import random
 import ssl
@@ -50,6 +51,7 @@ from typing import Any, TypeVar
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.errors import (
     AuthFailedError,
+    ConfigurationError,
     CryptoError,
     DecodeError,
     HubError,
@@ -64,6 +66,7 @@ from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
     HubEndpoint,
+    RefusalAwareEndpoint,
     supports,
 )
 from agentmesh.wire.envelope import Envelope, decode_envelope
@@ -133,6 +136,20 @@ def hub_error(code: str, text: str, recipient: str | None = None) -> Exception:
     if code in _AUTH_CODES:
         return AuthFailedError(code, text)
     return HubError(code, text)
+
+
+def _context_trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A client TLS context that trusts the certificates in ``ca_file`` (PEM), for a
+    hub with a self-signed or private-CA certificate. Hostname checking stays on."""
+    path = os.fspath(ca_file)
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"tls: CA file {path!r} does not exist or is not a file")
+    try:
+        return ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigurationError(
+            f"tls: {path!r} holds no PEM certificate a hub could be verified with ({exc})"
+        ) from exc
 
 
 def _chunk_prekeys(prekeys: list[bytes], max_frame_size: int) -> list[list[bytes]]:
@@ -539,11 +556,13 @@ class _Link:
         results = await asyncio.gather(
             *(self._send_on(wire, data) for data in outbox), return_exceptions=True
         )
-        for result in results:
+        for data, result in zip(outbox, results, strict=True):
             if isinstance(result, HubUnavailableError):
                 raise result
             if isinstance(result, BaseException):
                 logger.warning("%s: outbox envelope refused by the hub: %s", self.agent_id, result)
+                if isinstance(result, Exception):
+                    await self._refused(decode_envelope(data).message_id, result)
                 continue
             await self._call(self.endpoint.envelope_acked, result)
         logger.info("%s: re-sent %d outbox envelopes", self.agent_id, len(outbox))
@@ -692,12 +711,21 @@ class _Link:
             self.loop.call_later(delay, self._send_pipelined, wire, data, message_id)
             return
         logger.warning(
-            "%s: the hub refused envelope %s (%r); it stays in the outbox",
-            self.agent_id,
-            message_id.hex(),
-            event.code,
+            "%s: the hub refused envelope %s (%r)", self.agent_id, message_id.hex(), event.code
         )
+        error = hub_error(event.code, event.text, decode_envelope(data).recipient)
+        task = self.loop.create_task(self._refused(message_id, error))
+        self.hub.tasks.add(task)
+        task.add_done_callback(self.hub.tasks.discard)
         self._resolve(1)
+
+    async def _refused(self, message_id: bytes, error: Exception) -> None:
+        """Tell the endpoint the hub refused an outbox envelope (it may dead-letter it)."""
+        if supports(self.endpoint, RefusalAwareEndpoint):
+            try:
+                await self._call(self.endpoint.envelope_refused, message_id, error)
+            except Exception:
+                logger.exception("%s: recording a refusal failed", self.agent_id)
 
     def _queue_ack(self, message_id: bytes, counted: bool) -> None:
         if not self._acked_ids:
@@ -897,7 +925,10 @@ class NetworkHub:
     """A hub reached over the network (implements :class:`~agentmesh.protocol.hub_interface.Hub`).
 
     ``NetworkHub(host, port=7700, *, tls=False, ...)``: ``tls`` is False, True
-    (verify the hub's certificate with the system trust store) or an
+    (verify the hub's certificate with the system trust store), the path of a
+    PEM CA file to trust instead (``tls="hub.crt"`` for a hub with a
+    self-signed certificate; a missing or unreadable file raises
+    :class:`~agentmesh.errors.ConfigurationError` naming it), or an
     ``ssl.SSLContext``. Keyword-only settings: ``connect_timeout`` (TCP/TLS
     connect and HELLO), ``ack_timeout`` (how long :meth:`deliver` waits for
     the hub's SEND_ACK, including a reconnect), ``request_timeout`` (other
@@ -914,9 +945,10 @@ class NetworkHub:
     replaces the dialled name as what is expected and signed, e.g. to reach a
     hub through a tunnel or by IP.
 
-    The constructor does no I/O; the I/O thread starts with the first call
-    that needs it. All methods are thread-safe and blocking, and must not be
-    called from the hub's own I/O thread. Use :meth:`close` (or ``with``).
+    The constructor does no network I/O (it reads a CA file given as ``tls``);
+    the I/O thread starts with the first call that needs it. All methods are
+    thread-safe and blocking, and must not be called from the hub's own I/O
+    thread. Use :meth:`close` (or ``with``).
     """
 
     def __init__(
@@ -924,7 +956,7 @@ class NetworkHub:
         host: str,
         port: int = DEFAULT_PORT,
         *,
-        tls: bool | ssl.SSLContext = False,
+        tls: bool | str | os.PathLike[str] | ssl.SSLContext = False,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
         ack_timeout: float = 30.0,
@@ -958,8 +990,11 @@ class NetworkHub:
         self.max_frame_size = max_frame_size
         self.send_window = send_window
         self._server_hostname = server_hostname
-        self._tls = tls
         self._ssl_context: ssl.SSLContext | None = None
+        if isinstance(tls, (str, os.PathLike)):
+            self._ssl_context = _context_trusting(tls)
+            tls = self._ssl_context
+        self._tls: bool | ssl.SSLContext = tls
         self._io: _IOThread | None = None
         self._links: dict[str, _Link] = {}
         #: One-time prekeys the hub acknowledged, by agent (loop thread; see _upload_prekeys).
@@ -1221,9 +1256,15 @@ class NetworkHub:
         )
         return dict(_expect(event, hp.StatsReceived).stats)
 
-    def message_count(self) -> int:
+    def queued_count(self) -> int:
         """Envelopes queued on the hub, not yet acknowledged by their recipients."""
         return self.stats().get("queued", 0)
+
+    def message_count(self) -> int:
+        """Version 1's name for :meth:`queued_count` on a network hub: the hub server
+        keeps no count of messages routed across its restarts, so this is the
+        envelopes it holds now. (``LocalHub.message_count`` counts messages routed.)"""
+        return self.queued_count()
 
     def rotate_key(
         self,

@@ -48,7 +48,12 @@ from agentmesh.hub.store import (
     NewEnvelope,
     StoredEnvelope,
 )
-from agentmesh.protocol.hub_interface import DispatchingEndpoint, HubEndpoint, supports
+from agentmesh.protocol.hub_interface import (
+    DispatchingEndpoint,
+    HubEndpoint,
+    RefusalAwareEndpoint,
+    supports,
+)
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
 log = logging.getLogger("agentmesh.hub.local")
@@ -241,6 +246,8 @@ class LocalHub:
         #: Agents being drained, and by which thread (see _drain).
         self._draining: dict[str, int] = {}
         self._outcomes: dict[bytes, BaseException | None] = {}
+        #: Envelopes this hub accepted for a recipient (version 1's message_count).
+        self._routed = 0
         self._lock = threading.RLock()
 
     @staticmethod
@@ -265,7 +272,12 @@ class LocalHub:
         for data in outbox:
             try:
                 envelope = self._submit(data)
-            except (HubError, CryptoError, DecodeError, ValueError) as exc:
+            except (HubError, PeerNotFoundError) as exc:
+                log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
+                if supports(agent, RefusalAwareEndpoint):
+                    agent.envelope_refused(decode_envelope(data).message_id, exc)
+                continue
+            except (CryptoError, DecodeError, ValueError) as exc:
                 log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
                 continue
             agent.envelope_acked(envelope.message_id)  # stored: drop it from the outbox
@@ -320,6 +332,9 @@ class LocalHub:
             raise PeerNotFoundError(envelope.recipient)
         if result.status is EnqueueStatus.MAILBOX_FULL:
             raise MailboxFullError("mailbox_full", f"mailbox of {envelope.recipient!r} is full")
+        if result.status is EnqueueStatus.STORED:
+            with self._lock:
+                self._routed += 1
         return envelope
 
     def deliver(self, envelope: bytes | Envelope) -> None:
@@ -327,10 +342,14 @@ class LocalHub:
 
         Returns after the recipient's handlers have run (or, if it is offline,
         once queued). Raises DecodeError for bytes that are not an envelope,
-        ValueError("Peer 'x' not found on hub"), MailboxFullError, and the
-        recipient's verdict on this envelope: ReplayError for a replay,
-        AuthenticationError for a tampered one. A rejected envelope is dropped
-        and the recipient's state is untouched.
+        ValueError("Peer 'x' not found on hub"), MailboxFullError, and, as
+        version 1 did, the recipient's verdict on this envelope: ReplayError for
+        a replay, AuthenticationError for a tampered one. A rejected envelope is
+        dropped and the recipient's state is untouched.
+
+        The verdict is for code that plays the network (tests, demos of an
+        attack). An :class:`~agentmesh.Agent` sends through :meth:`route`, so a
+        recipient's trouble with a message is never raised to its sender.
         """
         data = envelope.to_bytes() if isinstance(envelope, Envelope) else bytes(envelope)
         parsed = self._submit(data)
@@ -341,6 +360,18 @@ class LocalHub:
             outcome = self._outcomes.pop(parsed.message_id, None)
         if outcome is not None:
             raise outcome
+
+    def route(self, envelope: bytes) -> None:
+        """Queue an envelope for its recipient and hand it over if it is registered.
+
+        Returns once the recipient took it (its handlers have run) or, if it is
+        offline, once queued. Raises only what is the sender's business:
+        DecodeError, ValueError("Peer 'x' not found on hub") and MailboxFullError.
+        What the recipient made of the envelope (it could not decrypt it, it was
+        a replay) is the recipient's and is logged on its side, as with a network
+        hub.
+        """
+        self._drain(self._submit(bytes(envelope)).recipient)
 
     def _drain(self, agent_id: str) -> None:
         """Hand the recipient its queued envelopes in order, then run its handlers.
@@ -424,7 +455,13 @@ class LocalHub:
         return self._store.list_agents()
 
     def message_count(self) -> int:
-        """Envelopes queued for agents that have not taken them yet."""
+        """The number of messages routed: envelopes this hub accepted for a recipient
+        since it was created (version 1's meaning). Duplicates are not counted."""
+        with self._lock:
+            return self._routed
+
+    def queued_count(self) -> int:
+        """Envelopes queued for agents that have not taken them yet (the queue depth)."""
         return self._store.queued_count()
 
     def close(self) -> None:
