@@ -153,11 +153,16 @@ def _not_found(action: Callable[[], object]) -> None:
         raise CommandFailed(ExitCode.NOT_FOUND, str(exc)) from None
 
 
-def _act_on(settings: Settings, message_id: str, action: Callable[[Agent, str], None]) -> None:
-    """``action(agent, message_id)`` on the agent's state (no hub); an unknown id is
-    exit code 3, a malformed one 2."""
+def _act_on(
+    settings: Settings,
+    message_id: str,
+    action: Callable[[Agent, str], None],
+    *,
+    with_hub: bool = False,
+) -> None:
+    """``action(agent, message_id)``; an unknown id is exit code 3, a malformed one 2."""
     message_id = _message_id(message_id)
-    with open_agent(settings, with_hub=False) as agent:
+    with open_agent(settings, with_hub=with_hub) as agent:
         _not_found(lambda: action(agent, message_id))
 
 
@@ -476,8 +481,9 @@ def outbox_discard(settings: Settings, message_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per dead letter")
 @click.pass_context
 def dead_letters(ctx: click.Context, as_json: bool) -> None:
-    """List received messages whose handler kept failing
-    (MESSAGE_ID, DIRECTION, PEER, TIME, REASON, TEXT)."""
+    """List dead letters (MESSAGE_ID, DIRECTION, PEER, TIME, REASON, TEXT): received
+    messages whose handler kept failing ("in"), and sent ones no resend could
+    deliver ("out": refused for good, expired, or sealed for a replaced key)."""
     if ctx.invoked_subcommand is not None:
         return
     with open_agent(_settings(ctx), with_hub=False) as agent:
@@ -497,8 +503,10 @@ def dead_letters(ctx: click.Context, as_json: bool) -> None:
 @click.argument("message_id")
 @pass_settings
 def dead_letter_retry(settings: Settings, message_id: str) -> None:
-    """Put MESSAGE_ID back in the inbox (``listen`` or the handlers get it again)."""
-    _act_on(settings, message_id, Agent.retry_dead_letter)
+    """Retry MESSAGE_ID: a received one goes back to the inbox (``listen`` or the
+    handlers get it again); a sent one goes back to the outbox and, with --hub, to
+    the hub at once."""
+    _act_on(settings, message_id, Agent.retry_dead_letter, with_hub=bool(settings.hubs))
 
 
 @dead_letters.command("discard")

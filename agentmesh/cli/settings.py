@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +66,10 @@ class Settings:
         """The hub names as configured (``h1:7700,h2:7700``), or None."""
         return ",".join(self.hubs) if self.hubs else None
 
-    def tls_setting(self) -> bool | ssl.SSLContext:
-        if self.ca_file is not None:
-            # A private CA: verify the hub against it (and only it), hostname included.
-            return ssl.create_default_context(cafile=str(self.ca_file))
-        return self.tls
+    def tls_setting(self) -> bool | Path:
+        """NetworkHub's ``tls``: a CA file (a private CA: the hub is verified against
+        it, hostname included), else whether to use TLS with the system's CAs."""
+        return self.ca_file if self.ca_file is not None else self.tls
 
 
 def parse_hubs(text: str | None) -> tuple[str, ...]:
