@@ -5,7 +5,10 @@ codes with their one-line errors."""
 from __future__ import annotations
 
 import json
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -296,3 +299,28 @@ def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         assert untrusted.returncode == 6 and "hub" in one_error_line(untrusted)
     finally:
         process.stop()
+
+
+def test_sigterm_ends_listen_like_ctrl_c_and_releases_the_identity(cli: Cli) -> None:
+    ok(cli("--id", "bob", "keygen"))
+    command = [sys.executable, "-m", "agentmesh.cli", "--id", "bob", "--log-level", "INFO"]
+    listening = subprocess.Popen(
+        [*command, "listen"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli.environment(),
+        cwd=cli.home,
+    )
+    try:
+        assert listening.stderr is not None
+        for line in listening.stderr:  # INFO logging says when bob is in, waiting
+            if "logged in to the hub" in line:
+                break
+        listening.send_signal(signal.SIGTERM)
+        assert listening.wait(30) == 130
+        assert "Traceback" not in listening.stderr.read()
+    finally:
+        if listening.poll() is None:
+            listening.kill()
+    assert ok(cli("--id", "bob", "status"))  # the identity lock went with the process
