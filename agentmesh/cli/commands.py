@@ -114,7 +114,7 @@ def _data(text: str | None) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise CommandFailed(ExitCode.USAGE, f"--data is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise CommandFailed(ExitCode.USAGE, "--data must be a JSON object")
