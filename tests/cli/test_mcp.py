@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,8 +20,8 @@ from typing import Any
 
 import pytest
 from clikit import Cli
-from hubproc import ROOT, HubProcess, wait_until
-from mcp import ClientSession, StdioServerParameters, stdio_client
+from hubproc import ROOT, HubProcess, free_port, wait_until
+from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
 from agentmesh import Agent, IdentityChangedError, Message
 from agentmesh.cli.mcp_server import explain
@@ -160,6 +162,10 @@ def test_send_message_then_check_inbox_with_a_wait_then_reply(
             )
             # check_inbox waits for the answer, which py sends once the call is under way.
             waiting = asyncio.create_task(call(session, "check_inbox", wait_seconds=60))
+            await asyncio.sleep(0)  # the call is sent
+            # A waiting tool does not block the server: another call is answered meanwhile
+            # (the answer py sends comes only after it).
+            assert (await call(session, "whoami"))["id"] == "llm"
             await asyncio.to_thread(py.reply, got, "hi back")
             [answer] = await waiting
             assert set(answer) == MESSAGE_FIELDS
@@ -284,3 +290,44 @@ def test_the_readme_snippet_works_as_written(cli: Cli) -> None:
             assert (await call(session, "whoami"))["id"] == env["AGENTMESH_ID"]
 
     asyncio.run(scenario())
+
+
+def test_streamable_http_serves_the_same_tools(cli: Cli) -> None:
+    keygen(cli, "daemon")
+    port = free_port()
+    errlog = cli.home / "http-stderr.log"
+    command = [sys.executable, "-m", "agentmesh.cli", "--id", "daemon", "mcp"]
+    with errlog.open("w") as stderr:
+        server = subprocess.Popen(
+            [*command, "--http", f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=cli.environment(),
+            cwd=cli.home,
+        )
+
+    def listening() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return server.poll() is not None  # stop waiting if it died (asserted below)
+
+    try:
+        wait_until(listening, timeout=60, what="the MCP HTTP server listens")
+        assert server.poll() is None, errlog.read_text()
+
+        async def scenario() -> None:
+            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                assert {t.name for t in (await client.list_tools()).tools} == set(TOOLS)
+                me = (await client.call_tool("whoami", {})).content[0]
+                assert json.loads(me.text)["id"] == "daemon"  # type: ignore[union-attr]
+                inbox = (await client.call_tool("check_inbox", {})).content[0]
+                assert inbox.text == "[]"  # type: ignore[union-attr]
+
+        asyncio.run(scenario())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
