@@ -7,9 +7,10 @@ the same way. Imports the agent side and ``NetworkHub``; never click or mcp.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from agentmesh.agent import Agent
@@ -36,7 +37,7 @@ class Settings:
     tls: bool = False
     ca_file: Path | None = None
     passphrase_env: str | None = None
-    log_level: int = field(default=40)  # logging.ERROR
+    log_level: int = logging.ERROR
 
     def require_id(self) -> str:
         if self.agent_id is None:
