@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import json
 import logging
 from collections import OrderedDict
@@ -328,10 +329,27 @@ async def _serve(settings: Settings, http: tuple[str, int] | None) -> None:
                 log.info("serving agent %s over stdio", agent_id)
                 await server.run_stdio_async()
             else:
+                if not _is_loopback(http[0]):
+                    log.warning(
+                        "serving agent %s at http://%s:%d/mcp without authentication: "
+                        "whoever reaches that address can read and send as %s",
+                        agent_id,
+                        *http,
+                        agent_id,
+                    )
                 log.info("serving agent %s at http://%s:%d/mcp", agent_id, *http)
                 await server.run_streamable_http_async(host=http[0], port=http[1])
     finally:
         hub.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
 
 
 def serve(settings: Settings, http: str | None) -> None:
