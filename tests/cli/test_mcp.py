@@ -331,3 +331,46 @@ def test_streamable_http_serves_the_same_tools(cli: Cli) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             raise
+
+
+def test_the_readme_walkthrough_two_llm_agents_and_a_python_agent(
+    cli: Cli, python_agent: Callable[[str], Agent]
+) -> None:
+    """The README's walkthrough, with the tool calls its two models make."""
+    keygen(cli, "planner")
+    keygen(cli, "coder")
+    search = python_agent("search")
+
+    @search.on_message
+    def answer(msg: Message) -> None:
+        msg.reply(f"3 results for {msg.text!r}", urls=["https://example.org/a"])
+
+    async def scenario() -> None:
+        async with mcp_server(cli, "planner") as (planner, _):
+            found = await call(planner, "request", to="search", text="rate limiting prior art")
+            assert found["text"] == "3 results for 'rate limiting prior art'"
+            urls = found["payload"]["urls"]
+            task = await call(
+                planner,
+                "send_message",
+                to="coder",
+                text="Implement a token bucket; see the urls",
+                data={"urls": urls},
+            )
+            # The coder's client starts only now: the hub kept the message meanwhile.
+            async with mcp_server(cli, "coder") as (coder, _):
+                [job] = await call(coder, "check_inbox", wait_seconds=30)
+                assert (job["sender"], job["message_id"], job["payload"]["urls"]) == (
+                    "planner",
+                    task,
+                    urls,
+                )
+                await call(coder, "reply", message_id=task, text="Done: ratelimit.py, 12 tests")
+            [done] = await call(planner, "check_inbox", wait_seconds=30)
+            assert (done["sender"], done["text"], done["in_reply_to"]) == (
+                "coder",
+                "Done: ratelimit.py, 12 tests",
+                task,
+            )
+
+    asyncio.run(scenario())
