@@ -578,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         result = cli.main(args=argv, prog_name="agentmesh", standalone_mode=False)
     except click.exceptions.Abort:
         return ExitCode.INTERRUPTED
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare "agentmesh": the help
+        sys.stderr.write(exc.ctx.get_help() + "\n" if exc.ctx is not None else "")
+        return ExitCode.USAGE
     except click.ClickException as exc:
         hint = ""
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
