@@ -62,8 +62,11 @@ def ok(result: Any) -> str:
     return str(result.stdout)
 
 
-def test_version_prints_only_the_version(cli: Cli) -> None:
+def test_version_prints_only_the_version_and_no_command_prints_the_help(cli: Cli) -> None:
     assert ok(cli("--version")) == f"{__version__}\n"
+    bare = cli()
+    assert bare.returncode == 2 and bare.stdout == ""
+    assert bare.stderr.startswith("Usage: agentmesh") and "Exit codes:" in bare.stderr
 
 
 def test_keygen_makes_a_0600_key_whoami_reads_and_a_second_keygen_refuses(cli: Cli) -> None:
