@@ -235,6 +235,8 @@ class InboxRow:
     envelope: bytes = b""
     #: The id of the message this one answers (a reply), from inside the ciphertext.
     in_reply_to: bytes | None = None
+    #: A control message for the agent itself: it gets a replay record, no inbox row.
+    control: bool = False
 
 
 class AgentState:
@@ -788,8 +790,8 @@ class AgentState:
 
         ``records``: the newest session record of each sender; ``pins``: identities
         to pin for new peers; ``prekeys``: the prekey secrets if a one-time key was
-        consumed; ``messages``: a replay record and an inbox row each, in arrival
-        order (their ``seq`` is ignored). All or nothing.
+        consumed; ``messages``: a replay record and (unless ``control``) an inbox row
+        each, in arrival order (their ``seq`` is ignored). All or nothing.
         """
         with self._tx(secret=True) as db:
             for peer_id, identity in pins.items():
@@ -816,6 +818,7 @@ class AgentState:
                         m.in_reply_to,
                     )
                     for m in messages
+                    if not m.control
                 ],
             )
 

@@ -65,8 +65,12 @@ from agentmesh.protocol import hub_protocol as hp
 from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
+    EndpointOwner,
     HubEndpoint,
+    NoticingEndpoint,
     RefusalAwareEndpoint,
+    endpoint_of,
+    is_ephemeral,
     supports,
 )
 from agentmesh.wire.envelope import Envelope, decode_envelope
@@ -396,6 +400,8 @@ class _Link:
         #: Loop thread: acknowledged message ids for the endpoint, and whether each was
         #: a pipelined send (counted in ``_in_flight``).
         self._acked_ids: list[tuple[bytes, bool]] = []
+        #: (sender, error) of pushed envelopes the endpoint refused (dispatcher thread).
+        self._unreadable: list[tuple[str, Exception]] = []
         self._write_pending = False
         self._upload_lock = asyncio.Lock()
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -502,10 +508,14 @@ class _Link:
         wire = await hub.open_wire(self._on_event)
         try:
             conn = wire.conn
-            signature = await self._call(endpoint.sign_login, conn.login_challenge(self.agent_id))
+            ephemeral = is_ephemeral(endpoint)
+            challenge = conn.login_challenge(self.agent_id, ephemeral=ephemeral)
+            signature = await self._call(endpoint.sign_login, challenge)
             bundle = await self._call(endpoint.prekey_bundle_bytes)
             wire.require_open()
-            rid = conn.login(self.agent_id, endpoint.signing_public_key, signature, bundle)
+            rid = conn.login(
+                self.agent_id, endpoint.signing_public_key, signature, bundle, ephemeral=ephemeral
+            )
             _expect(await wire.request(rid, hub.request_timeout), hp.LoginAccepted)
             self.wire = wire
             self.envelope_limit = conn.max_envelope_bytes
@@ -832,6 +842,7 @@ class _Link:
                 since_dispatch += len(batch)
                 with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
                     self.loop.call_soon_threadsafe(self._processed_batch, results)
+                self._report_unreadable()
             if follow is None and (since_dispatch >= _DISPATCH_EVERY or self._inbox.empty()):
                 since_dispatch = 0
                 self._run_handlers()
@@ -874,12 +885,27 @@ class _Link:
             logger.warning(
                 "%s: dropping envelope %s: %s", self.agent_id, item.message_id.hex(), exc
             )
+            if isinstance(exc, CryptoError):
+                with contextlib.suppress(DecodeError):
+                    self._unreadable.append((decode_envelope(item.envelope).sender, exc))
         except Exception:
             logger.exception(
                 "%s: receiving envelope %s failed", self.agent_id, item.message_id.hex()
             )
             return False  # left on the hub; redelivered after the next login
         return True
+
+    def _report_unreadable(self) -> None:
+        """Dispatcher thread, after the batch's acks were handed to the loop: tell the
+        endpoint who sent what it refused (the hub vouched for each sender: it refuses
+        envelopes that are not from the logged-in agent)."""
+        reports, self._unreadable = self._unreadable, []
+        if reports and supports(self.endpoint, NoticingEndpoint):
+            for sender, error in reports:
+                try:
+                    self.endpoint.unreadable_envelope(sender, error)
+                except Exception:
+                    logger.exception("%s: reporting a refused envelope failed", self.agent_id)
 
     def _run_handlers(self) -> None:
         """Dispatcher thread: let the handler thread run the handlers (never waits)."""
@@ -1124,7 +1150,7 @@ class NetworkHub:
 
     # -- Hub --------------------------------------------------------------
 
-    def register(self, agent: HubEndpoint) -> None:
+    def register(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Log ``agent`` in (binding its id to its key on first use), publish its bundle,
         upload its one-time prekeys and re-send its outbox; then receive its pushes.
 
@@ -1133,7 +1159,7 @@ class NetworkHub:
         """
         self._start_link(agent, background=False)
 
-    def register_in_background(self, agent: HubEndpoint) -> None:
+    def register_in_background(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Like :meth:`register`, but return at once and keep trying to log in while the
         hub is unreachable (an agent that starts before its hub). Until the login,
         ``deliver`` raises HubUnavailableError (the envelope stays in the agent's
@@ -1141,9 +1167,10 @@ class NetworkHub:
         refusal for good (``AuthFailedError``) ends the attempts and is logged."""
         self._start_link(agent, background=True)
 
-    def _start_link(self, agent: HubEndpoint, *, background: bool) -> None:
+    def _start_link(self, agent: HubEndpoint | EndpointOwner, *, background: bool) -> None:
         """Replace ``agent``'s link with a new one and start it; a link whose start
-        fails is removed and closed."""
+        fails is removed and closed. ``agent``: an endpoint, or (version 1) an Agent."""
+        agent = endpoint_of(agent)
         io = self._thread()
         agent_id = agent.agent_id
         self.unregister(agent_id)
@@ -1296,7 +1323,7 @@ class NetworkHub:
         event = self._thread().run(rotate(), self.request_timeout + 1.0)
         _expect(event, hp.RequestSucceeded)
 
-    def refresh_prekeys(self, agent: HubEndpoint) -> None:
+    def refresh_prekeys(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Publish ``agent``'s current bundle and upload its new one-time prekeys.
 
         Called by ``Agent`` (possibly while it holds its own lock) after it
@@ -1305,6 +1332,7 @@ class NetworkHub:
         network nor on the agent. Failures are logged; everything is uploaded
         again after the next login anyway.
         """
+        agent = endpoint_of(agent)
         link = self._links.get(agent.agent_id)
         if link is None or self._io is None:
             return
