@@ -6,7 +6,7 @@ plus the error tree and the new trust and hub types.
 
 from typing import TYPE_CHECKING
 
-from agentmesh.agent import Agent, AgentEndpoint, DeadLetter, Message
+from agentmesh.agent import Agent, AgentEndpoint, DeadLetter, Message, OutboxEntry
 from agentmesh.crypto import AgentKeyPair, CryptoSession, perform_key_exchange, seal, unseal
 from agentmesh.crypto.proof import VerifiedProof, verify_proof
 from agentmesh.errors import (
@@ -93,6 +93,7 @@ __all__ = [
     "NetworkHub",
     "NetworkHubServer",
     "NoHubError",
+    "OutboxEntry",
     "PayloadError",
     "PeerNotFoundError",
     "RemoteProtocolError",

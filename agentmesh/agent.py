@@ -187,6 +187,20 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class OutboxEntry:
+    """An envelope in the outbox: committed, not yet acknowledged by the hub.
+
+    ``message_id`` is hex, ``created_ms`` when it was committed (milliseconds since
+    the epoch), ``size`` the envelope's length in bytes. See :meth:`Agent.outbox`.
+    """
+
+    message_id: str
+    recipient: str
+    created_ms: int
+    size: int
+
+
+@dataclass(frozen=True)
 class Message:
     """A decrypted message as handlers receive it (version 1 fields, plus audit data)."""
 
@@ -1585,6 +1599,20 @@ class Agent:
         """Delete a dead letter for good. Raises LocalProtocolError if there is none."""
         if not self._state.discard_dead_letter(_message_id_bytes(message_id)):
             raise LocalProtocolError(f"no dead letter with id {message_id!r}")
+
+    # -- outbox -------------------------------------------------------------
+
+    def outbox(self) -> list[OutboxEntry]:
+        """The envelopes the hub has not acknowledged yet, oldest first. They are sent
+        again at every login; :meth:`flush` waits for them to go."""
+        return [OutboxEntry(m.hex(), r, c, n) for m, r, c, n in self._state.outbox_entries()]
+
+    def discard_outbox(self, message_id: str) -> None:
+        """Drop an envelope from the outbox: it is not sent again (if the hub already
+        took it, it is delivered all the same). Raises LocalProtocolError if there is
+        no envelope with that id in the outbox."""
+        if not self._state.remove_from_outbox(_message_id_bytes(message_id)):
+            raise LocalProtocolError(f"no envelope with id {message_id!r} in the outbox")
 
     # -- hub endpoint plumbing --------------------------------------------
 

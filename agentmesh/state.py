@@ -724,9 +724,21 @@ class AgentState:
             row = self._one("SELECT COUNT(*) FROM outbox")
         return int(row[0]) if row else 0
 
-    def remove_from_outbox(self, message_id: bytes) -> None:
+    def remove_from_outbox(self, message_id: bytes) -> bool:
+        """Delete one outbox row (it is not sent again); False if there is none."""
         with self._tx() as db:
-            db.execute(_DELETE_OUTBOX_SQL, (message_id,))
+            return db.execute(_DELETE_OUTBOX_SQL, (message_id,)).rowcount > 0
+
+    def outbox_entries(self) -> list[tuple[bytes, str, int, int]]:
+        """``(message_id, recipient, created_ms, envelope_bytes)`` of every unacknowledged
+        envelope, oldest first (what ``agentmesh outbox`` lists)."""
+        with self._lock:
+            self._flush_acked()
+            rows = self._db.execute(
+                "SELECT message_id, recipient, created_ms, length(envelope) FROM outbox "
+                "ORDER BY seq"
+            ).fetchall()
+        return [(bytes(m), r, int(c), int(n)) for m, r, c, n in rows]
 
     def defer_outbox_removal(self, message_ids: list[bytes]) -> None:
         """The hub acknowledged these envelopes: delete their outbox rows with the next write.

@@ -242,3 +242,37 @@ def write_pem(cert: Any, key: Any, cert_path: Path, key_path: Path) -> tuple[Pat
         )
     )
     return cert_path, key_path
+
+
+def self_signed_pem(folder: Path) -> tuple[Path, Path]:
+    """``hub.crt`` and ``hub.key`` in ``folder``: a CA-flagged self-signed certificate for
+    ``localhost`` and 127.0.0.1 (a private CA of one, for TLS tests)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return write_pem(cert, key, folder / "hub.crt", folder / "hub.key")

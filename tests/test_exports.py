@@ -39,6 +39,7 @@ EXPECTED_ALL = [
     "NetworkHub",
     "NetworkHubServer",
     "NoHubError",
+    "OutboxEntry",
     "PayloadError",
     "PeerNotFoundError",
     "RemoteProtocolError",

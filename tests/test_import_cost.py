@@ -26,3 +26,14 @@ def test_import_agentmesh_loads_no_hub_sqlalchemy_or_alembic() -> None:
 def test_the_hubs_load_on_first_use() -> None:
     loaded = _modules_after("import agentmesh\nagentmesh.LocalHub")
     assert "agentmesh.hub.local" in loaded and "sqlalchemy" in loaded
+
+
+def test_import_agentmesh_loads_no_front_end_click_or_mcp() -> None:
+    loaded = _modules_after("import agentmesh\nagentmesh.Agent\nagentmesh.AsyncAgent")
+    assert not {m for m in loaded if m.split(".")[0] in ("click", "mcp")}
+    assert not {m for m in loaded if m.startswith("agentmesh.cli")}
+
+
+def test_the_command_line_loads_the_mcp_sdk_only_for_agentmesh_mcp() -> None:
+    loaded = _modules_after("import agentmesh.cli")
+    assert "click" in loaded and "mcp" not in loaded

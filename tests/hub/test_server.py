@@ -8,8 +8,6 @@ Waits are bounded polls, never timing assertions.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import os
 import socket
@@ -23,11 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from hubproc import HubProcess, RawClient, unique, wait_until, write_pem
+from hubproc import HubProcess, RawClient, self_signed_pem, unique, wait_until
 
 from agentmesh import Agent
 from agentmesh.crypto.identity import IdentityKeyPair
@@ -651,27 +645,7 @@ def test_expired_envelopes_are_not_delivered(start_hub: Any, clients: Any) -> No
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return write_pem(cert, key, tmp_path / "hub.crt", tmp_path / "hub.key")
+    return self_signed_pem(tmp_path)
 
 
 def test_tls_round_trip(start_hub: Any, clients: Any, tmp_path: Path) -> None:
