@@ -474,6 +474,12 @@ class ClientSession:
         requests, pending retries and ACKs (the hub redelivers unacknowledged pushes),
         and submitted envelopes not yet acknowledged, which free their window slots
         (they stay in the outbox, which the next login re-sends)."""
+        self._forget()
+        self.conn = None
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.DISCONNECTED
+
+    def _forget(self) -> None:
         lost = sum(1 for r in self._requests.values() if r.kind is _Kind.PIPELINED)
         lost += sum(1 for r in self._retries if r.request.kind is _Kind.PIPELINED)
         lost += len(self._held)
@@ -488,14 +494,12 @@ class ClientSession:
         self._outbox_acked.clear()
         self._outbox_read = False
         self._keepalive_at = None
-        if self.phase is not Phase.CLOSED:
-            self.phase = Phase.DISCONNECTED
 
     def close(self) -> None:
         """Stop for good. Pending ACKs still go out with the next :meth:`data_to_send`;
         submitted envelopes not yet acknowledged free their window slots."""
         acks = self._acks
-        self.connection_lost()
+        self._forget()
         self._acks = acks
         self.phase = Phase.CLOSED
 
