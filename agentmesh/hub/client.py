@@ -220,9 +220,14 @@ class _SessionDriver:
     # -- transport callbacks ----------------------------------------------
 
     def made(self, transport: _Transport, channel_binding: bytes) -> None:
-        if transport is self.transport:
-            with self._lock:
+        if transport is not self.transport:
+            return
+        with self._lock:
+            closed = self.session.phase is cs.Phase.CLOSED
+            if not closed:
                 self.session.connected(channel_binding)
+        if closed:  # closed while dialling
+            transport.close()
 
     def received(self, transport: _Transport, data: bytes) -> None:
         if transport is self.transport:
