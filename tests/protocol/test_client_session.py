@@ -685,6 +685,7 @@ class WindowMachine(RuleBasedStateMachine):
         self.acked: list[bytes] = []
         self.given_back = 0
         self.refused = 0
+        self.retrying = 0
 
     def _collect(self) -> None:
         for effect in self.pair.pump():
@@ -703,14 +704,23 @@ class WindowMachine(RuleBasedStateMachine):
         self._collect()
 
     @precondition(lambda self: bool(self.pair.sends))
-    @rule(refuse=st.booleans(), index=st.integers(0, 3))
-    def hub_answers(self, refuse: bool, index: int) -> None:
+    @rule(answer=st.sampled_from(["ack", "mailbox_full", "rate_limited"]), index=st.integers(0, 3))
+    def hub_answers(self, answer: str, index: int) -> None:
         send = self.pair.sends.pop(index % len(self.pair.sends))
         assert self.pair.server is not None
-        if refuse:
-            self.pair.server.reply_error(send.request_id, "mailbox_full", "")
-        else:
+        if answer == "ack":
             self.pair.server.reply_send_ack(send.request_id, send.message_id, False)
+        else:
+            self.pair.server.reply_error(send.request_id, answer, "")
+            self.retrying += answer == "rate_limited"
+        self._collect()
+
+    @precondition(lambda self: self.retrying > 0)
+    @rule()
+    def retry_timer_fires(self) -> None:
+        self.pair.clock.now += 1.0  # past every retry delay (at most 0.25 s)
+        assert self.pair.session.handle_timer() == []
+        self.retrying = 0
         self._collect()
 
     @precondition(lambda self: bool(self.unrecorded))
@@ -720,8 +730,9 @@ class WindowMachine(RuleBasedStateMachine):
 
     @rule()
     def connection_drops_and_comes_back(self) -> None:
-        self.given_back += len(self.pair.sends)
+        self.given_back += len(self.pair.sends) + self.retrying
         self.pair.sends.clear()
+        self.retrying = 0
         self.pair.lose()
         self.pair.connect()
         self._collect()
@@ -731,14 +742,14 @@ class WindowMachine(RuleBasedStateMachine):
     def window_is_the_unresolved_count(self) -> None:
         s = self.pair.session
         unrecorded = sum(e.window_slots for e in self.unrecorded)
-        assert s.in_flight == len(self.pair.sends) + unrecorded
+        assert s.in_flight == len(self.pair.sends) + unrecorded + self.retrying
         assert 0 <= s.in_flight <= self.WINDOW
 
     @invariant()
     def every_submission_is_accounted_for(self) -> None:
         assert len(self.acked) == len(set(self.acked))  # never acknowledged twice
         resolved = len(self.acked) + self.refused + self.given_back
-        assert resolved + len(self.pair.sends) == len(self.sent_ids)
+        assert resolved + len(self.pair.sends) + self.retrying == len(self.sent_ids)
 
 
 TestWindowMachine = WindowMachine.TestCase
