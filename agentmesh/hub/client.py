@@ -65,6 +65,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -75,6 +76,8 @@ from typing import Any, TypeVar
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.errors import (
     AuthFailedError,
+    ConfigurationError,
+    CryptoError,
     DecodeError,
     HubError,
     HubUnavailableError,
@@ -88,7 +91,12 @@ from agentmesh.protocol.client_session import RETRYABLE_CODES, ClientSession, Ve
 from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
+    EndpointOwner,
     HubEndpoint,
+    NoticingEndpoint,
+    RefusalAwareEndpoint,
+    endpoint_of,
+    is_ephemeral,
     supports,
 )
 from agentmesh.wire.envelope import Envelope, decode_envelope
@@ -130,6 +138,20 @@ def hub_error(code: str, text: str, recipient: str | None = None) -> Exception:
     if code in _AUTH_CODES:
         return AuthFailedError(code, text)
     return HubError(code, text)
+
+
+def _context_trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A client TLS context that trusts the certificates in ``ca_file`` (PEM), for a
+    hub with a self-signed or private-CA certificate. Hostname checking stays on."""
+    path = os.fspath(ca_file)
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"tls: CA file {path!r} does not exist or is not a file")
+    try:
+        return ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigurationError(
+            f"tls: {path!r} holds no PEM certificate a hub could be verified with ({exc})"
+        ) from exc
 
 
 def _expect(event: hp.Event, kind: type[_T], recipient: str | None = None) -> _T:
@@ -412,7 +434,7 @@ class _SessionDriver:
 def _log_refused(agent_id: str | None, effect: cs.Refused) -> None:
     if effect.what == "envelope":
         logger.warning(
-            "%s: the hub refused envelope %s (%r); it stays in the outbox",
+            "%s: the hub refused envelope %s (%r)",
             agent_id,
             effect.message_id.hex(),
             effect.code,
@@ -498,6 +520,7 @@ _ENDPOINT_EFFECTS = (
     cs.OutboxFlushed,
     cs.AckResolved,
     cs.PrekeysLow,
+    cs.Refused,
 )
 
 
@@ -521,6 +544,7 @@ class _Link(_SessionDriver):
             expected_hub_address=hub.expected_hub_address,
             dialled_address=hub.dialled_address,
             stored_prekeys=hub.stored_prekeys.setdefault(endpoint.agent_id, set()),
+            ephemeral=is_ephemeral(endpoint),
             retry_delays=hub.make_backoff,
             clock=loop.time,
         )
@@ -671,6 +695,10 @@ class _Link(_SessionDriver):
             for item in effect.items:
                 self._inbox.put(item)
         elif isinstance(effect, _ENDPOINT_EFFECTS):
+            if isinstance(effect, cs.Refused):
+                _log_refused(self.agent_id, effect)
+                if not effect.report or not supports(self.endpoint, RefusalAwareEndpoint):
+                    return
             self._effects.append(effect)
             self._effects_due.set()
         elif isinstance(effect, cs.SessionReady):
@@ -737,6 +765,8 @@ class _Link(_SessionDriver):
             if effect.sent:
                 logger.info("%s: re-sent %d outbox envelopes", self.agent_id, effect.sent)
             self.call(self.session.outbox_recorded, effect.generation)
+        elif isinstance(effect, cs.Refused):
+            await self._refused(effect)
         elif isinstance(effect, cs.PrekeysLow):
             try:
                 await self._in_executor(endpoint.prekeys_low, effect.remaining)
@@ -746,6 +776,17 @@ class _Link(_SessionDriver):
                 logger.warning("%s: topping up prekeys failed: %s", self.agent_id, exc)
                 return
             self.call(self.session.publish, bundle, prekeys)
+
+    async def _refused(self, effect: cs.Refused) -> None:
+        """Tell the endpoint the hub refused an outbox envelope (it may dead-letter it)."""
+        endpoint = self.endpoint
+        if not supports(endpoint, RefusalAwareEndpoint):
+            return
+        error = hub_error(effect.code, effect.text, effect.recipient or None)
+        try:
+            await self._in_executor(endpoint.envelope_refused, effect.message_id, error)
+        except Exception:
+            logger.exception("%s: recording a refusal failed", self.agent_id)
 
     async def _record_acks(self, message_ids: list[bytes], window_slots: int) -> None:
         try:
@@ -870,6 +911,7 @@ class _Link(_SessionDriver):
                     with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
                         self.flush_soon()
                 self._log_verdicts(results, verdicts)
+                self._report_unreadable(batch, results, verdicts)
                 since_dispatch += len(batch)
             if follow is None and (since_dispatch >= _DISPATCH_EVERY or self._inbox.empty()):
                 since_dispatch = 0
@@ -913,6 +955,30 @@ class _Link(_SessionDriver):
                     exc_info=outcome,
                 )
 
+    def _report_unreadable(
+        self,
+        batch: list[hp.EnvelopePushed],
+        results: list[tuple[bytes, object]],
+        verdicts: list[Verdict],
+    ) -> None:
+        """Dispatcher thread, after the batch's acks were handed to the loop: tell the
+        endpoint who sent what it refused as unreadable (the hub vouched for each
+        sender: it refuses envelopes that are not from the logged-in agent)."""
+        endpoint = self.endpoint
+        if not supports(endpoint, NoticingEndpoint):
+            return
+        for item, (_, outcome), decided in zip(batch, results, verdicts, strict=True):
+            if decided is not Verdict.DROP or not isinstance(outcome, CryptoError):
+                continue
+            try:
+                sender = decode_envelope(item.envelope).sender
+            except DecodeError:
+                continue
+            try:
+                endpoint.unreadable_envelope(sender, outcome)
+            except Exception:
+                logger.exception("%s: reporting a refused envelope failed", self.agent_id)
+
     def _handle_forever(self) -> None:
         """Handler thread: run the endpoint's handlers whenever messages were committed."""
         endpoint = self.endpoint
@@ -937,7 +1003,10 @@ class NetworkHub:
     """A hub reached over the network (implements :class:`~agentmesh.protocol.hub_interface.Hub`).
 
     ``NetworkHub(host, port=7700, *, tls=False, ...)``: ``tls`` is False, True
-    (verify the hub's certificate with the system trust store) or an
+    (verify the hub's certificate with the system trust store), the path of a
+    PEM CA file to trust instead (``tls="hub.crt"`` for a hub with a
+    self-signed certificate; a missing or unreadable file raises
+    :class:`~agentmesh.errors.ConfigurationError` naming it), or an
     ``ssl.SSLContext``. Keyword-only settings: ``connect_timeout`` (TCP/TLS
     connect and HELLO), ``ack_timeout`` (how long :meth:`deliver` waits for
     the hub's SEND_ACK, including a reconnect), ``request_timeout`` (other
@@ -954,9 +1023,10 @@ class NetworkHub:
     replaces the dialled name as what is expected and signed, e.g. to reach a
     hub through a tunnel or by IP.
 
-    The constructor does no I/O; the I/O thread starts with the first call
-    that needs it. All methods are thread-safe and blocking, and must not be
-    called from the hub's own I/O thread. Use :meth:`close` (or ``with``).
+    The constructor does no network I/O (it reads a CA file given as ``tls``);
+    the I/O thread starts with the first call that needs it. All methods are
+    thread-safe and blocking, and must not be called from the hub's own I/O
+    thread. Use :meth:`close` (or ``with``).
     """
 
     def __init__(
@@ -964,7 +1034,7 @@ class NetworkHub:
         host: str,
         port: int = DEFAULT_PORT,
         *,
-        tls: bool | ssl.SSLContext = False,
+        tls: bool | str | os.PathLike[str] | ssl.SSLContext = False,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
         ack_timeout: float = 30.0,
@@ -998,8 +1068,11 @@ class NetworkHub:
         self.max_frame_size = max_frame_size
         self.send_window = send_window
         self._server_hostname = server_hostname
-        self._tls = tls
         self._ssl_context: ssl.SSLContext | None = None
+        if isinstance(tls, (str, os.PathLike)):
+            self._ssl_context = _context_trusting(tls)
+            tls = self._ssl_context
+        self._tls: bool | ssl.SSLContext = tls
         self._io: _IOThread | None = None
         self._links: dict[str, _Link] = {}
         #: One-time prekeys the hub acknowledged, by agent (each link's session updates its
@@ -1100,7 +1173,7 @@ class NetworkHub:
 
     # -- Hub --------------------------------------------------------------
 
-    def register(self, agent: HubEndpoint) -> None:
+    def register(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Log ``agent`` in (binding its id to its key on first use), publish its bundle,
         upload its one-time prekeys and re-send its outbox; then receive its pushes.
 
@@ -1109,7 +1182,7 @@ class NetworkHub:
         """
         self._start_link(agent, background=False)
 
-    def register_in_background(self, agent: HubEndpoint) -> None:
+    def register_in_background(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Like :meth:`register`, but return at once and keep trying to log in while the
         hub is unreachable (an agent that starts before its hub). Until the login,
         ``deliver`` raises HubUnavailableError (the envelope stays in the agent's
@@ -1117,9 +1190,10 @@ class NetworkHub:
         refusal for good (``AuthFailedError``) ends the attempts and is logged."""
         self._start_link(agent, background=True)
 
-    def _start_link(self, agent: HubEndpoint, *, background: bool) -> None:
+    def _start_link(self, agent: HubEndpoint | EndpointOwner, *, background: bool) -> None:
         """Replace ``agent``'s link with a new one and start it; a link whose start
-        fails is removed and closed."""
+        fails is removed and closed. ``agent``: an endpoint, or (version 1) an Agent."""
+        agent = endpoint_of(agent)
         io = self._thread()
         agent_id = agent.agent_id
         self.unregister(agent_id)
@@ -1233,9 +1307,15 @@ class NetworkHub:
         )
         return dict(_expect(event, hp.StatsReceived).stats)
 
-    def message_count(self) -> int:
+    def queued_count(self) -> int:
         """Envelopes queued on the hub, not yet acknowledged by their recipients."""
         return self.stats().get("queued", 0)
+
+    def message_count(self) -> int:
+        """Version 1's name for :meth:`queued_count` on a network hub: the hub server
+        keeps no count of messages routed across its restarts, so this is the
+        envelopes it holds now. (``LocalHub.message_count`` counts messages routed.)"""
+        return self.queued_count()
 
     def rotate_key(
         self,
@@ -1269,7 +1349,7 @@ class NetworkHub:
         event = self._thread().run(rotate(), self.request_timeout + 1.0)
         _expect(event, hp.RequestSucceeded)
 
-    def refresh_prekeys(self, agent: HubEndpoint) -> None:
+    def refresh_prekeys(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Publish ``agent``'s current bundle and upload its new one-time prekeys.
 
         Called by ``Agent`` (possibly while it holds its own lock) after it
@@ -1278,6 +1358,7 @@ class NetworkHub:
         network nor on the agent. Failures are logged; everything is uploaded
         again after the next login anyway.
         """
+        agent = endpoint_of(agent)
         link = self._links.get(agent.agent_id)
         if link is None or self._io is None:
             return

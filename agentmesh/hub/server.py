@@ -67,8 +67,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.crypto.prekeys import compose_bundle
 from agentmesh.errors import AuthFailedError, ConfigurationError, HubError
+from agentmesh.hub.metrics import HubMetrics, OpsEndpoint, PrometheusHubMetrics
 from agentmesh.hub.store import (
     DB_ENV_VAR,
+    DEFAULT_DB,
     EnqueueResult,
     EnqueueStatus,
     HubStore,
@@ -84,7 +86,6 @@ _T = TypeVar("_T")
 #: Milliseconds since the epoch.
 Clock = Callable[[], int]
 DEFAULT_PORT = 7700
-DEFAULT_DB = "hub.sqlite"
 
 
 def _wall_clock_ms() -> int:
@@ -125,6 +126,12 @@ class HubOptions:
     ssl_context: ssl.SSLContext | None = None
     synchronous: str = "FULL"
     use_uvloop: bool = True
+    #: Serve /metrics and /healthz on this port (0: any free port; None: not at all).
+    metrics_port: int | None = None
+    #: The address of the metrics port (None: the hub's own host).
+    metrics_host: str | None = None
+    #: Bring the database to head at start-up; if False, refuse one not at head.
+    migrate: bool = True
     clock: Clock = field(default=_wall_clock_ms)
 
     def __post_init__(self) -> None:
@@ -147,6 +154,8 @@ class HubOptions:
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigurationError(f"{name} must be positive, not {value!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 0xFFFF:
+            raise ConfigurationError(f"metrics_port must be 0..65535, not {self.metrics_port!r}")
         if self.max_envelope_bytes > 0xFFFFFFFF - hp.FRAME_OVERHEAD:
             raise ConfigurationError("max_envelope_bytes is too large")
         if self.ssl_context is not None:
@@ -247,9 +256,14 @@ class StoreWorker:
     """
 
     def __init__(
-        self, store: HubStore, loop: asyncio.AbstractEventLoop, options: HubOptions
+        self,
+        store: HubStore,
+        loop: asyncio.AbstractEventLoop,
+        options: HubOptions,
+        metrics: HubMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or HubMetrics()
         self._loop = loop
         self._options = options
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -273,6 +287,7 @@ class StoreWorker:
         self._queue.put(_SendJob(item, done))
 
     def submit_ack(self, recipient: str, message_ids: tuple[bytes, ...]) -> None:
+        self.metrics.delivered(len(message_ids))
         self._queue.put(_AckJob(recipient, message_ids))
 
     def call(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
@@ -345,6 +360,7 @@ class StoreWorker:
             return
         acks = self._take_acks()
         results: list[EnqueueResult | BaseException] = []
+        started = time.perf_counter()
         for attempt in (acks, {}):
             try:
                 results = list(
@@ -363,6 +379,8 @@ class StoreWorker:
                 if not attempt:
                     break
                 # Not the acks' fault, probably; either way they are redelivered later.
+        ok = not (results and isinstance(results[0], BaseException))
+        self.metrics.commit(time.perf_counter() - started, len(jobs), ok=ok)
         self._post(_finish_sends, jobs, results)
 
     def _flush_acks(self) -> None:
@@ -375,6 +393,7 @@ class StoreWorker:
             # Not deleted: the envelopes are pushed again and deduplicated by the agent.
             count = sum(len(ids) for ids in acks.values())
             logger.exception("deleting %d acknowledged envelopes failed", count)
+            self.metrics.store_error("ack")
 
     def _call(self, job: _CallJob) -> None:
         try:
@@ -460,10 +479,12 @@ class _Session(asyncio.Protocol):
         if len(hub.sessions) >= self.options.max_connections or hub.stopping:
             code = "shutting_down" if hub.stopping else "too_many_connections"
             logger.warning("refusing connection from %s: %s", self.peer, code)
+            hub.metrics.connection_refused(code)
             transport.write(encode_frame(Error(0, code, "try again later", fatal=True)))
             transport.close()
             return
         hub.sessions.add(self)
+        hub.metrics.connection_accepted()
         self._alive = True
         loop = hub.loop
         now = loop.time()
@@ -522,6 +543,10 @@ class _Session(asyncio.Protocol):
     def fail(self, code: str, text: str) -> None:
         """Send a fatal ERROR and close (logged by the caller)."""
         if self.conn is not None:
+            if not self.conn.closed:
+                self.hub.metrics.connection_error(
+                    code, by_peer=False, logged_in=self.agent_id is not None
+                )
             self.conn.fail(code, text)
             self.flush()
 
@@ -570,6 +595,7 @@ class _Session(asyncio.Protocol):
         if now - self._rate_logged_at > 5.0:
             self._rate_logged_at = now
             logger.warning("rate limit: refusing requests from %s (%s)", self.peer, self.agent_id)
+        self.hub.metrics.request_rejected("rate_limited")
         self.conn.reply_error(request_id, "rate_limited", "too many requests; slow down")
         return False
 
@@ -586,6 +612,9 @@ class _Session(asyncio.Protocol):
         elif isinstance(event, hp.LoginRequested):
             self._spawn(self._on_login(event))
         elif isinstance(event, hp.ConnectionFailed):
+            self.hub.metrics.connection_error(
+                event.code, by_peer=event.sent_by_peer, logged_in=self.agent_id is not None
+            )
             logger.warning(
                 "closing %s (%s): %r%s",
                 self.peer,
@@ -594,6 +623,7 @@ class _Session(asyncio.Protocol):
                 " (sent by peer)" if event.sent_by_peer else "",
             )
         elif isinstance(event, hp.RequestRejected):
+            self.hub.metrics.request_rejected(event.code)
             logger.warning("refused request from %s (%s): %s", self.peer, self.agent_id, event.code)
         elif isinstance(event, _REQUESTS):
             if self._allowed(event.request_id):
@@ -613,9 +643,18 @@ class _Session(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         store, now = self.hub.store, self.options.clock()
+        # An ephemeral id may change hands only while no session of it is live here.
+        holder = self.hub.online.get(event.agent_id)
+        holder_live = holder is not None and holder is not self
 
         def bind() -> bool:
-            created = store.bind_agent(event.agent_id, event.signing_key, now)
+            created = store.bind_agent(
+                event.agent_id,
+                event.signing_key,
+                now,
+                ephemeral=event.ephemeral,
+                holder_live=holder_live,
+            )
             if event.bundle:
                 store.publish_bundle(event.agent_id, event.bundle, now)
             return created
@@ -624,11 +663,14 @@ class _Session(asyncio.Protocol):
             created = await self._db(bind)
         except AuthFailedError as exc:
             logger.warning("login refused for %r from %s: %s", event.agent_id, self.peer, exc.code)
+            self.hub.metrics.login_failed(exc.code)
             conn.refuse_login(exc.code, f"agent id {event.agent_id!r} is bound to another key")
             self.flush()
             return
         except Exception as exc:
             logger.exception("login of %r failed", event.agent_id)
+            self.hub.metrics.login_failed("internal")
+            self.hub.metrics.store_error("login")
             text = f"the hub could not complete the login{_storage_problem(exc)}"
             conn.refuse_login("internal", text)
             self.flush()
@@ -642,6 +684,7 @@ class _Session(asyncio.Protocol):
             logger.info("%s logged in again; closing its older connection", event.agent_id)
             previous.fail("replaced", "another connection logged in as this agent")
         self.hub.online[event.agent_id] = self
+        self.hub.metrics.login_succeeded(new=created)
         logger.info(
             "%s logged in from %s%s", event.agent_id, self.peer, " (new)" if created else ""
         )
@@ -682,9 +725,11 @@ class _Session(asyncio.Protocol):
                 await self._on_rotate(event)
         except HubError as exc:
             logger.warning("request from %s (%s) refused: %s", self.peer, self.agent_id, exc.code)
+            self.hub.metrics.request_rejected(exc.code)
             conn.reply_error(event.request_id, exc.code, str(exc))
         except Exception:
             logger.exception("request from %s (%s) failed", self.peer, self.agent_id)
+            self.hub.metrics.store_error("request")
             conn.reply_error(event.request_id, "internal", "the hub failed; retry")
         self.flush()
 
@@ -702,6 +747,7 @@ class _Session(asyncio.Protocol):
 
         result = await self._db(fetch)
         if result is None:
+            self.hub.metrics.request_rejected("not_found")
             conn.reply_error(event.request_id, "not_found", f"Peer '{peer}' not found on hub")
             return
         bundle, remaining = result
@@ -763,6 +809,7 @@ class _Session(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         mid = event.message_id
+        self.hub.metrics.send_committed(result)
         if isinstance(result, BaseException):
             text = f"the hub could not store it{_storage_problem(result)}; retry"
             conn.reply_error(event.request_id, "internal", text, mid)
@@ -832,6 +879,7 @@ class _Session(asyncio.Protocol):
             )
         except Exception:
             logger.exception("reading the mailbox of %s failed; retrying", agent_id)
+            self.hub.metrics.store_error("read")
             self.paging = False
             self._schedule("retry", 1.0, self.pump_mailbox)
             return
@@ -873,7 +921,10 @@ class _Hub:
         self.options = options
         self.hub_names = hub_names
         self.channel_binding = channel_binding
-        self.worker = StoreWorker(store, loop, options)
+        self.metrics: HubMetrics = (
+            HubMetrics() if options.metrics_port is None else PrometheusHubMetrics()
+        )
+        self.worker = StoreWorker(store, loop, options, self.metrics)
         self.sessions: set[_Session] = set()
         self.online: dict[str, _Session] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -1126,7 +1177,10 @@ class NetworkHubServer:
         try:
             _refuse_read_only(store)
             try:
-                store.ensure_schema()
+                if options.migrate:
+                    store.ensure_schema()
+                else:
+                    store.check_revision()
             except SQLAlchemyError as exc:
                 raise ConfigurationError(f"cannot open the hub database {store!r}: {exc}") from exc
             hub = _Hub(loop, store, options, (), options.channel_binding())
@@ -1143,10 +1197,18 @@ class NetworkHubServer:
             store.close()
             raise
         port = int(server.sockets[0].getsockname()[1])
+        ops: OpsEndpoint | None = None
         try:
             names, derived = await loop.run_in_executor(
                 None, resolve_hub_names, self.host, port, options.hub_address
             )
+            if isinstance(hub.metrics, PrometheusHubMetrics):
+                hub.metrics.watch(store, lambda: len(hub.online), lambda: len(hub.sessions))
+                ops_host = options.metrics_host or self.host
+                ops = OpsEndpoint(hub.metrics, store, ops_host, options.metrics_port or 0)
+                logger.info(
+                    "metrics listening on %s:%d (/metrics, /healthz)", ops_host or "*", ops.port
+                )
         except BaseException:
             server.close()
             store.close()
@@ -1183,6 +1245,8 @@ class NetworkHubServer:
         finally:
             purger.cancel()
             await self._shutdown(server, hub)
+            if ops is not None:
+                await loop.run_in_executor(None, ops.close)
             if install_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -1200,10 +1264,12 @@ class NetworkHubServer:
                     )
                     if purged:
                         logger.info("purged %d expired envelopes", purged)
+                        hub.metrics.purged(purged)
                     if purged < limit:
                         break
             except Exception:
                 logger.exception("purging expired envelopes failed")
+                hub.metrics.store_error("purge")
 
     async def _shutdown(self, server: asyncio.Server, hub: _Hub) -> None:
         logger.info("hub shutting down")

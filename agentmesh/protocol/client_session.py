@@ -258,13 +258,17 @@ class Refused(Effect):
 
     ``what``: ``"envelope"`` (a submitted one; it stays in the outbox), ``"outbox"``
     (a re-sent one), ``"prekeys"`` (a top-up) or ``"unsolicited"`` (an ERROR that
-    answers nothing outstanding).
+    answers nothing outstanding). ``report``: tell the endpoint
+    (``envelope_refused(message_id, error)`` with the hub error for ``code`` and
+    ``recipient``), which decides whether a resend can ever cure it.
     """
 
     what: str
     code: str
     text: str
     message_id: bytes = b""
+    recipient: str = ""
+    report: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +371,7 @@ class ClientSession:
         expected_hub_address: str | None = None,
         dialled_address: str | None = None,
         stored_prekeys: set[bytes] | None = None,
+        ephemeral: bool = False,
         retry_delays: Callable[[], Iterator[float]] = backoff,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
@@ -375,6 +380,8 @@ class ClientSession:
             raise ValueError("send_window must be at least 1")
         self.agent_id = agent_id
         self.signing_public_key = signing_public_key
+        #: Log in for an ephemeral binding (the agent keeps no key file).
+        self.ephemeral = ephemeral
         self.send_window = send_window
         self.ping_interval = ping_interval
         self.ack_timeout = ack_timeout
@@ -594,7 +601,10 @@ class ClientSession:
             return
         self.phase = Phase.SIGNING
         effects.append(
-            NeedLoginSignature(self.generation, self.conn.login_challenge(self.agent_id))
+            NeedLoginSignature(
+                self.generation,
+                self.conn.login_challenge(self.agent_id, ephemeral=self.ephemeral),
+            )
         )
 
     def _on_send_ack(
@@ -656,12 +666,17 @@ class ClientSession:
             return
         elif kind is _Kind.PIPELINED:
             self._in_flight -= 1
-            effects.append(Refused("envelope", error.code, error.text, request.message_id))
+            effects.append(self._refused("envelope", error, request))
         elif kind is _Kind.OUTBOX:
-            effects.append(Refused("outbox", error.code, error.text, request.message_id))
+            effects.append(self._refused("outbox", error, request))
             self._outbox_answered(request.token, effects)
         else:  # AWAITED
             effects.append(Answer(request.token, event))
+
+    @staticmethod
+    def _refused(what: str, error: hp.ErrorReceived, request: _Request) -> Refused:
+        recipient = _recipient(request.data)
+        return Refused(what, error.code, error.text, request.message_id, recipient, report=True)
 
     def _retry(self, request: _Request) -> bool:
         """Schedule a re-send of a ``rate_limited`` envelope; False past its deadline."""
@@ -693,7 +708,9 @@ class ClientSession:
         if generation != self.generation or self.phase is not Phase.SIGNING:
             return []
         assert self.conn is not None and self.agent_id is not None
-        rid = self.conn.login(self.agent_id, self.signing_public_key, signature, bundle)
+        rid = self.conn.login(
+            self.agent_id, self.signing_public_key, signature, bundle, ephemeral=self.ephemeral
+        )
         self._requests[rid] = _Request(_Kind.LOGIN, self._token())
         self.phase = Phase.LOGGING_IN
         return []
@@ -760,6 +777,8 @@ class ClientSession:
                         "too_large",
                         f"envelope of {len(data)} bytes exceeds the hub's limit",
                         message_id,
+                        _recipient(data),
+                        report=True,
                     )
                 )
                 continue
@@ -937,3 +956,10 @@ def _message_id(data: bytes) -> bytes:
         return decode_envelope(data).message_id
     except DecodeError:
         return b""
+
+
+def _recipient(data: bytes) -> str:
+    try:
+        return decode_envelope(data).recipient
+    except DecodeError:
+        return ""

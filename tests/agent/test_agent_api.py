@@ -196,7 +196,7 @@ def test_delivery_is_synchronous_and_bidirectional(make_agent, hub) -> None:
         assert got_bob.texts[-1] == f"a{i}"  # handlers ran before send returned
         bob.send("alice", f"b{i}")
         assert got_alice.texts[-1] == f"b{i}"
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
 
 
 def test_reply_from_inside_a_handler(make_agent, hub) -> None:
@@ -428,7 +428,7 @@ def test_public_bundle_json_safe(make_agent, hub) -> None:
 def test_local_hub_basics(make_agent) -> None:
     hub = LocalHub()
     assert hub.list_agents() == []
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     alice = make_agent("alice", hub=hub)
     bob = make_agent("bob", hub=hub)
     assert sorted(hub.list_agents()) == ["alice", "bob"]
@@ -442,10 +442,10 @@ def test_local_hub_basics(make_agent) -> None:
 
     # bob is registered: the message goes straight into his inbox.
     alice.send("bob", "1")
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     bob.close()
     alice.send("bob", "2")
-    assert hub.message_count() == 1  # queued for the closed bob
+    assert hub.queued_count() == 1  # queued for the closed bob
     hub.close()
 
 
@@ -518,7 +518,7 @@ def test_replay_through_hub_is_rejected(make_agent, hub, which) -> None:
 
     assert inbox.texts == ["one", "two"]  # no second delivery
     assert stable_status(bob) == before
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     # The conversation continues in both directions.
     alice.send("bob", "three")
     bob.send("alice", "reply 2")
@@ -529,9 +529,9 @@ def test_replay_through_hub_is_rejected(make_agent, hub, which) -> None:
 def test_replay_directly_to_receive_envelope_is_a_duplicate(make_agent, hub) -> None:
     alice, bob, inbox, _ = _conversation(make_agent, hub)
     alice.send("bob", "one")
-    report = bob.receive_envelope(hub.envelopes[0])
+    report = bob.endpoint.receive_envelope(hub.envelopes[0])
     assert report.accepted and report.duplicate
-    bob.dispatch_pending()
+    bob.endpoint.dispatch_pending()
     assert inbox.texts == ["one"]
 
 
@@ -586,7 +586,7 @@ def test_envelope_for_someone_else_is_rejected(make_agent, hub) -> None:
     alice.send("bob", "for bob")
     before = stable_status(carol)
     with pytest.raises(CryptoError):
-        carol.receive_envelope(hub.envelopes[0])
+        carol.endpoint.receive_envelope(hub.envelopes[0])
     assert stable_status(carol) == before
 
 
@@ -608,8 +608,8 @@ def test_sign_login_refuses_bytes_that_are_not_a_login_challenge():
 
     agent = Agent("signer")
     with pytest.raises(LocalProtocolError):
-        agent.sign_login(b"pay mallory 100 coins")
-    assert len(agent.sign_login(LOGIN_CONTEXT + bytes(32))) == 64
+        agent.endpoint.sign_login(b"pay mallory 100 coins")
+    assert len(agent.endpoint.sign_login(LOGIN_CONTEXT + bytes(32))) == 64
 
 
 def test_small_order_ed25519_identity_keys_are_rejected():

@@ -373,7 +373,9 @@ def test_a_refused_submission_frees_its_slot_and_is_reported() -> None:
     assert pair.server is not None
     pair.server.reply_error(pair.sends[0].request_id, "mailbox_full", "full")
     effects = pair.pump()
-    assert effects == [cs.Refused("envelope", "mailbox_full", "full", mid(data))]
+    assert effects == [
+        cs.Refused("envelope", "mailbox_full", "full", mid(data), "bob", report=True)
+    ]
     assert pair.session.in_flight == 0
 
 
