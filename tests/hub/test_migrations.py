@@ -25,7 +25,7 @@ from agentmesh.hub import models
 from agentmesh.hub.store import HubStore, migrations_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HUB_TABLES = {"agents", "one_time_prekeys", "envelopes", "mailboxes"}
+HUB_TABLES = {"agents", "one_time_prekeys", "envelopes", "mailboxes", "agent_leases"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -76,7 +76,7 @@ def test_migrations_are_packaged_with_a_single_head() -> None:
     assert (directory / "__init__.py").is_file()
     assert (directory / "versions" / "__init__.py").is_file()
     heads = ScriptDirectory(str(directory)).get_heads()
-    assert heads == ["0001"]
+    assert heads == ["0002"]
 
 
 def test_cli_upgrade_and_downgrade(db_url: str) -> None:
@@ -85,7 +85,7 @@ def test_cli_upgrade_and_downgrade(db_url: str) -> None:
     assert tables(db_url) >= HUB_TABLES | {"alembic_version"}
     current = alembic_cli(db_url, "current")
     assert current.returncode == 0, current.stderr
-    assert "0001 (head)" in current.stdout
+    assert "0002 (head)" in current.stdout
 
     with HubStore(db_url) as hub:
         hub.check_revision()  # the CLI and the store agree on head
