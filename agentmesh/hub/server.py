@@ -502,6 +502,8 @@ class _Session(asyncio.Protocol):
         #: Names this connection in the agent's lease (shared databases).
         self.session_id = secrets.randbits(62)
         self.holds_lease = False
+        self._claiming = False
+        self._lease_refused = False
         self.low_notified = False
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -806,26 +808,33 @@ class _Session(asyncio.Protocol):
             self.holds_lease = False
         elif claim.granted:
             self.holds_lease = True
-            self._timers.pop("lease", None)
+            timer = self._timers.pop("lease", None)
+            if timer is not None:
+                timer.cancel()
             delivery.lease(started_ms + self.hub.lease_trust_ms)
         else:
             self.holds_lease = False
             delivery.lease(0)
-            logger.info(
-                "%s is online on hub %r; asked it to let go (waiting at most %.1fs)",
-                self.agent_id,
-                claim.hub_id,
-                max(0, claim.expires_at_ms - started_ms) / 1000,
-            )
+            if not self._lease_refused:  # once per session: retries are routine
+                self._lease_refused = True
+                logger.info(
+                    "%s is online on hub %r; asked it to let go (waiting at most %.1fs)",
+                    self.agent_id,
+                    claim.hub_id,
+                    max(0, claim.expires_at_ms - started_ms) / 1000,
+                )
             wait_s = max(0.0, (claim.expires_at_ms - started_ms) / 1000) + 0.02
             self._schedule("lease", min(wait_s, self.hub.maintain_interval_s), self.claim_lease)
         self.pump_mailbox()
 
     def claim_lease(self) -> None:
         """Try again to take the agent's lease (it was held by another hub)."""
-        if not self.usable or self.agent_id is None or self.holds_lease:
+        if not self.usable or self.agent_id is None or self.holds_lease or self._claiming:
             return
-        self._timers.pop("lease", None)
+        timer = self._timers.pop("lease", None)
+        if timer is not None:
+            timer.cancel()
+        self._claiming = True
         self._spawn(self._claim(self.agent_id))
 
     async def _claim(self, agent_id: str) -> None:
@@ -833,9 +842,11 @@ class _Session(asyncio.Protocol):
         try:
             claim = await self._db(lambda: self.hub.claim_lease(agent_id, self.session_id, now))
         except Exception:
+            self._claiming = False
             logger.exception("claiming the lease of %s failed; retrying", agent_id)
             self._schedule("lease", 1.0, self.claim_lease)
             return
+        self._claiming = False
         if not self.usable or self.hub.online.get(agent_id) is not self:
             if claim is not None and claim.granted:
                 self.hub.release_lease(agent_id, self.session_id)
@@ -1017,6 +1028,7 @@ class _Hub:
         self.lease_trust_ms = self.lease_ttl_ms * 3 // 4
         self.maintain_interval_s = min(options.catchup_interval_s, options.lease_ttl_s / 3)
         self.listener: HubListener | None = None
+        self._next_catch_up = 0.0
 
     # -- leases and cross-hub wake-ups (shared databases) -----------------
 
@@ -1096,6 +1108,9 @@ class _Hub:
         for session in list(self.online.values()):
             if not session.holds_lease:
                 session.claim_lease()
+        if self.loop.time() < self._next_catch_up:
+            return
+        self._next_catch_up = self.loop.time() + self.options.catchup_interval_s
         cursors = {
             agent_id: session.delivery.cursor
             for agent_id, session in self.online.items()
