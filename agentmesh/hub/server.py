@@ -262,6 +262,8 @@ class TokenBucket:
 class _SendJob:
     item: NewEnvelope
     done: Callable[[EnqueueResult | BaseException], None]
+    #: Wake the other hubs (shared databases): the recipient's session is not here.
+    notify: bool = True
 
 
 @dataclass(slots=True)
@@ -316,9 +318,12 @@ class StoreWorker:
         self._thread.join()
 
     def submit_send(
-        self, item: NewEnvelope, done: Callable[[EnqueueResult | BaseException], None]
+        self,
+        item: NewEnvelope,
+        done: Callable[[EnqueueResult | BaseException], None],
+        notify: bool = True,
     ) -> None:
-        self._queue.put(_SendJob(item, done))
+        self._queue.put(_SendJob(item, done, notify))
 
     def submit_ack(self, recipient: str, message_ids: tuple[bytes, ...]) -> None:
         self._queue.put(_AckJob(recipient, message_ids))
@@ -403,6 +408,7 @@ class StoreWorker:
                         max_bytes_per_recipient=self._options.mailbox_max_bytes,
                         acks=attempt,
                         notify_from=self.notify_from,
+                        notify_for={job.item.recipient for job in jobs if job.notify},
                     )
                 )
                 break
@@ -880,7 +886,11 @@ class _Session(asyncio.Protocol):
             if self._paused and self._pending_send_bytes * 2 < self.options.max_pending_send_bytes:
                 self._set_paused(False)
 
-        self.hub.worker.submit_send(item, done)
+        # The recipient's live session is here: the other hubs need no wake-up. If it
+        # moves meanwhile, this hub frees its lease through the same writer queue,
+        # after this commit, and the new hub pages the mailbox once it holds the lease.
+        here = self.hub.online.get(event.recipient)
+        self.hub.worker.submit_send(item, done, here is None or not here.holds_lease)
         if self._pending_send_bytes > self.options.max_pending_send_bytes:
             self._set_paused(True)
 

@@ -69,7 +69,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -906,11 +906,14 @@ class HubStore:
         max_bytes_per_recipient: int,
         acks: dict[str, list[bytes]] | None = None,
         notify_from: str | None = None,
+        notify_for: Collection[str] | None = None,
     ) -> list[EnqueueResult]:
         """Queue a batch of envelopes in ONE transaction (group commit).
 
         ``notify_from`` (PostgreSQL): the hub id to name in the ``m HUB AGENT``
-        notification sent, at the commit, for each recipient that got mail.
+        notification sent, at the commit, for each recipient that got mail
+        (only those in ``notify_for``, if given: the caller knows where the
+        others are served).
 
         ``acks`` (``{recipient: message ids}``, as for :meth:`ack_many`) are
         deleted in the same transaction, before the batch is stored, so the
@@ -959,6 +962,7 @@ class HubStore:
                                 item.recipient
                                 for item, result in zip(batch, results, strict=True)
                                 if result.status is EnqueueStatus.STORED
+                                and (notify_for is None or item.recipient in notify_for)
                             }
                         )
                         _notify(conn, [f"m {notify_from} {recipient}" for recipient in stored])
