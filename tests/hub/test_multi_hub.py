@@ -186,7 +186,29 @@ def test_failover_after_kill_of_the_recipients_hub(start_hubs: Any, tmp_path: Pa
         wait_until(lambda: logins(b, "bob") >= 1, what="bob moved to hub B")
         texts = [int(t) for t in inbox.texts]
         assert texts == list(range(total))  # 0 lost, 0 duplicated, order kept
+        # Hub B waited for dead hub A's lease to expire before pushing to bob.
+        assert "bob is online on hub" in b.log()
         alice.close()
+        bob.close()
+
+
+def test_a_restarted_hub_frees_the_leases_of_its_previous_run(
+    start_hubs: Any, pg_db: str, tmp_path: Path
+) -> None:
+    (a,) = start_hubs(1, "--lease-ttl", "3600", "--catchup-interval", "0.5")
+    with client(a) as via_a:
+        bob = Agent("bob", hub=via_a, keypair_path=tmp_path / "bob.json")
+        inbox = Inbox()
+        bob.on_message(inbox)
+        wait_until(lambda: lease_holder(pg_db, "bob") is not None, what="bob's lease")
+        a.kill()
+        a.start()  # same port, so the same hub id: an hour-long lease is no obstacle
+        assert "freed 1 agent leases held by this hub's previous run" in a.log()
+        with client(a) as sender_hub:
+            alice = Agent("alice", hub=sender_hub, keypair_path=tmp_path / "alice.json")
+            alice.send("bob", text="after the restart")
+            wait_until(lambda: inbox.texts == ["after the restart"], what="bob receives again")
+            alice.close()
         bob.close()
 
 
