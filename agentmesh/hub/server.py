@@ -1475,7 +1475,11 @@ class NetworkHubServer:
 
         hub.listener = hub.store.listen(notified, connected)
         hub.listener.start()
-        await loop.run_in_executor(None, hub.listener.connected.wait, 10.0)
+        if not await loop.run_in_executor(None, hub.listener.connected.wait, 10.0):
+            logger.warning(
+                "the hub listener could not LISTEN yet (retrying): until it does, mail "
+                "committed by other hubs arrives with the periodic catch-up"
+            )
         logger.info("hub id %s: sharing the database with other hubs (LISTEN/NOTIFY)", hub.hub_id)
 
     async def _purge_forever(self, hub: _Hub) -> None:
