@@ -23,6 +23,8 @@ from sqlalchemy import create_engine, text
 from test_server import FakeEndpoint
 
 from agentmesh import Agent, AsyncNetworkHub, NetworkHub
+from agentmesh.hub.store import EnqueueStatus, HubStore, NewEnvelope
+from agentmesh.wire.envelope import decode_envelope
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -210,6 +212,53 @@ def test_a_restarted_hub_frees_the_leases_of_its_previous_run(
             wait_until(lambda: inbox.texts == ["after the restart"], what="bob receives again")
             alice.close()
         bob.close()
+
+
+def test_the_periodic_catch_up_delivers_without_a_notification(start_hubs: Any, pg_db: str) -> None:
+    (a,) = start_hubs(1, *FAST)
+    carol = FakeEndpoint("carol")
+    with client(a) as via_a:
+        via_a.register(carol)
+        wait_until(lambda: lease_holder(pg_db, "carol") is not None, what="carol's lease")
+        # A writer that sends no NOTIFY (as if the notification were lost).
+        data = carol.envelope("carol", sender="dave")
+        with HubStore(pg_db) as silent:
+            stored = silent.enqueue(
+                [NewEnvelope(decode_envelope(data).message_id, "dave", "carol", data, 10**15)],
+                now_ms=1,
+                max_count_per_recipient=100,
+                max_bytes_per_recipient=10**6,
+            )
+        assert stored[0].status is EnqueueStatus.STORED
+        wait_until(carol.got(1), what="the catch-up finds carol's mail")
+
+
+def test_the_listener_reconnects_and_catches_up(start_hubs: Any, pg_db: str) -> None:
+    # No periodic catch-up: only the listener (and its catch-up on reconnect) delivers.
+    a, b = start_hubs(2, "--lease-ttl", "30", "--catchup-interval", "3600")
+    sender, carol = FakeEndpoint("sender"), FakeEndpoint("carol")
+    with client(a) as via_a, client(b) as via_b:
+        via_a.register(sender)
+        via_b.register(carol)
+        sender.send(via_a, "carol")
+        wait_until(carol.got(1), what="the first message, woken by NOTIFY")
+        engine = create_engine(pg_db)
+        try:
+            with engine.connect() as conn:
+                killed = conn.scalar(
+                    text(
+                        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'agentmesh-hub-listener' "
+                        "AND datname = current_database()"
+                    )
+                )
+        finally:
+            engine.dispose()
+        assert killed == 2
+        for _ in range(5):
+            sender.send(via_a, "carol")
+        wait_until(carol.got(6), what="the rest, after the listeners reconnected")
+        wait_until(lambda: "hub listener lost its database connection" in b.log())
 
 
 def test_servers_input_is_checked() -> None:
