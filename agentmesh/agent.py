@@ -59,9 +59,12 @@ from agentmesh.errors import (
     HubError,
     HubUnavailableError,
     IdentityChangedError,
+    InvalidKeyError,
     LocalProtocolError,
     MessageTooLargeError,
     NoHubError,
+    NoSessionError,
+    PeerNotFoundError,
     ReplayError,
     RequestTimeoutError,
 )
@@ -74,6 +77,7 @@ from agentmesh.protocol.hub_interface import (
     Hub,
     PipelinedHub,
     PrekeyRefreshingHub,
+    RoutingHub,
     supports,
 )
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
@@ -101,6 +105,18 @@ _HANDLER_RETRY_S = 0.05
 _HANDLER_RETRY_MAX_S = 1.0
 #: At interpreter exit an open agent waits this long for the hub to take its outbox.
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 5.0
+#: How long an envelope may wait in the outbox before it is dead-lettered as expired
+#: (the hub's own default TTL: the hub would have dropped it by then).
+DEFAULT_OUTBOX_TTL_S = 7 * 24 * 3600.0
+#: A session notice (see Agent._send_session_notices): at most one per sender this often.
+_NOTICE_INTERVAL_MS = 60_000
+_NOTICE_PEERS_MAX = 10_000
+_SESSION_NOTICE: dict[str, Any] = {
+    "type": "agentmesh.session_notice",
+    "text": "your message could not be opened here: start a new session",
+}
+#: Hub refusals of an envelope that no resend can cure: it leaves the outbox at once.
+_UNCURABLE_REFUSALS = frozenset({"too_large", "bad_envelope", "forged_sender"})
 #: How much of a failing handler's error a dead letter keeps.
 _REASON_MAX = 500
 
@@ -350,9 +366,10 @@ class Agent:
     message carries an Ed25519 signature inside the ciphertext),
     ``require_signatures`` (default: the value of ``sign_messages``),
     ``ratchet_limits``, ``replay_window_ms``, ``clock_ms``, ``max_handler_attempts``
-    (see :meth:`on_message`) and ``exit_flush_timeout_s`` (at interpreter exit an
+    (see :meth:`on_message`), ``exit_flush_timeout_s`` (at interpreter exit an
     agent still open waits up to this long for the hub to take its outbox, logs what
-    is left, and closes; 0 skips the wait).
+    is left, and closes; 0 skips the wait) and ``outbox_ttl_s`` (an envelope the hub
+    has not taken after this long, default 7 days, moves to :meth:`dead_letters`).
 
     The signing mode belongs to a session, fixed by whoever starts it and
     authenticated by every message (docs/PROTOCOL.md, "Per-message signature"):
@@ -378,6 +395,7 @@ class Agent:
         prekey_pool_size: int = ONE_TIME_POOL_SIZE,
         max_handler_attempts: int = DEFAULT_MAX_HANDLER_ATTEMPTS,
         exit_flush_timeout_s: float = DEFAULT_EXIT_FLUSH_TIMEOUT_S,
+        outbox_ttl_s: float = DEFAULT_OUTBOX_TTL_S,
         clock_ms: Callable[[], int] = _now_ms,
         _rng: p.RandomBytes = p.random_bytes,
     ) -> None:
@@ -398,6 +416,11 @@ class Agent:
             raise ConfigurationError("max_handler_attempts must be at least 1")
         self._max_handler_attempts = max_handler_attempts
         self._exit_flush_timeout_s = exit_flush_timeout_s
+        if not outbox_ttl_s > 0:
+            raise ConfigurationError("outbox_ttl_s must be positive")
+        self._outbox_ttl_ms = int(outbox_ttl_s * 1000)
+        #: When each sender last got a session notice (see _send_session_notices).
+        self._notices: dict[str, int] = {}
         self._exit_hook: Callable[[], None] | None = None
         self._handlers: list[Handler] = []
         #: Parsed session records by peer, as last committed (saves a parse per message).
@@ -522,31 +545,58 @@ class Agent:
     def trust(self, peer_id: str, fingerprint: str) -> None:
         """Accept a peer's new identity key after verifying ``fingerprint`` out of band.
 
-        Replaces the pin and drops the old sessions; messages held back by
-        :class:`IdentityChangedError` are then delivered (the hub redelivers them).
-        Raises ValueError if ``fingerprint`` matches neither the pending nor the pinned key.
+        The new key is the one the peer last presented (recorded when
+        :class:`IdentityChangedError` was raised) or, if it matches neither that nor
+        the pinned one, the one the hub now holds for the peer (after an operator
+        released the id for a lost key, say, before the peer wrote). Replaces the pin
+        and drops the old sessions; messages held back by IdentityChangedError are then
+        delivered (the hub redelivers them), and outbox envelopes sealed for the old
+        key move to :meth:`dead_letters`. Raises ValueError if ``fingerprint`` matches
+        none of these keys (nothing changes), PeerNotFoundError if the peer is unknown.
         """
         peer_id = validate_agent_id(peer_id)
+        wanted = fingerprint.strip().lower().encode()
         pinned = self._state.pinned_identity(peer_id)
         if pinned is None:
             raise ValueError(f"No identity known for peer {peer_id!r}")
         current, pending = pinned
-        for candidate in (pending, current):
-            if candidate is None:
-                continue
-            identity = PublicIdentity.decode(candidate)
-            if p.constant_time_equal(
-                identity.fingerprint.encode(), fingerprint.strip().lower().encode()
+        matched = self._matching_identity(wanted, pending, current)
+        if matched is None and self.hub is not None:
+            try:
+                offered = self._fetch_bundle(peer_id).identity.encode()  # verified
+            except (HubUnavailableError, PeerNotFoundError, CryptoError, DecodeError) as exc:
+                self.log.info("could not read %s's identity on the hub: %s", peer_id, exc)
+            else:
+                if self._matching_identity(wanted, offered) is not None:
+                    matched = pending = offered
+        if matched is None:
+            raise ValueError(
+                f"Fingerprint {fingerprint!r} does not match any identity of {peer_id!r}"
+            )
+        if matched is current and matched is not pending:
+            return  # already the pinned key
+        with self._lock:
+            self._state.repin(peer_id, matched, self._clock())
+            self._records.pop(peer_id, None)
+            # Sealed for the key just replaced: the trusted one can never read them,
+            # so they must not wait in the outbox.
+            self._dead_letter_sent(
+                self._state.outbox_to(peer_id),
+                f"identity_changed: sealed for {peer_id}'s previous identity key; send it again",
+            )
+        self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
+        if self.hub is not None:
+            self.hub.register(self)  # redeliver what was held back
+
+    @staticmethod
+    def _matching_identity(wanted: bytes, *candidates: bytes | None) -> bytes | None:
+        """The first encoded identity among ``candidates`` whose fingerprint is ``wanted``."""
+        for candidate in candidates:
+            if candidate is not None and p.constant_time_equal(
+                PublicIdentity.decode(candidate).fingerprint.encode(), wanted
             ):
-                with self._lock:
-                    if candidate is pending:
-                        self._state.repin(peer_id, candidate, self._clock())
-                        self._records.pop(peer_id, None)
-                self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
-                if self.hub is not None and candidate is pending:
-                    self.hub.register(self)  # redeliver what was held back
-                return
-        raise ValueError(f"Fingerprint {fingerprint!r} does not match any identity of {peer_id!r}")
+                return candidate
+        return None
 
     # -- handlers ---------------------------------------------------------
 
@@ -749,8 +799,12 @@ class Agent:
         wait: bool,
         in_reply_to: bytes | None = None,
         message_id: bytes | None = None,
+        control: bool = False,
     ) -> bytes:
-        """:meth:`send_payload`, optionally as a reply or with a chosen id; returns the id."""
+        """:meth:`send_payload`, optionally as a reply, a control message (for the peer
+        agent, not its handlers) or with a chosen id; returns the id. A control message
+        always starts a new session (from a fresh bundle), which any holder of the
+        peer's current identity can open; the old sessions stay archived."""
         if self.hub is None:
             raise NoHubError()
         recipient_id = validate_agent_id(recipient_id)
@@ -759,8 +813,8 @@ class Agent:
         plaintext = encode_payload(payload)
         self._maintain_prekeys_if_due()
         self._publish_prekeys()
-        with self._locked_with_bundle(recipient_id) as bundle:
-            record, pin = self._sending_record(recipient_id, bundle)
+        with self._locked_with_bundle(recipient_id, fresh=control) as bundle:
+            record, pin = self._sending_record(recipient_id, bundle, fresh=control)
             session = record.active
             assert session is not None
             session = session.copy()
@@ -778,6 +832,7 @@ class Agent:
                 message_id=message_id,
                 timestamp_ms=self._clock(),
                 in_reply_to=in_reply_to,
+                control=control,
             )
             data = envelope.to_bytes()
             new_record = record.promote(session, replaces=record.active)
@@ -862,12 +917,19 @@ class Agent:
             )
 
     def _transmit(self, message_id: bytes, data: bytes) -> None:
-        assert self.hub is not None
+        hub = self.hub
+        assert hub is not None
         try:
-            self.hub.deliver(data)
+            if supports(hub, RoutingHub):
+                hub.route(data)  # the recipient's verdict stays the recipient's
+            else:
+                hub.deliver(data)
         except HubUnavailableError as exc:
             self.log.warning("hub unreachable; message kept in the outbox for resend: %s", exc)
             return
+        except (HubError, PeerNotFoundError) as exc:
+            self.envelope_refused(message_id, exc)
+            raise
         self._state.defer_outbox_removal([message_id])
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -920,12 +982,14 @@ class Agent:
         return bundle.verify()
 
     @contextlib.contextmanager
-    def _locked_with_bundle(self, peer_id: str) -> Iterator[PrekeyBundle | None]:
+    def _locked_with_bundle(
+        self, peer_id: str, *, fresh: bool = False
+    ) -> Iterator[PrekeyBundle | None]:
         """Hold the lock with either a session that can send to ``peer_id`` or a fresh
-        bundle of the peer's (then yielded). The bundle is fetched with no lock held,
-        since the hub may call back into agents; if the session vanished meanwhile
-        (``trust()`` dropped it), a bundle is fetched after all."""
-        bundle = None if self._can_send_to(peer_id) else self._fetch_bundle(peer_id)
+        bundle of the peer's (then yielded; always, if ``fresh``). The bundle is fetched
+        with no lock held, since the hub may call back into agents; if the session
+        vanished meanwhile (``trust()`` dropped it), a bundle is fetched after all."""
+        bundle = None if self._can_send_to(peer_id) and not fresh else self._fetch_bundle(peer_id)
         while True:
             with self._lock:
                 if bundle is not None or self._can_send_to(peer_id):
@@ -934,18 +998,19 @@ class Agent:
             bundle = self._fetch_bundle(peer_id)
 
     def _sending_record(
-        self, peer_id: str, bundle: PrekeyBundle | None
+        self, peer_id: str, bundle: PrekeyBundle | None, *, fresh: bool = False
     ) -> tuple[SessionRecord, bytes | None]:
         """The peer's session record with an active session that can send.
 
-        Starts a new session from ``bundle`` if there is none. Returns the record
-        and the identity to pin (None if already pinned). Call with the lock held.
+        Starts a new session from ``bundle`` if there is none (or, if ``fresh``, in any
+        case). Returns the record and the identity to pin (None if already pinned).
+        Call with the lock held.
         """
         record = self._record(peer_id) or SessionRecord()
         pinned = self._state.pinned_identity(peer_id)
         if pinned is not None and pinned[1] is not None:
             self._raise_identity_changed(peer_id, pinned[0], pinned[1])
-        if record.active is not None and record.active.ratchet.can_send:
+        if not fresh and record.active is not None and record.active.ratchet.can_send:
             return record, None
         assert bundle is not None  # _locked_with_bundle: a sending session or a bundle
         pin = self._check_pin(peer_id, bundle.identity)
@@ -1109,6 +1174,37 @@ class Agent:
         finally:
             self._publish_prekeys()  # a consumed one-time key may need replacing
             self._notify_arrival()
+
+    def unreadable_envelope(self, sender: str, error: Exception) -> None:
+        """The hub delivered an envelope from ``sender`` that this agent refused with
+        ``error``. If no session here could open it, tell the sender (a session notice).
+
+        That happens when the sender holds a session (or a bundle) of an identity this
+        id no longer has: our key was lost and the id re-registered, or we lost our
+        state. The notice is a control message in a fresh session (a PQXDH initial
+        message), so the sender learns our current identity: a sender that pinned the
+        old one gets IdentityChangedError naming both fingerprints (and can trust() the
+        new one); a sender whose pin matches simply continues in the new session. Only
+        hubs call this, for envelopes whose sender they authenticated (a network hub
+        refuses envelopes not from the logged-in agent); envelopes handed straight to
+        :meth:`receive_envelopes` never cause one. At most one notice per sender per
+        minute. Called with no lock held.
+        """
+        if self.hub is None or not isinstance(error, NoSessionError | InvalidKeyError):
+            return
+        now = self._clock()
+        if sender == self._id:
+            return
+        if now - self._notices.get(sender, -_NOTICE_INTERVAL_MS) < _NOTICE_INTERVAL_MS:
+            return
+        if len(self._notices) >= _NOTICE_PEERS_MAX:
+            self._notices.clear()  # a bound, not a cache: forgetting allows one more
+        self._notices[sender] = now
+        try:
+            self._send(sender, _SESSION_NOTICE, wait=False, control=True)
+            self.log.info("told %s that its messages cannot be opened here", sender)
+        except Exception as exc:  # the sender may be gone, or its identity changed
+            self.log.info("could not send a session notice to %s: %s", sender, exc)
 
     def _notify_arrival(self) -> None:
         """Run due reply callbacks and tell the arrival listeners (call with no lock
@@ -1296,6 +1392,7 @@ class Agent:
                 message.signature,
                 bytes(data),
                 message.in_reply_to,
+                message.control,
             )
         )
         return DeliveryReport(accepted=True)
@@ -1427,10 +1524,19 @@ class Agent:
     # -- dead letters -------------------------------------------------------
 
     def dead_letters(self) -> list[DeadLetter]:
-        """The dead-letter list, oldest first: received messages whose handler kept
-        raising after ``max_handler_attempts`` attempts (``direction="in"``, with the
-        error as ``reason``). It persists in the state file; nothing in it is lost or
-        retried until you call :meth:`retry_dead_letter` or :meth:`discard_dead_letter`."""
+        """The dead-letter list, oldest first. It persists in the state file; nothing in
+        it is lost or retried until you call :meth:`retry_dead_letter` or
+        :meth:`discard_dead_letter`.
+
+        * ``direction="in"``: received messages whose handler kept raising after
+          ``max_handler_attempts`` attempts, with the error as ``reason``.
+        * ``direction="out"``: sent messages that left the outbox because no resend
+          could deliver them (``payload`` is None: only the ciphertext was kept):
+          the hub refused them for good (too large, malformed), their recipient
+          stayed unknown to the hub for ``outbox_ttl_s``, the hub did not take them
+          within ``outbox_ttl_s`` (expired), or they were sealed for a peer's
+          identity key that :meth:`trust` replaced. Later messages are never
+          held behind them."""
         return [
             DeadLetter(
                 direction,
@@ -1447,10 +1553,20 @@ class Agent:
 
     def retry_dead_letter(self, message_id: str) -> None:
         """Hand a received dead letter to the handlers again (or to ``next_message``),
-        after the messages already waiting. Raises LocalProtocolError if there is no
-        received dead letter with that id."""
-        if not self._state.retry_dead_letter(_message_id_bytes(message_id)):
-            raise LocalProtocolError(f"no received dead letter with id {message_id!r}")
+        after the messages already waiting. Put a sent one back into the outbox and hand
+        it to the hub at once, as it was (e.g. after the hub's limit was raised); if the
+        hub is unreachable it waits in the outbox, and if the hub refuses it again the
+        error is raised (and a refusal no resend can cure makes it a dead letter again).
+        Raises LocalProtocolError if there is no dead letter with that id."""
+        mid = _message_id_bytes(message_id)
+        retried = self._state.retry_dead_letter(mid, self._clock())
+        if retried is None:
+            raise LocalProtocolError(f"no dead letter with id {message_id!r}")
+        direction, envelope = retried
+        if direction == "out":
+            if self.hub is not None:
+                self._transmit(mid, envelope)
+            return
         with self._arrival:
             self._arrival.notify_all()
         self._notify_arrival()
@@ -1462,6 +1578,12 @@ class Agent:
             raise LocalProtocolError(f"no dead letter with id {message_id!r}")
 
     # -- hub endpoint plumbing --------------------------------------------
+
+    @property
+    def ephemeral_identity(self) -> bool:
+        """No key file: the identity dies with this object, so hubs bind the id
+        ephemerally (another key may take it once this agent is disconnected)."""
+        return self._state.path is None
 
     @property
     def signing_public_key(self) -> bytes:
@@ -1509,8 +1631,37 @@ class Agent:
         self._publish_prekeys()
 
     def unacked_envelopes(self) -> list[bytes]:
+        self._dead_letter_sent(
+            self._state.outbox_older_than(self._clock() - self._outbox_ttl_ms),
+            "expired: the hub did not take it within outbox_ttl_s",
+        )
         self._state.sync()  # a (re)login re-sends these: they must be on disk first
         return [env for _, env in self._state.outbox()]
+
+    def envelope_refused(self, message_id: bytes, error: Exception) -> None:
+        """The hub refused an outbox envelope. One that no resend can cure (too large,
+        malformed, or addressed to an id that stayed unknown for ``outbox_ttl_s``)
+        moves to the dead letters, so it neither blocks nor arrives after later
+        messages; other refusals (a full mailbox) keep it for the next resend."""
+        code = getattr(error, "code", "")
+        if isinstance(error, PeerNotFoundError):
+            code = "unknown_recipient"
+            expired = self._state.outbox_older_than(self._clock() - self._outbox_ttl_ms)
+            if message_id not in expired:
+                self.log.warning(
+                    "recipient of %s is unknown to the hub; kept in the outbox until it "
+                    "registers or outbox_ttl_s passes",
+                    message_id.hex(),
+                )
+                return
+        elif code not in _UNCURABLE_REFUSALS:
+            return
+        self._dead_letter_sent([message_id], f"refused by the hub: {error}")
+
+    def _dead_letter_sent(self, message_ids: list[bytes], reason: str) -> None:
+        moved = self._state.dead_letter_sent(message_ids, reason) if message_ids else []
+        for message_id in moved:
+            self.log.warning("sent message %s is now a dead letter: %s", message_id.hex(), reason)
 
     def envelope_acked(self, message_id: bytes) -> None:
         self._state.defer_outbox_removal([message_id])

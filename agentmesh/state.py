@@ -235,6 +235,8 @@ class InboxRow:
     envelope: bytes = b""
     #: The id of the message this one answers (a reply), from inside the ciphertext.
     in_reply_to: bytes | None = None
+    #: A control message for the agent itself: it gets a replay record, no inbox row.
+    control: bool = False
 
 
 class AgentState:
@@ -776,8 +778,8 @@ class AgentState:
 
         ``records``: the newest session record of each sender; ``pins``: identities
         to pin for new peers; ``prekeys``: the prekey secrets if a one-time key was
-        consumed; ``messages``: a replay record and an inbox row each, in arrival
-        order (their ``seq`` is ignored). All or nothing.
+        consumed; ``messages``: a replay record and (unless ``control``) an inbox row
+        each, in arrival order (their ``seq`` is ignored). All or nothing.
         """
         with self._tx(secret=True) as db:
             for peer_id, identity in pins.items():
@@ -804,6 +806,7 @@ class AgentState:
                         m.in_reply_to,
                     )
                     for m in messages
+                    if not m.control
                 ],
             )
 
@@ -913,6 +916,48 @@ class AgentState:
             )
             db.execute("DELETE FROM inbox WHERE seq = ?", (row.seq,))
 
+    def dead_letter_sent(self, message_ids: list[bytes], reason: str) -> list[bytes]:
+        """Move outbox envelopes that no resend can deliver to the dead-letter list (in
+        one transaction: each is in exactly one of the two). Returns the ids moved;
+        ids no longer in the outbox (acknowledged meanwhile) are skipped."""
+        moved: list[bytes] = []
+        with self._tx() as db:
+            for message_id in message_ids:
+                row = db.execute(
+                    "SELECT recipient, envelope, created_ms FROM outbox WHERE message_id = ?",
+                    (message_id,),
+                ).fetchone()
+                if row is None:
+                    continue
+                recipient, envelope, created_ms = row
+                db.execute(
+                    "INSERT OR REPLACE INTO dead_letters (message_id, direction, peer, reason, "
+                    "payload, timestamp_ms, signature, envelope, in_reply_to) "
+                    "VALUES (?, 'out', ?, ?, NULL, ?, NULL, ?, NULL)",
+                    (message_id, recipient, reason, created_ms, envelope),
+                )
+                db.execute(_DELETE_OUTBOX_SQL, (message_id,))
+                moved.append(message_id)
+        return moved
+
+    def outbox_older_than(self, cutoff_ms: int) -> list[bytes]:
+        """Ids of outbox envelopes committed before ``cutoff_ms``, oldest first."""
+        with self._lock:
+            self._flush_acked()
+            rows = self._db.execute(
+                "SELECT message_id FROM outbox WHERE created_ms < ? ORDER BY seq", (cutoff_ms,)
+            ).fetchall()
+        return [bytes(m) for (m,) in rows]
+
+    def outbox_to(self, peer_id: str) -> list[bytes]:
+        """Ids of the outbox envelopes addressed to ``peer_id``, oldest first."""
+        with self._lock:
+            self._flush_acked()
+            rows = self._db.execute(
+                "SELECT message_id FROM outbox WHERE recipient = ? ORDER BY seq", (peer_id,)
+            ).fetchall()
+        return [bytes(m) for (m,) in rows]
+
     def dead_letters(self) -> list[tuple[str, bytes, str, str, bytes | None, int]]:
         """``(direction, message_id, peer, reason, payload, timestamp_ms)`` of every
         dead letter, oldest first."""
@@ -926,23 +971,39 @@ class AgentState:
             for d, m, peer, reason, pl, ts in rows
         ]
 
-    def retry_dead_letter(self, message_id: bytes) -> bool:
+    def retry_dead_letter(self, message_id: bytes, now_ms: int) -> tuple[str, bytes] | None:
         """Put a received dead letter back into the inbox (it is dispatched again, as the
-        newest message); False if there is no such received dead letter."""
+        newest message), or a sent one back into the outbox (resent as it was, as the
+        newest envelope, its outbox clock restarted at ``now_ms``). Returns
+        ``(direction, envelope)``, or None if there is no such dead letter."""
         with self._tx() as db:
+            sent = db.execute(
+                "SELECT peer, envelope, timestamp_ms FROM dead_letters "
+                "WHERE message_id = ? AND direction = 'out'",
+                (message_id,),
+            ).fetchone()
+            if sent is not None:
+                peer, envelope, _ = sent
+                db.execute(
+                    "INSERT INTO outbox (message_id, recipient, envelope, created_ms) "
+                    "VALUES (?, ?, ?, ?)",
+                    (message_id, peer, envelope, now_ms),
+                )
+                db.execute("DELETE FROM dead_letters WHERE message_id = ?", (message_id,))
+                return "out", bytes(envelope)
             row = db.execute(
                 "SELECT peer, payload, timestamp_ms, signature, envelope, in_reply_to "
                 "FROM dead_letters WHERE message_id = ? AND direction = 'in'",
                 (message_id,),
             ).fetchone()
             if row is None:
-                return False
+                return None
             peer, payload, ts, signature, envelope, in_reply_to = row
             db.execute(
                 _INSERT_INBOX_SQL, (message_id, peer, payload, ts, signature, envelope, in_reply_to)
             )
             db.execute("DELETE FROM dead_letters WHERE message_id = ?", (message_id,))
-            return True
+            return "in", bytes(envelope)
 
     def discard_dead_letter(self, message_id: bytes) -> bool:
         """Delete a dead letter for good; False if there is none with that id."""

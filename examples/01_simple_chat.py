@@ -34,4 +34,4 @@ print(
     f"alice status: sessions={status['active_sessions']} peers={status['known_peers']} "
     f"handlers={status['handlers']}"
 )
-print(f"messages still queued on the hub: {hub.message_count()}")
+print(f"messages still queued on the hub: {hub.queued_count()}")

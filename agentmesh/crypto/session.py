@@ -36,8 +36,11 @@ to answer an unsigned initial message at all.
 The inner plaintext is ``u8 flags || u32 len || payload [|| in_reply_to] [||
 Ed25519 signature]``: flag 0x01 a signature, flag 0x02 a reply, whose 16-byte
 ``in_reply_to`` is the message id it answers (inside the ciphertext, so the hub
-cannot link requests and replies). A reply's signature covers
-``"AgentMesh-reply-v2" || envelope header || in_reply_to || payload`` instead.
+cannot link requests and replies), flag 0x04 a control message (for the agent
+itself, never for its handlers: a session notice, see docs/PROTOCOL.md). A
+reply's signature covers ``"AgentMesh-reply-v2" || envelope header ||
+in_reply_to || payload`` instead, a control message's ``"AgentMesh-control-v2"
+|| envelope header || payload``.
 The signature travels *inside* the ciphertext, so only the recipient sees it:
 auditability towards the recipient without giving the hub an oracle for
 plaintext guesses.
@@ -80,8 +83,10 @@ SignatureCheck = Callable[[bytes, bytes, bytes], None]
 MESSAGE_KEYS_INFO = b"AgentMesh_v2_MessageKeys"
 SIGNATURE_CONTEXT = b"AgentMesh-msg-v2"
 REPLY_SIGNATURE_CONTEXT = b"AgentMesh-reply-v2"
+CONTROL_SIGNATURE_CONTEXT = b"AgentMesh-control-v2"
 _FLAG_SIGNED = 0x01
 _FLAG_REPLY = 0x02
+_FLAG_CONTROL = 0x04
 #: 2: message keys bound to the message id, the signing mode in the AD (protocol 2).
 _SESSION_VERSION = 2
 MAX_ARCHIVED_SESSIONS = 4
@@ -94,8 +99,15 @@ def message_key_material(message_key: bytes, message_id: bytes) -> tuple[bytes, 
     return out[:32], out[32:]
 
 
-def signed_message(header: bytes, payload: bytes, in_reply_to: bytes | None) -> bytes:
-    """The bytes a message's Ed25519 signature covers (a reply has its own context)."""
+def signed_message(
+    header: bytes, payload: bytes, in_reply_to: bytes | None, control: bool = False
+) -> bytes:
+    """The bytes a message's Ed25519 signature covers (a reply and a control message
+    have their own contexts, so neither can be passed off as the other kind)."""
+    if control:
+        if in_reply_to is not None:
+            raise ValueError("a control message is not a reply")
+        return CONTROL_SIGNATURE_CONTEXT + header + payload
     if in_reply_to is None:
         return SIGNATURE_CONTEXT + header + payload
     return REPLY_SIGNATURE_CONTEXT + header + in_reply_to + payload
@@ -116,6 +128,8 @@ class DecryptedMessage:
     payload: bytes
     signature: bytes | None
     in_reply_to: bytes | None = None
+    #: A control message: for the agent, never for its handlers.
+    control: bool = False
 
 
 @dataclass(slots=True)
@@ -182,15 +196,19 @@ class Session:
         message_id: bytes,
         timestamp_ms: int,
         in_reply_to: bytes | None = None,
+        control: bool = False,
     ) -> Envelope:
         """Encrypt one payload into an envelope. Mutates the session (advance the chain).
 
         ``in_reply_to``: the 16-byte id of the message this one answers (a reply).
+        ``control``: a message for the peer agent itself, not for its handlers.
         """
         if len(message_id) != MESSAGE_ID_LEN:
             raise ValueError("message_id must be 16 bytes")
         if in_reply_to is not None and len(in_reply_to) != MESSAGE_ID_LEN:
             raise ValueError("in_reply_to must be a 16-byte message id")
+        if control and in_reply_to is not None:
+            raise ValueError("a control message is not a reply")
         ratchet_header, message_key = self.ratchet.next_sending_key()
         header = encode_header(
             message_id,
@@ -200,14 +218,16 @@ class Session:
             ratchet_header,
             self.pending_prekey,
         )
-        flags = (_FLAG_SIGNED if self.sign_messages else 0) | (
-            _FLAG_REPLY if in_reply_to is not None else 0
+        flags = (
+            (_FLAG_SIGNED if self.sign_messages else 0)
+            | (_FLAG_REPLY if in_reply_to is not None else 0)
+            | (_FLAG_CONTROL if control else 0)
         )
         inner = Writer().u8(flags).bytes32(payload)
         if in_reply_to is not None:
             inner.raw(in_reply_to)
         if self.sign_messages:
-            inner.raw(identity.sign(signed_message(header, payload, in_reply_to)))
+            inner.raw(identity.sign(signed_message(header, payload, in_reply_to, control)))
         key, nonce = message_key_material(message_key, message_id)
         ciphertext = p.aes_gcm_encrypt(key, nonce, inner.getvalue(), self.associated_data + header)
         return Envelope(
@@ -256,7 +276,9 @@ class Session:
         try:
             r = Reader(inner, "inner plaintext")
             flags = r.u8()
-            if flags & ~(_FLAG_SIGNED | _FLAG_REPLY):
+            if flags & ~(_FLAG_SIGNED | _FLAG_REPLY | _FLAG_CONTROL) or (
+                flags & _FLAG_REPLY and flags & _FLAG_CONTROL
+            ):
                 raise DecodeError("inner plaintext: unknown flags")
             payload = r.bytes32(len(inner))
             in_reply_to = r.raw(MESSAGE_ID_LEN) if flags & _FLAG_REPLY else None
@@ -273,11 +295,14 @@ class Session:
             check_signature(
                 self.peer_identity.signing,
                 signature,
-                signed_message(envelope.header_bytes, payload, in_reply_to),
+                signed_message(
+                    envelope.header_bytes, payload, in_reply_to, bool(flags & _FLAG_CONTROL)
+                ),
             )
         # The peer has the session once it has answered (PQXDH section 3.3).
         new.pending_prekey = None if envelope.prekey is None else new.pending_prekey
-        return new, DecryptedMessage(envelope, payload, signature, in_reply_to)
+        control = bool(flags & _FLAG_CONTROL)
+        return new, DecryptedMessage(envelope, payload, signature, in_reply_to, control)
 
     # -- serialization -----------------------------------------------------
 

@@ -39,6 +39,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import queue
 import random
 import ssl
@@ -50,6 +51,7 @@ from typing import Any, TypeVar
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.errors import (
     AuthFailedError,
+    ConfigurationError,
     CryptoError,
     DecodeError,
     HubError,
@@ -64,6 +66,9 @@ from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
     HubEndpoint,
+    NoticingEndpoint,
+    RefusalAwareEndpoint,
+    is_ephemeral,
     supports,
 )
 from agentmesh.wire.envelope import Envelope, decode_envelope
@@ -164,6 +169,20 @@ def _dial_list(
             raise ValueError(f"servers: {item!r} is listed twice")
         found.append(pair)
     return tuple(found)
+
+
+def _context_trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A client TLS context that trusts the certificates in ``ca_file`` (PEM), for a
+    hub with a self-signed or private-CA certificate. Hostname checking stays on."""
+    path = os.fspath(ca_file)
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"tls: CA file {path!r} does not exist or is not a file")
+    try:
+        return ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigurationError(
+            f"tls: {path!r} holds no PEM certificate a hub could be verified with ({exc})"
+        ) from exc
 
 
 def _chunk_prekeys(prekeys: list[bytes], max_frame_size: int) -> list[list[bytes]]:
@@ -410,6 +429,8 @@ class _Link:
         #: Loop thread: acknowledged message ids for the endpoint, and whether each was
         #: a pipelined send (counted in ``_in_flight``).
         self._acked_ids: list[tuple[bytes, bool]] = []
+        #: (sender, error) of pushed envelopes the endpoint refused (dispatcher thread).
+        self._unreadable: list[tuple[str, Exception]] = []
         self._write_pending = False
         self._upload_lock = asyncio.Lock()
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -516,10 +537,14 @@ class _Link:
         wire = await hub.open_wire(self._on_event)
         try:
             conn = wire.conn
-            signature = await self._call(endpoint.sign_login, conn.login_challenge(self.agent_id))
+            ephemeral = is_ephemeral(endpoint)
+            challenge = conn.login_challenge(self.agent_id, ephemeral=ephemeral)
+            signature = await self._call(endpoint.sign_login, challenge)
             bundle = await self._call(endpoint.prekey_bundle_bytes)
             wire.require_open()
-            rid = conn.login(self.agent_id, endpoint.signing_public_key, signature, bundle)
+            rid = conn.login(
+                self.agent_id, endpoint.signing_public_key, signature, bundle, ephemeral=ephemeral
+            )
             _expect(await wire.request(rid, hub.request_timeout), hp.LoginAccepted)
             self.wire = wire
             self.envelope_limit = conn.max_envelope_bytes
@@ -570,11 +595,13 @@ class _Link:
         results = await asyncio.gather(
             *(self._send_on(wire, data) for data in outbox), return_exceptions=True
         )
-        for result in results:
+        for data, result in zip(outbox, results, strict=True):
             if isinstance(result, HubUnavailableError):
                 raise result
             if isinstance(result, BaseException):
                 logger.warning("%s: outbox envelope refused by the hub: %s", self.agent_id, result)
+                if isinstance(result, Exception):
+                    await self._refused(decode_envelope(data).message_id, result)
                 continue
             await self._call(self.endpoint.envelope_acked, result)
         logger.info("%s: re-sent %d outbox envelopes", self.agent_id, len(outbox))
@@ -723,12 +750,21 @@ class _Link:
             self.loop.call_later(delay, self._send_pipelined, wire, data, message_id)
             return
         logger.warning(
-            "%s: the hub refused envelope %s (%r); it stays in the outbox",
-            self.agent_id,
-            message_id.hex(),
-            event.code,
+            "%s: the hub refused envelope %s (%r)", self.agent_id, message_id.hex(), event.code
         )
+        error = hub_error(event.code, event.text, decode_envelope(data).recipient)
+        task = self.loop.create_task(self._refused(message_id, error))
+        self.hub.tasks.add(task)
+        task.add_done_callback(self.hub.tasks.discard)
         self._resolve(1)
+
+    async def _refused(self, message_id: bytes, error: Exception) -> None:
+        """Tell the endpoint the hub refused an outbox envelope (it may dead-letter it)."""
+        if supports(self.endpoint, RefusalAwareEndpoint):
+            try:
+                await self._call(self.endpoint.envelope_refused, message_id, error)
+            except Exception:
+                logger.exception("%s: recording a refusal failed", self.agent_id)
 
     def _queue_ack(self, message_id: bytes, counted: bool) -> None:
         if not self._acked_ids:
@@ -835,6 +871,7 @@ class _Link:
                 since_dispatch += len(batch)
                 with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
                     self.loop.call_soon_threadsafe(self._processed_batch, results)
+                self._report_unreadable()
             if follow is None and (since_dispatch >= _DISPATCH_EVERY or self._inbox.empty()):
                 since_dispatch = 0
                 self._run_handlers()
@@ -877,12 +914,27 @@ class _Link:
             logger.warning(
                 "%s: dropping envelope %s: %s", self.agent_id, item.message_id.hex(), exc
             )
+            if isinstance(exc, CryptoError):
+                with contextlib.suppress(DecodeError):
+                    self._unreadable.append((decode_envelope(item.envelope).sender, exc))
         except Exception:
             logger.exception(
                 "%s: receiving envelope %s failed", self.agent_id, item.message_id.hex()
             )
             return False  # left on the hub; redelivered after the next login
         return True
+
+    def _report_unreadable(self) -> None:
+        """Dispatcher thread, after the batch's acks were handed to the loop: tell the
+        endpoint who sent what it refused (the hub vouched for each sender: it refuses
+        envelopes that are not from the logged-in agent)."""
+        reports, self._unreadable = self._unreadable, []
+        if reports and supports(self.endpoint, NoticingEndpoint):
+            for sender, error in reports:
+                try:
+                    self.endpoint.unreadable_envelope(sender, error)
+                except Exception:
+                    logger.exception("%s: reporting a refused envelope failed", self.agent_id)
 
     def _run_handlers(self) -> None:
         """Dispatcher thread: let the handler thread run the handlers (never waits)."""
@@ -931,7 +983,10 @@ class NetworkHub:
     ``NetworkHub(servers=["host1:7700", "host2:7700"], ...)`` for several hubs
     sharing one PostgreSQL database: connections try them in order and move to
     the next when one does not answer (docs/SCALING.md). ``tls`` is False, True
-    (verify the hub's certificate with the system trust store) or an
+    (verify the hub's certificate with the system trust store), the path of a
+    PEM CA file to trust instead (``tls="hub.crt"`` for a hub with a
+    self-signed certificate; a missing or unreadable file raises
+    :class:`~agentmesh.errors.ConfigurationError` naming it), or an
     ``ssl.SSLContext``. Keyword-only settings: ``connect_timeout`` (TCP/TLS
     connect and HELLO), ``ack_timeout`` (how long :meth:`deliver` waits for
     the hub's SEND_ACK, including a reconnect), ``request_timeout`` (other
@@ -948,9 +1003,10 @@ class NetworkHub:
     replaces the dialled name as what is expected and signed, e.g. to reach a
     hub through a tunnel or by IP.
 
-    The constructor does no I/O; the I/O thread starts with the first call
-    that needs it. All methods are thread-safe and blocking, and must not be
-    called from the hub's own I/O thread. Use :meth:`close` (or ``with``).
+    The constructor does no network I/O (it reads a CA file given as ``tls``);
+    the I/O thread starts with the first call that needs it. All methods are
+    thread-safe and blocking, and must not be called from the hub's own I/O
+    thread. Use :meth:`close` (or ``with``).
     """
 
     def __init__(
@@ -959,7 +1015,7 @@ class NetworkHub:
         port: int = DEFAULT_PORT,
         *,
         servers: Sequence[str] | None = None,
-        tls: bool | ssl.SSLContext = False,
+        tls: bool | str | os.PathLike[str] | ssl.SSLContext = False,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
         ack_timeout: float = 30.0,
@@ -1003,8 +1059,11 @@ class NetworkHub:
         self.max_frame_size = max_frame_size
         self.send_window = send_window
         self._server_hostname = server_hostname
-        self._tls = tls
         self._ssl_context: ssl.SSLContext | None = None
+        if isinstance(tls, (str, os.PathLike)):
+            self._ssl_context = _context_trusting(tls)
+            tls = self._ssl_context
+        self._tls: bool | ssl.SSLContext = tls
         self._io: _IOThread | None = None
         self._links: dict[str, _Link] = {}
         #: One-time prekeys the hub acknowledged, by agent (loop thread; see _upload_prekeys).
@@ -1291,9 +1350,15 @@ class NetworkHub:
         )
         return dict(_expect(event, hp.StatsReceived).stats)
 
-    def message_count(self) -> int:
+    def queued_count(self) -> int:
         """Envelopes queued on the hub, not yet acknowledged by their recipients."""
         return self.stats().get("queued", 0)
+
+    def message_count(self) -> int:
+        """Version 1's name for :meth:`queued_count` on a network hub: the hub server
+        keeps no count of messages routed across its restarts, so this is the
+        envelopes it holds now. (``LocalHub.message_count`` counts messages routed.)"""
+        return self.queued_count()
 
     def rotate_key(
         self,

@@ -10,7 +10,10 @@ created, keep their mail: it is handed over when they register again.
 in-process fleet survives a restart.
 
 The hub binds each agent id to its identity key on first registration and
-refuses a different key for it (``AuthFailedError``): no mailbox takeover.
+refuses a different key for it (``AuthFailedError``): no mailbox takeover. An
+agent without a key file binds its id *ephemerally*: once it is closed, another
+key (the next run of the same script) may take the id over, and the mail queued
+for the old key is dropped (docs/PROTOCOL.md, "Ephemeral ids").
 
 Locks: the hub's ``_lock`` guards who is online, who is being drained and the
 outcomes awaited by ``deliver``; the mailboxes have their own lock, taken only
@@ -48,7 +51,14 @@ from agentmesh.hub.store import (
     NewEnvelope,
     StoredEnvelope,
 )
-from agentmesh.protocol.hub_interface import DispatchingEndpoint, HubEndpoint, supports
+from agentmesh.protocol.hub_interface import (
+    DispatchingEndpoint,
+    HubEndpoint,
+    NoticingEndpoint,
+    RefusalAwareEndpoint,
+    is_ephemeral,
+    supports,
+)
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
 log = logging.getLogger("agentmesh.hub.local")
@@ -61,7 +71,16 @@ DEFAULT_MAILBOX_MAX_BYTES = 1 << 30
 class Mailboxes(Protocol):
     """The subset of :class:`~agentmesh.hub.store.HubStore` a LocalHub uses."""
 
-    def bind_agent(self, agent_id: str, signing_key: bytes, now_ms: int) -> bool: ...
+    def bind_agent(
+        self,
+        agent_id: str,
+        signing_key: bytes,
+        now_ms: int,
+        *,
+        ephemeral: bool = False,
+        holder_live: bool = True,
+    ) -> bool: ...
+    def unbind_agent(self, agent_id: str) -> int | None: ...
     def publish_bundle(self, agent_id: str, bundle: bytes, now_ms: int) -> None: ...
     def add_one_time_prekeys(self, agent_id: str, items: list[tuple[int, int, bytes]]) -> int: ...
     def fetch_bundle(self, agent_id: str, now_ms: int) -> FetchedBundle | None: ...
@@ -85,6 +104,7 @@ class Mailboxes(Protocol):
 @dataclass
 class _Agent:
     signing_key: bytes
+    ephemeral: bool = False
     bundle: bytes | None = None
     prekeys: dict[int, OrderedDict[int, bytes]] = field(
         default_factory=lambda: {1: OrderedDict(), 2: OrderedDict()}
@@ -102,17 +122,37 @@ class MemoryMailboxes:
         self._seq = 0
         self._lock = threading.Lock()
 
-    def bind_agent(self, agent_id: str, signing_key: bytes, now_ms: int) -> bool:
+    def bind_agent(
+        self,
+        agent_id: str,
+        signing_key: bytes,
+        now_ms: int,
+        *,
+        ephemeral: bool = False,
+        holder_live: bool = True,
+    ) -> bool:
+        """As :meth:`HubStore.bind_agent <agentmesh.hub.store.HubStore.bind_agent>`."""
         with self._lock:
             known = self._agents.get(agent_id)
-            if known is None:
-                self._agents[agent_id] = _Agent(signing_key)
+            if known is None or (
+                known.ephemeral
+                and not holder_live
+                and not p.constant_time_equal(known.signing_key, signing_key)
+            ):
+                # New, or an ephemeral id taken over: the old key's mail goes with it.
+                self._agents[agent_id] = _Agent(signing_key, ephemeral)
                 return True
             if not p.constant_time_equal(known.signing_key, signing_key):
                 raise AuthFailedError(
                     "identity_mismatch", f"agent id {agent_id!r} is bound to another identity key"
                 )
+            known.ephemeral = known.ephemeral and ephemeral
             return False
+
+    def unbind_agent(self, agent_id: str) -> int | None:
+        with self._lock:
+            known = self._agents.pop(agent_id, None)
+            return None if known is None else len(known.mailbox)
 
     def publish_bundle(self, agent_id: str, bundle: bytes, now_ms: int) -> None:
         with self._lock:
@@ -241,6 +281,8 @@ class LocalHub:
         #: Agents being drained, and by which thread (see _drain).
         self._draining: dict[str, int] = {}
         self._outcomes: dict[bytes, BaseException | None] = {}
+        #: Envelopes this hub accepted for a recipient (version 1's message_count).
+        self._routed = 0
         self._lock = threading.RLock()
 
     @staticmethod
@@ -256,7 +298,15 @@ class LocalHub:
         Every call into the agent is made with no hub lock held (the agent may hold
         its own lock and call this hub: see the module docstring's lock order).
         """
-        self._store.bind_agent(agent.agent_id, agent.signing_public_key, self._now())
+        with self._lock:
+            holder = self._online.get(agent.agent_id)
+        self._store.bind_agent(
+            agent.agent_id,
+            agent.signing_public_key,
+            self._now(),
+            ephemeral=is_ephemeral(agent),
+            holder_live=holder is not None and holder is not agent,
+        )
         self.refresh_prekeys(agent)
         outbox = agent.unacked_envelopes()
         with self._lock:
@@ -265,7 +315,12 @@ class LocalHub:
         for data in outbox:
             try:
                 envelope = self._submit(data)
-            except (HubError, CryptoError, DecodeError, ValueError) as exc:
+            except (HubError, PeerNotFoundError) as exc:
+                log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
+                if supports(agent, RefusalAwareEndpoint):
+                    agent.envelope_refused(decode_envelope(data).message_id, exc)
+                continue
+            except (CryptoError, DecodeError, ValueError) as exc:
                 log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
                 continue
             agent.envelope_acked(envelope.message_id)  # stored: drop it from the outbox
@@ -298,6 +353,21 @@ class LocalHub:
         with self._lock:
             self._online.pop(agent_id, None)
 
+    def unbind(self, agent_id: str) -> int:
+        """Release ``agent_id`` after its key was lost (as ``agentmesh-hub admin unbind``
+        does for a hub database): any key may then register the id. Its queued mail,
+        sealed for the lost key, is dropped; returns how many messages that was.
+        Raises PeerNotFoundError if the id is not bound, and HubError if its agent is
+        registered here right now (close it first)."""
+        with self._lock:
+            if agent_id in self._online:
+                raise HubError("agent_online", f"agent {agent_id!r} is registered; close it first")
+            dropped = self._store.unbind_agent(agent_id)
+        if dropped is None:
+            raise PeerNotFoundError(agent_id)
+        log.warning("unbound agent id %r; %d queued messages dropped", agent_id, dropped)
+        return dropped
+
     # -- delivery -----------------------------------------------------------
 
     def _submit(self, data: bytes) -> Envelope:
@@ -320,6 +390,9 @@ class LocalHub:
             raise PeerNotFoundError(envelope.recipient)
         if result.status is EnqueueStatus.MAILBOX_FULL:
             raise MailboxFullError("mailbox_full", f"mailbox of {envelope.recipient!r} is full")
+        if result.status is EnqueueStatus.STORED:
+            with self._lock:
+                self._routed += 1
         return envelope
 
     def deliver(self, envelope: bytes | Envelope) -> None:
@@ -327,10 +400,14 @@ class LocalHub:
 
         Returns after the recipient's handlers have run (or, if it is offline,
         once queued). Raises DecodeError for bytes that are not an envelope,
-        ValueError("Peer 'x' not found on hub"), MailboxFullError, and the
-        recipient's verdict on this envelope: ReplayError for a replay,
-        AuthenticationError for a tampered one. A rejected envelope is dropped
-        and the recipient's state is untouched.
+        ValueError("Peer 'x' not found on hub"), MailboxFullError, and, as
+        version 1 did, the recipient's verdict on this envelope: ReplayError for
+        a replay, AuthenticationError for a tampered one. A rejected envelope is
+        dropped and the recipient's state is untouched.
+
+        The verdict is for code that plays the network (tests, demos of an
+        attack). An :class:`~agentmesh.Agent` sends through :meth:`route`, so a
+        recipient's trouble with a message is never raised to its sender.
         """
         data = envelope.to_bytes() if isinstance(envelope, Envelope) else bytes(envelope)
         parsed = self._submit(data)
@@ -341,6 +418,18 @@ class LocalHub:
             outcome = self._outcomes.pop(parsed.message_id, None)
         if outcome is not None:
             raise outcome
+
+    def route(self, envelope: bytes) -> None:
+        """Queue an envelope for its recipient and hand it over if it is registered.
+
+        Returns once the recipient took it (its handlers have run) or, if it is
+        offline, once queued. Raises only what is the sender's business:
+        DecodeError, ValueError("Peer 'x' not found on hub") and MailboxFullError.
+        What the recipient made of the envelope (it could not decrypt it, it was
+        a replay) is the recipient's and is logged on its side, as with a network
+        hub.
+        """
+        self._drain(self._submit(bytes(envelope)).recipient)
 
     def _drain(self, agent_id: str) -> None:
         """Hand the recipient its queued envelopes in order, then run its handlers.
@@ -397,6 +486,8 @@ class LocalHub:
         with self._lock:
             if stored.message_id in self._outcomes:
                 self._outcomes[stored.message_id] = outcome
+        if isinstance(outcome, CryptoError) and supports(agent, NoticingEndpoint):
+            agent.unreadable_envelope(stored.sender, outcome)
         return True
 
     # -- queries ------------------------------------------------------------
@@ -424,7 +515,13 @@ class LocalHub:
         return self._store.list_agents()
 
     def message_count(self) -> int:
-        """Envelopes queued for agents that have not taken them yet."""
+        """The number of messages routed: envelopes this hub accepted for a recipient
+        since it was created (version 1's meaning). Duplicates are not counted."""
+        with self._lock:
+            return self._routed
+
+    def queued_count(self) -> int:
+        """Envelopes queued for agents that have not taken them yet (the queue depth)."""
         return self._store.queued_count()
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ from typing import Final
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     ForeignKey,
@@ -54,6 +55,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    false,
 )
 
 #: ``one_time_prekeys.kind`` of an X25519 one-time prekey.
@@ -90,6 +92,9 @@ agents = Table(
     Column("created_at_ms", BigInteger(), nullable=False),
     Column("updated_at_ms", BigInteger(), nullable=False),
     Column("last_seen_ms", BigInteger(), nullable=False),
+    # An agent without a key file: another key may take the id over while no
+    # session of this one is live (migration 0002).
+    Column("ephemeral", Boolean(), nullable=False, server_default=false()),
 )
 
 one_time_prekeys = Table(

@@ -681,11 +681,20 @@ class _Session(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         store, now = self.hub.store, self.options.clock()
+        # An ephemeral id may change hands only while no session of it is live here.
+        holder = self.hub.online.get(event.agent_id)
+        holder_live = holder is not None and holder is not self
 
         hub = self.hub
 
         def bind() -> tuple[bool, LeaseClaim | None]:
-            created = store.bind_agent(event.agent_id, event.signing_key, now)
+            created = store.bind_agent(
+                event.agent_id,
+                event.signing_key,
+                now,
+                ephemeral=event.ephemeral,
+                holder_live=holder_live,
+            )
             if event.bundle:
                 store.publish_bundle(event.agent_id, event.bundle, now)
             return created, hub.claim_lease(event.agent_id, self.session_id, now)

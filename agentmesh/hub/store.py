@@ -142,6 +142,8 @@ __all__ = [
     "resolve_db_url",
 ]
 
+logger = logging.getLogger("agentmesh.hub.store")
+
 #: Environment variable naming the hub database (a file path or a SQLAlchemy URL).
 DB_ENV_VAR: Final = "AGENTMESH_DB"
 #: The PostgreSQL NOTIFY channel of the hubs sharing a database. Payloads are ids
@@ -654,29 +656,45 @@ class HubStore:
 
     # ------------------------------------------------------------------ identities
 
-    def bind_agent(self, agent_id: str, signing_key: bytes, now_ms: int) -> bool:
+    def bind_agent(
+        self,
+        agent_id: str,
+        signing_key: bytes,
+        now_ms: int,
+        *,
+        ephemeral: bool = False,
+        holder_live: bool = True,
+    ) -> bool:
         """Bind ``agent_id`` to ``signing_key`` on first registration.
 
-        Returns True if the id was unbound and is now bound (its mailbox is
-        created), False if it was already bound to this key (``last_seen_ms`` is
-        updated). Safe against concurrent first registrations from other
-        connections or processes: exactly one key wins.
+        Returns True if the id was unbound (or taken over, below) and is now bound
+        to this key (its mailbox is created), False if it was already bound to
+        this key (``last_seen_ms`` is updated). Safe against concurrent first
+        registrations from other connections or processes: exactly one key wins.
+
+        ``ephemeral``: the agent keeps no key file. Its binding is *ephemeral*: while
+        ``holder_live`` is False (the caller knows of no live session of the id)
+        and no hub holds an unexpired lease of it, another key may take the id
+        over; the old key's bundle, one-time prekeys and queued envelopes (sealed
+        for a key that no longer exists) are deleted with it. A binding made by an
+        agent with a key file is permanent, and a permanent agent logging in with
+        the same key makes its binding permanent.
 
         Raises :class:`~agentmesh.errors.AuthFailedError` (code
-        ``identity_mismatch``) if the id is bound to a different key,
-        :class:`~agentmesh.ids.InvalidAgentIdError` for an invalid id and
-        :class:`~agentmesh.errors.InvalidKeyError` if the key is not 32 bytes.
+        ``identity_mismatch``) if the id is bound to a different key and cannot be
+        taken over, :class:`~agentmesh.ids.InvalidAgentIdError` for an invalid id
+        and :class:`~agentmesh.errors.InvalidKeyError` if the key is not 32 bytes.
         """
         validate_agent_id(agent_id)
         _check_signing_key(signing_key)
         for attempt in range(_RACE_RETRIES):
             try:
                 with self._write() as conn:
-                    current = conn.scalar(
-                        select(agents.c.signing_key)
+                    current = conn.execute(
+                        select(agents.c.signing_key, agents.c.ephemeral)
                         .where(agents.c.agent_id == agent_id)
                         .with_for_update()
-                    )
+                    ).one_or_none()
                     if current is None:
                         conn.execute(
                             insert(agents).values(
@@ -686,18 +704,25 @@ class HubStore:
                                 created_at_ms=now_ms,
                                 updated_at_ms=now_ms,
                                 last_seen_ms=now_ms,
+                                ephemeral=ephemeral,
                             )
                         )
                         conn.execute(
                             insert(mailboxes).values(recipient=agent_id, msg_count=0, byte_count=0)
                         )
                         return True
-                    if not hmac.compare_digest(bytes(current), signing_key):
-                        raise _identity_mismatch(agent_id)
+                    key, was_ephemeral = bytes(current[0]), bool(current[1])
+                    if not hmac.compare_digest(key, signing_key):
+                        # A live lease is a live session on some hub (several hubs).
+                        if not was_ephemeral or holder_live or _leased(conn, agent_id, now_ms):
+                            raise _identity_mismatch(agent_id)
+                        self._take_over(conn, agent_id, signing_key, now_ms, ephemeral)
+                        return True
+                    values: dict[str, Any] = {"last_seen_ms": now_ms}
+                    if was_ephemeral and not ephemeral:
+                        values["ephemeral"] = False
                     conn.execute(
-                        update(agents)
-                        .where(agents.c.agent_id == agent_id)
-                        .values(last_seen_ms=now_ms)
+                        update(agents).where(agents.c.agent_id == agent_id).values(**values)
                     )
                     return False
             except IntegrityError:
@@ -706,6 +731,54 @@ class HubStore:
                 if attempt == _RACE_RETRIES - 1:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _take_over(
+        conn: Connection, agent_id: str, signing_key: bytes, now_ms: int, ephemeral: bool
+    ) -> None:
+        """Rebind an ephemeral id to a new key: nothing of the old key survives."""
+        dropped = conn.execute(delete(envelopes).where(envelopes.c.recipient == agent_id))
+        conn.execute(delete(one_time_prekeys).where(one_time_prekeys.c.agent_id == agent_id))
+        conn.execute(
+            update(mailboxes)
+            .where(mailboxes.c.recipient == agent_id)
+            .values(msg_count=0, byte_count=0)
+        )
+        conn.execute(
+            update(agents)
+            .where(agents.c.agent_id == agent_id)
+            .values(
+                signing_key=signing_key,
+                bundle=None,
+                created_at_ms=now_ms,
+                updated_at_ms=now_ms,
+                last_seen_ms=now_ms,
+                ephemeral=ephemeral,
+            )
+        )
+        logger.info(
+            "ephemeral id %r taken over by a new key; %d queued envelopes for the old key dropped",
+            agent_id,
+            dropped.rowcount,
+        )
+
+    def unbind_agent(self, agent_id: str) -> int | None:
+        """Release ``agent_id`` (an operator's recovery after a lost key): delete its
+        binding, bundle, one-time prekeys and queued envelopes, so that any key may
+        register the id again. Returns how many queued envelopes were dropped, or
+        None if the id was not bound."""
+        validate_agent_id(agent_id)
+        with self._write() as conn:
+            found = conn.execute(
+                select(agents.c.agent_id).where(agents.c.agent_id == agent_id).with_for_update()
+            ).one_or_none()
+            if found is None:
+                return None
+            dropped = conn.execute(delete(envelopes).where(envelopes.c.recipient == agent_id))
+            conn.execute(delete(one_time_prekeys).where(one_time_prekeys.c.agent_id == agent_id))
+            conn.execute(delete(mailboxes).where(mailboxes.c.recipient == agent_id))
+            conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
+            return int(dropped.rowcount)
 
     def agent_key(self, agent_id: str) -> bytes | None:
         """The Ed25519 key ``agent_id`` is bound to, or None if it is unbound."""
@@ -1305,6 +1378,14 @@ class HubStore:
                 )
             ).one()
         return {"agents": int(agent_count or 0), "envelopes": int(count), "bytes": int(size)}
+
+
+def _leased(conn: Connection, agent_id: str, now_ms: int) -> bool:
+    """Whether some hub holds an unexpired lease of ``agent_id`` (a live session)."""
+    until = conn.scalar(
+        select(agent_leases.c.expires_at_ms).where(agent_leases.c.agent_id == agent_id)
+    )
+    return until is not None and int(until) > now_ms
 
 
 def _notify(conn: Connection, payloads: Sequence[str]) -> None:

@@ -129,6 +129,20 @@ class PipelinedHub(Protocol):
 
 
 @runtime_checkable
+class RoutingHub(Protocol):
+    """A synchronous hub that hands an envelope to its recipient inside the call
+    (:class:`~agentmesh.LocalHub`) and keeps the recipient's verdict to itself."""
+
+    def route(self, envelope: bytes) -> None:
+        """Queue one envelope and hand it over; raises only the sender's errors."""
+        ...
+
+    def queued_count(self) -> int:
+        """Envelopes queued for recipients that have not taken them yet."""
+        ...
+
+
+@runtime_checkable
 class EnvelopeLimitedHub(Protocol):
     """A hub that announces the largest envelope it accepts (the network hub's HELLO)."""
 
@@ -167,6 +181,46 @@ class BatchEndpoint(Protocol):
 
     def envelopes_acked(self, message_ids: list[bytes]) -> None:
         """The hub stored these envelopes: drop them from the outbox."""
+        ...
+
+
+@runtime_checkable
+class EphemeralCapableEndpoint(Protocol):
+    """An endpoint that says whether its identity outlives the process."""
+
+    @property
+    def ephemeral_identity(self) -> bool:
+        """True for an agent without a key file: its key dies with the process, so
+        the hub binds its id ephemerally (docs/PROTOCOL.md, "Ephemeral ids")."""
+        ...
+
+
+def is_ephemeral(endpoint: object) -> bool:
+    """Whether ``endpoint`` asks for an ephemeral binding (False if it cannot say)."""
+    return supports(endpoint, EphemeralCapableEndpoint) and endpoint.ephemeral_identity
+
+
+@runtime_checkable
+class RefusalAwareEndpoint(Protocol):
+    """An endpoint that wants to hear when the hub refused an envelope of its outbox,
+    so that a refusal no resend can cure does not block the outbox for ever."""
+
+    def envelope_refused(self, message_id: bytes, error: Exception) -> None:
+        """The hub refused the envelope ``message_id`` with ``error`` (a ``HubError``
+        carrying its code, or ``PeerNotFoundError``); the endpoint decides whether to
+        keep it for a resend or to move it out of the outbox."""
+        ...
+
+
+@runtime_checkable
+class NoticingEndpoint(Protocol):
+    """An endpoint that wants to hear which refused envelopes came from whom, to tell
+    a sender that holds a session it cannot read (a session notice)."""
+
+    def unreadable_envelope(self, sender: str, error: Exception) -> None:
+        """The hub delivered an envelope from ``sender`` (authenticated by the hub) and
+        the endpoint refused it with ``error``. Called with no lock held, after the
+        hub has forgotten the envelope."""
         ...
 
 

@@ -19,7 +19,8 @@ Session::
     ... requests <-> responses, PUSH -> / <- ACK, PING <-> PONG ...
 
 The login signature covers :func:`login_message`: ``b"AgentMesh-login-v2" ||
-nonce || str8(agent_id) || str8(hub_address) || bytes8(channel_binding)``,
+nonce || str8(agent_id) || str8(hub_address) || bytes8(channel_binding) ||
+u8(flags)`` (flags: ``LOGIN_EPHEMERAL`` for an agent without a key file),
 where ``hub_address`` is the name the *client dialled* (not what the hub
 announced) and ``channel_binding`` the SHA-256 of the TLS certificate the
 client verified (empty over plain TCP). The hub refuses a login whose address
@@ -60,6 +61,7 @@ from agentmesh.wire.codec import Writer
 from agentmesh.wire.envelope import MESSAGE_ID_LEN, decode_envelope
 from agentmesh.wire.frames import (
     LOGIN_BINDING_VERSION,
+    LOGIN_EPHEMERAL,
     NONCE_LEN,
     Ack,
     Agents,
@@ -214,14 +216,14 @@ def tls_server_end_point(certificate_der: bytes) -> bytes:
 
 
 def login_message(
-    nonce: bytes, agent_id: str, hub_address: str, channel_binding: bytes = b""
+    nonce: bytes, agent_id: str, hub_address: str, channel_binding: bytes = b"", flags: int = 0
 ) -> bytes:
     """The bytes an agent signs to log in: context, nonce, agent id, the hub name it
-    dialled and the channel binding (empty over plain TCP)."""
+    dialled, the channel binding (empty over plain TCP) and the LOGIN flags."""
     if len(nonce) != NONCE_LEN:
         raise ValueError("nonce must be 32 bytes")
     w = Writer().raw(LOGIN_CONTEXT).raw(nonce).str8(validate_agent_id(agent_id))
-    return w.str8(hub_address).bytes8(channel_binding).getvalue()
+    return w.str8(hub_address).bytes8(channel_binding).u8(flags).getvalue()
 
 
 def rotation_message(
@@ -361,6 +363,8 @@ class LoginRequested(Event):
     agent_id: str
     signing_key: bytes
     bundle: bytes
+    #: The agent keeps no key file: its id may be taken over once it is disconnected.
+    ephemeral: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -829,7 +833,13 @@ class ServerConnection(_Connection):
             ed25519_verify(
                 frame.signing_key,
                 frame.signature,
-                login_message(self.nonce, frame.agent_id, frame.hub_address, frame.channel_binding),
+                login_message(
+                    self.nonce,
+                    frame.agent_id,
+                    frame.hub_address,
+                    frame.channel_binding,
+                    frame.flags,
+                ),
             )
         except CryptoError:
             return self._refuse(
@@ -842,7 +852,12 @@ class ServerConnection(_Connection):
             except (DecodeError, CryptoError, ValueError) as exc:
                 return self._refuse(frame.request_id, "bad_bundle", str(exc))
         self._login = LoginRequested(
-            frame.request_id, frame.version, frame.agent_id, frame.signing_key, frame.bundle
+            frame.request_id,
+            frame.version,
+            frame.agent_id,
+            frame.signing_key,
+            frame.bundle,
+            ephemeral=bool(frame.flags & LOGIN_EPHEMERAL),
         )
         return self._login
 
@@ -972,14 +987,29 @@ class ClientConnection(_Connection):
 
     # -- commands ---------------------------------------------------------
 
-    def login_challenge(self, agent_id: str) -> bytes:
-        """The exact bytes ``agent_id``'s identity key must sign for :meth:`login`."""
+    def login_challenge(self, agent_id: str, *, ephemeral: bool = False) -> bytes:
+        """The exact bytes ``agent_id``'s identity key must sign for :meth:`login`
+        (with the same ``ephemeral``)."""
         hello = self._hello()
-        return login_message(hello.nonce, agent_id, self.login_address, self.channel_binding)
+        return login_message(
+            hello.nonce,
+            agent_id,
+            self.login_address,
+            self.channel_binding,
+            LOGIN_EPHEMERAL if ephemeral else 0,
+        )
 
     def login(
-        self, agent_id: str, signing_key: bytes, signature: bytes, bundle: bytes = b""
+        self,
+        agent_id: str,
+        signing_key: bytes,
+        signature: bytes,
+        bundle: bytes = b"",
+        *,
+        ephemeral: bool = False,
     ) -> int:
+        """Send LOGIN. ``ephemeral``: the agent keeps no key file, so the hub binds its
+        id only until another key logs in while this one is disconnected."""
         request_id = self._request_id()
         self._send(
             Login(
@@ -991,6 +1021,7 @@ class ClientConnection(_Connection):
                 bundle,
                 self.login_address,
                 self.channel_binding,
+                LOGIN_EPHEMERAL if ephemeral else 0,
             )
         )
         self._pending_login = (request_id, agent_id)

@@ -45,6 +45,10 @@ MESSAGE_ID_LEN = 16
 _U32_MAX = 0xFFFFFFFF
 #: The first protocol version whose LOGIN carries the hub address and channel binding.
 LOGIN_BINDING_VERSION = 2
+#: ``Login.flags`` bit 0: the agent keeps no key file, so its id is bound ephemerally
+#: (another key may take the id over once this one is disconnected).
+LOGIN_EPHEMERAL = 0x01
+_LOGIN_FLAGS = LOGIN_EPHEMERAL
 #: Longest channel binding a LOGIN may carry (SHA-256 needs 32).
 MAX_CHANNEL_BINDING_LEN = 64
 #: Largest ERROR text in UTF-8 bytes: enough for any explanation, small enough to log.
@@ -151,9 +155,10 @@ class Hello(Frame):
 class Login(Frame):
     """Client -> hub: ``u32 request_id, u16 version, str8 agent_id, 32 signing_key,
     64 signature, bytes32 bundle`` (an empty bundle means none), and from version
-    2 (:data:`LOGIN_BINDING_VERSION`) on ``str8 hub_address, bytes8 channel_binding``:
-    the hub name the client dialled and the TLS channel binding it saw, both
-    covered by the signature.
+    2 (:data:`LOGIN_BINDING_VERSION`) on ``str8 hub_address, bytes8 channel_binding,
+    u8 flags``: the hub name the client dialled, the TLS channel binding it saw and
+    the login's flags (:data:`LOGIN_EPHEMERAL`; other bits must be 0), all covered
+    by the signature.
 
     The version decides the layout, so a version 1 LOGIN still parses and the
     hub can refuse it as ``unsupported_version``; in a version 1 LOGIN both
@@ -168,8 +173,11 @@ class Login(Frame):
     bundle: bytes = b""
     hub_address: str = ""
     channel_binding: bytes = b""
+    flags: int = 0
 
     def write_body(self, w: Writer) -> None:
+        if self.flags & ~_LOGIN_FLAGS:
+            raise ValueError(f"unknown LOGIN flags {self.flags:#x}")
         if len(self.signing_key) != KEY_LEN or len(self.signature) != SIGNATURE_LEN:
             raise ValueError("signing key must be 32 bytes and signature 64 bytes")
         if len(self.channel_binding) > MAX_CHANNEL_BINDING_LEN:
@@ -177,9 +185,9 @@ class Login(Frame):
         w.u32(self.request_id).u16(self.version).str8(validate_agent_id(self.agent_id))
         w.raw(self.signing_key).raw(self.signature).bytes32(self.bundle)
         if self.version >= LOGIN_BINDING_VERSION:
-            w.str8(self.hub_address).bytes8(self.channel_binding)
-        elif self.hub_address or self.channel_binding:
-            raise ValueError("a version 1 LOGIN has no hub address or channel binding")
+            w.str8(self.hub_address).bytes8(self.channel_binding).u8(self.flags)
+        elif self.hub_address or self.channel_binding or self.flags:
+            raise ValueError("a version 1 LOGIN has no hub address, channel binding or flags")
 
     @classmethod
     def read_body(cls, r: Reader) -> Login:
@@ -190,7 +198,10 @@ class Login(Frame):
             return cls(request_id, version, agent_id, key, signature, bundle)
         address = r.str8()
         binding = r.bytes8(MAX_CHANNEL_BINDING_LEN)
-        return cls(request_id, version, agent_id, key, signature, bundle, address, binding)
+        flags = r.u8()
+        if flags & ~_LOGIN_FLAGS:
+            raise DecodeError(f"LOGIN: unknown flags {flags:#x}")
+        return cls(request_id, version, agent_id, key, signature, bundle, address, binding, flags)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from agentmesh.wire.envelope import decode_envelope
 
 
 class RecordingHub(LocalHub):
-    """A LocalHub that keeps a copy of every envelope handed to ``deliver``.
+    """A LocalHub that keeps a copy of every envelope handed to ``deliver`` or ``route``.
 
     ``LocalHub.deliver(hub, data)`` re-injects a recorded envelope without
     recording it again.
@@ -28,6 +28,11 @@ class RecordingHub(LocalHub):
         self.envelopes.append(bytes(envelope))
         if not self.hold:
             super().deliver(envelope)
+
+    def route(self, envelope: bytes) -> None:  # what an Agent's send calls
+        self.envelopes.append(bytes(envelope))
+        if not self.hold:
+            super().route(envelope)
 
     def to(self, recipient: str) -> list[bytes]:
         """Recorded envelopes addressed to ``recipient``."""

@@ -196,7 +196,7 @@ def test_delivery_is_synchronous_and_bidirectional(make_agent, hub) -> None:
         assert got_bob.texts[-1] == f"a{i}"  # handlers ran before send returned
         bob.send("alice", f"b{i}")
         assert got_alice.texts[-1] == f"b{i}"
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
 
 
 def test_reply_from_inside_a_handler(make_agent, hub) -> None:
@@ -428,7 +428,7 @@ def test_public_bundle_json_safe(make_agent, hub) -> None:
 def test_local_hub_basics(make_agent) -> None:
     hub = LocalHub()
     assert hub.list_agents() == []
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     alice = make_agent("alice", hub=hub)
     bob = make_agent("bob", hub=hub)
     assert sorted(hub.list_agents()) == ["alice", "bob"]
@@ -442,10 +442,10 @@ def test_local_hub_basics(make_agent) -> None:
 
     # bob is registered: the message goes straight into his inbox.
     alice.send("bob", "1")
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     bob.close()
     alice.send("bob", "2")
-    assert hub.message_count() == 1  # queued for the closed bob
+    assert hub.queued_count() == 1  # queued for the closed bob
     hub.close()
 
 
@@ -518,7 +518,7 @@ def test_replay_through_hub_is_rejected(make_agent, hub, which) -> None:
 
     assert inbox.texts == ["one", "two"]  # no second delivery
     assert stable_status(bob) == before
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     # The conversation continues in both directions.
     alice.send("bob", "three")
     bob.send("alice", "reply 2")

@@ -169,7 +169,7 @@ def test_pipelined_send_survives_a_kill_right_after_it_returned(tmp_path: Path) 
             alice = Agent("alice", hub=client, keypair_path=tmp_path / "alice.json")
             wait_until(lambda: len(inbox.texts) >= 21, 60)
             assert alice.flush(60)
-            wait_until(lambda: client.message_count() == 0, 60)
+            wait_until(lambda: client.queued_count() == 0, 60)
             assert inbox.texts == ["first"] + [f"p{i}" for i in range(20)]
             alice.close()
             bob.close()

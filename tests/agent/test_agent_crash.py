@@ -118,7 +118,7 @@ def test_receiver_killed_at_random_points(tmp_path: Path) -> None:
     hub.register(alice)
     assert replies.texts == ["bye"]
     assert [m.sender for m in replies] == ["bob"]
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
 
     # The state on disk is consistent: bob (now in this process) carries on.
     bob = Agent("bob", hub=hub, keypair_path=bob_key)

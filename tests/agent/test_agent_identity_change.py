@@ -79,7 +79,7 @@ def test_changed_peer_key_blocks_until_trusted(keydir) -> None:
     new_alice.send("bob", "it's me, new key")
     new_alice.send("bob", "really")
     assert inbox == []
-    assert hub2.message_count() == 2
+    assert hub2.queued_count() == 2
     held = hub2.to("bob")
     with pytest.raises(IdentityChangedError) as info:
         bob.receive_envelope(held[0])
@@ -112,7 +112,7 @@ def test_changed_peer_key_blocks_until_trusted(keydir) -> None:
     # After verifying out of band, bob trusts the new key: held mail arrives, in order.
     bob.trust("alice", new_fp)
     assert inbox.texts == ["it's me, new key", "really"]
-    assert hub2.message_count() == 0
+    assert hub2.queued_count() == 0
     bob.send("alice", "welcome back")
     assert got_alice.texts == ["welcome back"]
     new_alice.send("bob", "thanks")
@@ -213,7 +213,7 @@ def test_tampered_identity_in_prekey_message_changes_nothing(
     assert not isinstance(info.value, IdentityChangedError)
     assert bob.status() == before
     assert bob.safety_number("alice") == safety
-    assert hub.message_count() == 0  # dropped, not held in front of bob's other mail
+    assert hub.queued_count() == 0  # dropped, not held in front of bob's other mail
 
     carol.send("bob", "from carol")
     bob.send("alice", "reply")  # not blocked

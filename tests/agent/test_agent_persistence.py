@@ -30,7 +30,7 @@ def test_closed_agent_gets_queued_mail_in_same_process(keydir) -> None:
 
     alice.send("bob", "while closed 1")
     alice.send("bob", "while closed 2")
-    assert hub.message_count() == 2
+    assert hub.queued_count() == 2
     assert first.texts == ["while online"]
 
     bob2 = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
@@ -38,7 +38,7 @@ def test_closed_agent_gets_queued_mail_in_same_process(keydir) -> None:
     second = Inbox()
     bob2.on_message(second)
     assert second.texts == ["while closed 1", "while closed 2"]
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
 
     # And the conversation goes on in both directions.
     got_alice = Inbox()
@@ -58,7 +58,7 @@ def test_committed_but_unhandled_messages_survive_restart(keydir) -> None:
     bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
     alice.send("bob", "kept 1")
     alice.send("bob", "kept 2")
-    assert hub.message_count() == 0  # taken by bob...
+    assert hub.queued_count() == 0  # taken by bob...
     assert bob.status()["inbox_pending"] == 2  # ...but not handled yet
     bob.close()
 
@@ -85,19 +85,19 @@ def test_hub_db_persistence_across_restart(tmp_path, keydir) -> None:
     bob.close()
     alice.send("bob", "queued 1", n=1)
     alice.send("bob", "queued 2", n=2)
-    assert hub.message_count() == 2
+    assert hub.queued_count() == 2
     alice.close()
     hub.close()
 
     hub2 = LocalHub(db=db)
-    assert hub2.message_count() == 2
+    assert hub2.queued_count() == 2
     assert sorted(hub2.list_agents()) == ["alice", "bob"]
     bob2 = Agent("bob", hub=hub2, keypair_path=keydir / "bob.json")
     inbox2 = Inbox()
     bob2.on_message(inbox2)
     assert inbox2.texts == ["queued 1", "queued 2"]
     assert [m.payload["n"] for m in inbox2] == [1, 2]
-    assert hub2.message_count() == 0
+    assert hub2.queued_count() == 0
 
     alice2 = Agent("alice", hub=hub2, keypair_path=keydir / "alice.json")
     got_alice = Inbox()
@@ -114,7 +114,7 @@ def test_hub_db_persistence_across_restart(tmp_path, keydir) -> None:
 
 
 class FlakyHub(LocalHub):
-    """A LocalHub whose deliver can be made to fail as if the network were down."""
+    """A LocalHub whose deliver and route can be made to fail as if the network were down."""
 
     down = False
 
@@ -122,6 +122,11 @@ class FlakyHub(LocalHub):
         if self.down:
             raise HubUnavailableError("hub is down (test)")
         super().deliver(envelope)
+
+    def route(self, envelope) -> None:
+        if self.down:
+            raise HubUnavailableError("hub is down (test)")
+        super().route(envelope)
 
 
 def test_outbox_is_resent_after_restart(keydir) -> None:
@@ -146,7 +151,7 @@ def test_outbox_is_resent_after_restart(keydir) -> None:
     # Nothing is left to resend: a further restart delivers nothing twice.
     alice3 = Agent("alice", hub=hub, keypair_path=keydir / "alice.json")
     assert alice3.status()["outbox"] == 0
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     assert inbox.texts == ["kept in outbox", "next"]
     alice3.close()
     bob.close()
@@ -203,7 +208,7 @@ def test_replay_after_both_agents_restart(tmp_path, keydir) -> None:
             LocalHub.deliver(hub2, envelope)
     assert inbox2 == []
     assert bob2.status() == before
-    assert hub2.message_count() == 0
+    assert hub2.queued_count() == 0
 
     # Direct delivery: recognised as a duplicate, never decrypted or handled again.
     for envelope in recorded:

@@ -20,7 +20,7 @@ from alembic.script import ScriptDirectory
 from pgschema import fresh_pg_schema
 from sqlalchemy import create_engine, inspect, text
 
-from agentmesh.errors import ConfigurationError
+from agentmesh.errors import AuthFailedError, ConfigurationError
 from agentmesh.hub import models
 from agentmesh.hub.store import HubStore, migrations_dir
 
@@ -75,8 +75,13 @@ def test_migrations_are_packaged_with_a_single_head() -> None:
     assert (directory / "script.py.mako").is_file()
     assert (directory / "__init__.py").is_file()
     assert (directory / "versions" / "__init__.py").is_file()
-    heads = ScriptDirectory(str(directory)).get_heads()
-    assert heads == ["0002"]
+    script = ScriptDirectory(str(directory))
+    heads = script.get_heads()
+    assert len(heads) == 1, heads
+    # One straight line from 0001: every revision but the first has exactly one parent.
+    chain = list(script.walk_revisions())
+    assert chain[-1].revision == "0001"
+    assert all(isinstance(rev.down_revision, str) for rev in chain[:-1])
 
 
 def test_cli_upgrade_and_downgrade(db_url: str) -> None:
@@ -85,7 +90,8 @@ def test_cli_upgrade_and_downgrade(db_url: str) -> None:
     assert tables(db_url) >= HUB_TABLES | {"alembic_version"}
     current = alembic_cli(db_url, "current")
     assert current.returncode == 0, current.stderr
-    assert "0002 (head)" in current.stdout
+    [head] = ScriptDirectory(str(migrations_dir())).get_heads()
+    assert f"{head} (head)" in current.stdout
 
     with HubStore(db_url) as hub:
         hub.check_revision()  # the CLI and the store agree on head
@@ -94,6 +100,28 @@ def test_cli_upgrade_and_downgrade(db_url: str) -> None:
     down = alembic_cli(db_url, "downgrade", "base")
     assert down.returncode == 0, down.stderr
     assert not tables(db_url) & HUB_TABLES
+
+
+def test_0002_keeps_existing_bindings_permanent(db_url: str) -> None:
+    """A hub upgraded from 0001 keeps every binding it had as a permanent one."""
+    assert alembic_cli(db_url, "upgrade", "0001").returncode == 0
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO agents (agent_id, signing_key, created_at_ms, updated_at_ms, "
+                    "last_seen_ms) VALUES ('old', :key, 1, 1, 1)"
+                ),
+                {"key": bytes(range(32))},
+            )
+    finally:
+        engine.dispose()
+    up = alembic_cli(db_url, "upgrade", "head")
+    assert up.returncode == 0, up.stderr
+    with HubStore(db_url) as hub:
+        with pytest.raises(AuthFailedError):  # permanent: never taken over
+            hub.bind_agent("old", bytes(32), 2, ephemeral=True, holder_live=False)
 
 
 def test_cli_accepts_a_plain_path(tmp_path: Path) -> None:

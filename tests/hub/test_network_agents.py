@@ -48,7 +48,7 @@ def test_offline_agent_gets_everything_after_a_hub_kill(
         Agent("bob", hub=client, keypair_path=tmp_path / "bob.json").close()
         for i in range(30):
             alice.send("bob", text=f"queued-{i}")  # acked: committed on the hub
-        assert client.message_count() == 30
+        assert client.queued_count() == 30
         _restart(hub_process)
         with hub_process.client() as client2:
             bob = Agent("bob", hub=client2, keypair_path=tmp_path / "bob.json")
@@ -56,7 +56,7 @@ def test_offline_agent_gets_everything_after_a_hub_kill(
             bob.on_message(inbox)
             wait_until(lambda: len(inbox.texts) == 30)
             assert inbox.texts == [f"queued-{i}" for i in range(30)]
-            wait_until(lambda: client2.message_count() == 0)
+            wait_until(lambda: client2.queued_count() == 0)
             bob.close()
         alice.close()
 
@@ -81,7 +81,7 @@ def test_agent_and_hub_both_restart_mid_conversation(
     # alice's client reconnects by itself; sends made while it is down stay in her outbox
     for text in ("three", "four"):
         alice.send("bob", text=text)
-    wait_until(lambda: client.message_count() == 2 and alice.status()["outbox"] == 0)
+    wait_until(lambda: client.queued_count() == 2 and alice.status()["outbox"] == 0)
 
     client_b = hub_process.client()
     bob = Agent("bob", hub=client_b, keypair_path=keys["bob"])

@@ -30,7 +30,7 @@ def test_pipelined_sends_arrive_in_call_order_with_waited_ones(
         assert alice.status()["outbox"] == 0  # every ack was recorded
         wait_until(lambda: len(inbox) == 300, 60)
         assert inbox.texts == expected
-        wait_until(lambda: client.message_count() == 0)
+        wait_until(lambda: client.queued_count() == 0)
         alice.close()
         bob.close()
 

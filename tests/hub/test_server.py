@@ -258,7 +258,7 @@ def test_online_delivery_in_order(shared_hub: HubProcess, clients: Any) -> None:
     anonymous = clients(shared_hub)
     assert bob.agent_id in anonymous.list_agents()
     assert anonymous.stats()["online"] >= 2
-    assert isinstance(anonymous.message_count(), int)
+    assert isinstance(anonymous.queued_count(), int)
 
 
 def fan_in(hub: NetworkHub, senders: int, each: int) -> None:
@@ -324,7 +324,7 @@ def test_store_and_forward_across_a_hub_kill(start_hub: Any, clients: Any) -> No
     bob_again = clients(hub_proc)
     bob_again.register(bob)
     wait_until(bob.got(len(sent)))
-    wait_until(lambda: bob_again.message_count() == 0)  # all acknowledged and deleted
+    wait_until(lambda: bob_again.queued_count() == 0)  # all acknowledged and deleted
     assert bob.received == sent  # every message once, FIFO
 
 
@@ -640,7 +640,7 @@ def test_expired_envelopes_are_not_delivered(start_hub: Any, clients: Any) -> No
     bob_hub.close()
     alice.send(hub, bob.agent_id)
     wait_until(lambda: "purged 1 expired envelopes" in hub_proc.log())
-    assert hub.message_count() == 0
+    assert hub.queued_count() == 0
     clients(hub_proc).register(bob)
     fresh = alice.send(hub, bob.agent_id)
     wait_until(bob.got(1))
@@ -688,6 +688,34 @@ def test_tls_round_trip(start_hub: Any, clients: Any, tmp_path: Path) -> None:
     # Without trusting the certificate the client refuses to talk.
     with pytest.raises(HubUnavailableError):
         clients(hub_proc, tls=True, connect_timeout=2.0).register(FakeEndpoint(unique("x")))
+
+
+def test_tls_ca_file_path_between_real_agents(
+    start_hub: Any, tmp_path: Path, keydir: Path, agents: Any
+) -> None:
+    """README's self-signed deployment: ``NetworkHub(..., tls="hub.crt")`` trusts that file."""
+    cert, key = _self_signed(tmp_path)
+    hub_proc = start_hub("--tls-cert", str(cert), "--tls-key", str(key))
+    with (
+        NetworkHub("localhost", hub_proc.port, tls=str(cert)) as hub_a,
+        NetworkHub("localhost", hub_proc.port, tls=cert) as hub_b,
+    ):
+        got: list[str] = []
+        bob = agents("bob", hub=hub_b, keypair_path=keydir / "bob.json")
+        bob.on_message(lambda m: got.append(m.text))
+        alice = agents("alice", hub=hub_a, keypair_path=keydir / "alice.json")
+        alice.send("bob", text="over TLS")
+        wait_until(lambda: got == ["over TLS"])
+
+
+def test_tls_ca_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.crt"
+    with pytest.raises(ConfigurationError, match=r"nope\.crt"):
+        NetworkHub("localhost", 7700, tls=str(missing))
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ConfigurationError, match=r"garbage\.crt"):
+        NetworkHub("localhost", 7700, tls=garbage)
 
 
 def test_wildcard_hub_without_a_name_derives_names_and_warns(
@@ -746,7 +774,7 @@ def test_database_holds_no_plaintext(start_hub: Any, tmp_path: Path) -> None:
         bob.close()
         alice = Agent("alice", hub=alice_hub)
         alice.send("bob", marker, note=marker)
-        assert alice_hub.message_count() == 1
+        assert alice_hub.queued_count() == 1
         # While stored (bob offline) and after delivery, no trace of the plaintext.
         assert hub_proc.db is not None
         stored = b"".join(p.read_bytes() for p in hub_proc.db.parent.glob(hub_proc.db.name + "*"))

@@ -162,6 +162,11 @@ class InterceptHub(LocalHub):
         if not self.hold:
             super().deliver(data)
 
+    def route(self, envelope: bytes) -> None:  # what an Agent's send calls
+        self.envelopes.append(bytes(envelope))
+        if not self.hold:
+            super().route(envelope)
+
     def inject(self, data: bytes) -> None:
         """Deliver bytes the attacker chose (not recorded)."""
         LocalHub.deliver(self, data)

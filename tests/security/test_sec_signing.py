@@ -101,8 +101,12 @@ def test_unsigned_session_is_refused_when_signatures_are_required__require_signa
     sender = agents("sender", hub=hub, sign_messages=False)
     got: list[Message] = []
     lax.on_message(got.append)
+    # strict's verdict; the sender's own send never sees it (issue 12: a recipient's
+    # refusal is not raised to the sender), so the envelope is captured and injected.
+    data = hub.capture(lambda: sender.send("strict", text="unsigned hello"))
     with pytest.raises(SignatureError, match="signatures are required"):
-        sender.send("strict", text="unsigned hello")
+        hub.inject(data)
+    sender.send("strict", text="unsigned again")  # returns: strict refuses it on its side
     sender.send("lax", text="unsigned hello")
     assert [(m.text, m.signed) for m in got] == [("unsigned hello", False)]
     assert strict.status()["inbox_pending"] == 0
