@@ -20,6 +20,7 @@ from pgschema import fresh_pg_database, fresh_pg_schema
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
+from agentmesh.errors import AuthFailedError
 from agentmesh.hub.store import EnqueueStatus, HubStore, NewEnvelope
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,3 +213,16 @@ def test_listener_hears_commits_with_ids_only() -> None:
         finally:
             listener.close()
         assert not any(t.name == "test-listener" for t in threading.enumerate())
+
+
+def test_an_ephemeral_id_is_not_taken_over_while_another_hub_holds_its_lease(
+    store: HubStore,
+) -> None:
+    old, new = bytes(32), bytes([7]) * 32
+    assert store.bind_agent("eve", old, 1, ephemeral=True)
+    store.claim_lease("eve", "hub-a", 1, now_ms=1000, ttl_ms=500)
+    # Hub B sees no live session of eve itself, but hub A's lease is live.
+    with pytest.raises(AuthFailedError):
+        store.bind_agent("eve", new, 1200, ephemeral=True, holder_live=False)
+    assert store.bind_agent("eve", new, 1500, ephemeral=True, holder_live=False)  # expired
+    assert store.agent_key("eve") == new
