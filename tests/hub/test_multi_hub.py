@@ -23,6 +23,8 @@ from sqlalchemy import create_engine, text
 from test_server import FakeEndpoint
 
 from agentmesh import Agent, AsyncNetworkHub, NetworkHub
+from agentmesh.errors import ConfigurationError
+from agentmesh.hub.server import HubOptions, default_hub_id
 from agentmesh.hub.store import EnqueueStatus, HubStore, NewEnvelope
 from agentmesh.wire.envelope import decode_envelope
 
@@ -277,3 +279,15 @@ def test_servers_input_is_checked() -> None:
     hub = AsyncNetworkHub(servers=["a.example:7700", "[::1]:7701"])
     assert hub.servers == (("a.example", 7700), ("::1", 7701))
     assert (hub.host, hub.port, hub.dialled_address) == ("a.example", 7700, "a.example:7700")
+
+
+def test_multi_hub_options_are_checked() -> None:
+    for bad in ({"hub_id": "has space"}, {"hub_id": ""}, {"hub_id": "x" * 129}):
+        with pytest.raises(ConfigurationError, match="hub_id"):
+            HubOptions(**bad)  # type: ignore[arg-type]
+    for name in ("lease_ttl_s", "catchup_interval_s"):
+        with pytest.raises(ConfigurationError, match=name):
+            HubOptions(**{name: 0})  # type: ignore[arg-type]
+    assert HubOptions(hub_id="hub-1.example:7700").hub_id == "hub-1.example:7700"
+    assert default_hub_id(7700).endswith(":7700")
+    HubOptions(hub_id=default_hub_id(7700))  # the default is always a valid id
