@@ -1490,7 +1490,16 @@ class NetworkHubServer:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(hub.catch_up_all)
 
-        hub.listener = hub.store.listen(notified, connected)
+        try:
+            hub.listener = hub.store.listen(notified, connected)
+        except ConfigurationError as exc:
+            logger.warning(
+                "%s: mail committed by other hubs arrives with the periodic catch-up "
+                "(every %ss) only",
+                exc,
+                self.options.catchup_interval_s,
+            )
+            return
         hub.listener.start()
         if not await loop.run_in_executor(None, hub.listener.connected.wait, 10.0):
             logger.warning(

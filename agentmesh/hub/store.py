@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import hmac
 import importlib.resources
+import importlib.util
 import logging
 import sqlite3
 import threading
@@ -1348,9 +1349,16 @@ class HubStore:
         *,
         name: str = "agentmesh-hub-listener",
     ) -> HubListener:
-        """A (not yet started) :class:`HubListener` on this PostgreSQL database."""
+        """A (not yet started) :class:`HubListener` on this PostgreSQL database.
+
+        Raises :class:`~agentmesh.errors.ConfigurationError` on SQLite or without
+        the psycopg 3 driver (a URL may name another driver, e.g. psycopg2)."""
         if not self.shared:
             raise ConfigurationError("LISTEN/NOTIFY needs PostgreSQL")
+        if importlib.util.find_spec("psycopg") is None:
+            raise ConfigurationError(
+                "LISTEN needs the psycopg 3 driver: pip install 'agentmesh[postgres]'"
+            )
         url = self._engine.url.set(drivername="postgresql")
         return HubListener(
             url.render_as_string(hide_password=False), on_notify, on_connected, name=name
