@@ -6,7 +6,7 @@ plus the error tree and the new trust and hub types.
 
 from typing import TYPE_CHECKING
 
-from agentmesh.agent import Agent, DeadLetter, Message
+from agentmesh.agent import Agent, AgentEndpoint, DeadLetter, Message
 from agentmesh.crypto import AgentKeyPair, CryptoSession, perform_key_exchange, seal, unseal
 from agentmesh.crypto.proof import VerifiedProof, verify_proof
 from agentmesh.errors import (
@@ -70,6 +70,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Agent",
+    "AgentEndpoint",
     "AgentKeyPair",
     "AgentMeshError",
     "AsyncAgent",

@@ -14,7 +14,7 @@ the hub drops duplicates) and unhandled inbox rows are dispatched again.
 
 Threads: ``agentmesh-send-<id>`` (``send(wait=False)``'s transmitter, stopped by
 :meth:`Agent.close`) and the module's one-worker signature verifier. Handlers run
-in the thread that dispatches (see :meth:`Agent.dispatch_pending`).
+in the thread that dispatches (see :meth:`AgentEndpoint.dispatch_pending`).
 
 Lock order (docs/ARCHITECTURE.md): ``Agent._lock``, then ``_queue_ready`` or
 ``_arrival``, then ``AgentState._lock``. ``_dispatch_cv`` nests with nothing. No
@@ -259,7 +259,7 @@ def _now_ms() -> int:
 
 
 #: How many handlers (of any agent) this thread is running: a handler's own sends
-#: never wait for another thread's dispatcher (see Agent.dispatch_pending).
+#: never wait for another thread's dispatcher (see AgentEndpoint.dispatch_pending).
 _handler_depth = threading.local()
 
 
@@ -340,7 +340,7 @@ class _PendingRequest:
 
 
 class _Inbound:
-    """What :meth:`Agent.receive_envelopes` decrypted so far and will commit together."""
+    """What :meth:`AgentEndpoint.receive_envelopes` decrypted so far and will commit together."""
 
     __slots__ = ("ids", "messages", "pins", "prekeys", "records")
 
@@ -400,6 +400,7 @@ class Agent:
         _rng: p.RandomBytes = p.random_bytes,
     ) -> None:
         self._id = validate_agent_id(agent_id)
+        self._endpoint = AgentEndpoint(self)
         self.log = logging.getLogger(f"agentmesh.agent.{agent_id}")
         self.log.setLevel(log_level)
         self._clock = clock_ms
@@ -497,7 +498,7 @@ class Agent:
         """Register with the hub; an agent with a key file also starts while the hub is
         unreachable (its sends wait in the outbox until the hub is back)."""
         try:
-            hub.register(self)
+            hub.register(self._endpoint)
         except HubUnavailableError as exc:
             if self._state.path is None or not supports(hub, BackgroundRegisteringHub):
                 raise
@@ -506,7 +507,7 @@ class Agent:
                 "and the agent registers when the hub is back",
                 exc,
             )
-            hub.register_in_background(self)
+            hub.register_in_background(self._endpoint)
 
     # -- identity ---------------------------------------------------------
 
@@ -518,6 +519,13 @@ class Agent:
     def id(self) -> str:
         """The agent id (version 1's attribute; the same as :attr:`agent_id`)."""
         return self._id
+
+    @property
+    def endpoint(self) -> AgentEndpoint:
+        """What a hub talks to for this agent (:class:`AgentEndpoint`): login signing,
+        prekeys, the outbox, received envelopes. Only hub implementations (and tests
+        that play the network) need it; the agent registers it itself."""
+        return self._endpoint
 
     @property
     def keypair(self) -> AgentKeyPair:
@@ -586,7 +594,7 @@ class Agent:
             )
         self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
         if self.hub is not None:
-            self.hub.register(self)  # redeliver what was held back
+            self.hub.register(self._endpoint)  # redeliver what was held back
 
     @staticmethod
     def _matching_identity(wanted: bytes, *candidates: bytes | None) -> bytes | None:
@@ -613,7 +621,7 @@ class Agent:
             raise TypeError("on_message expects a callable")
         self._handlers.append(handler)
         if len(self._handlers) == 1:
-            self.dispatch_pending()
+            self._dispatch_pending()
         return handler
 
     # -- pulling ----------------------------------------------------------
@@ -928,7 +936,7 @@ class Agent:
             self.log.warning("hub unreachable; message kept in the outbox for resend: %s", exc)
             return
         except (HubError, PeerNotFoundError) as exc:
-            self.envelope_refused(message_id, exc)
+            self._envelope_refused(message_id, exc)
             raise
         self._state.defer_outbox_removal([message_id])
 
@@ -1142,28 +1150,29 @@ class Agent:
 
     # -- receiving (HubEndpoint) -----------------------------------------
 
-    def receive_envelope(self, data: bytes) -> DeliveryReport:
+    def _receive_envelope(self, data: bytes) -> DeliveryReport:
         """Decrypt one envelope and commit it to the inbox (receive steps 1 and 2).
 
         Returns ``DeliveryReport(accepted=True, duplicate=...)``; a duplicate (a
         message id already committed) is reported, not decrypted again. Raises
         DecodeError, CryptoError subclasses or IdentityChangedError; then no
-        state has changed. Handlers run in :meth:`dispatch_pending`.
+        state has changed. Handlers run in :meth:`AgentEndpoint.dispatch_pending`.
         """
-        [outcome] = self.receive_envelopes([data])
+        [outcome] = self._receive_envelopes([data])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    def receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
-        """:meth:`receive_envelope` for several envelopes, committed in ONE transaction.
+    def _receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
+        """:meth:`AgentEndpoint.receive_envelope` for several envelopes, committed in ONE
+        transaction.
 
         Each envelope is decrypted in order (on copies, each building on the
         state the previous ones left); then the new session records, replay
         records and inbox rows of all that decrypted are committed together,
         before this returns, so the hub may be acknowledged for each of them.
         Returns one outcome per envelope, in order: a DeliveryReport, or the
-        exception :meth:`receive_envelope` would have raised for it (that
+        exception :meth:`AgentEndpoint.receive_envelope` would have raised for it (that
         envelope changed nothing). If the commit itself fails, every envelope
         that was to be committed gets that exception. Batches of at least
         ``_PARALLEL_VERIFY_MIN`` verify their signatures on two threads before
@@ -1175,7 +1184,7 @@ class Agent:
             self._publish_prekeys()  # a consumed one-time key may need replacing
             self._notify_arrival()
 
-    def unreadable_envelope(self, sender: str, error: Exception) -> None:
+    def _unreadable_envelope(self, sender: str, error: Exception) -> None:
         """The hub delivered an envelope from ``sender`` that this agent refused with
         ``error``. If no session here could open it, tell the sender (a session notice).
 
@@ -1187,7 +1196,7 @@ class Agent:
         new one); a sender whose pin matches simply continues in the new session. Only
         hubs call this, for envelopes whose sender they authenticated (a network hub
         refuses envelopes not from the logged-in agent); envelopes handed straight to
-        :meth:`receive_envelopes` never cause one. At most one notice per sender per
+        :meth:`AgentEndpoint.receive_envelopes` never cause one. At most one notice per sender per
         minute. Called with no lock held.
         """
         if self.hub is None or not isinstance(error, NoSessionError | InvalidKeyError):
@@ -1397,7 +1406,7 @@ class Agent:
         )
         return DeliveryReport(accepted=True)
 
-    def dispatch_pending(self) -> int:
+    def _dispatch_pending(self) -> int:
         """Run the handlers for committed, unhandled messages (receive steps 4 and 5).
 
         Returns how many messages this call handled. Does nothing while no handler
@@ -1570,7 +1579,7 @@ class Agent:
         with self._arrival:
             self._arrival.notify_all()
         self._notify_arrival()
-        self.dispatch_pending()
+        self._dispatch_pending()
 
     def discard_dead_letter(self, message_id: str) -> None:
         """Delete a dead letter for good. Raises LocalProtocolError if there is none."""
@@ -1580,16 +1589,16 @@ class Agent:
     # -- hub endpoint plumbing --------------------------------------------
 
     @property
-    def ephemeral_identity(self) -> bool:
+    def _ephemeral_identity(self) -> bool:
         """No key file: the identity dies with this object, so hubs bind the id
         ephemerally (another key may take it once this agent is disconnected)."""
         return self._state.path is None
 
     @property
-    def signing_public_key(self) -> bytes:
+    def _signing_public_key(self) -> bytes:
         return self._identity.public.signing
 
-    def sign_login(self, challenge: bytes) -> bytes:
+    def _sign_login(self, challenge: bytes) -> bytes:
         """Sign a hub login or key-rotation challenge, and nothing else.
 
         Raises LocalProtocolError for bytes without a hub-protocol context, so a
@@ -1599,22 +1608,22 @@ class Agent:
             raise LocalProtocolError("refusing to sign bytes that are not a hub login challenge")
         return self._identity.sign(challenge)
 
-    def prekey_bundle_bytes(self) -> bytes:
+    def _prekey_bundle_bytes(self) -> bytes:
         with self._lock:
             if self._prekeys.rotate(self._identity, self._clock(), self._rng):
                 self._save_prekeys()
             return self._prekeys.bundle(self._id, self._identity.public).encode()
 
-    def one_time_prekeys(self) -> list[bytes]:
+    def _one_time_prekeys(self) -> list[bytes]:
         with self._lock:
             return [k.encode() for k in self._prekeys.unpublished_prekeys()]
 
-    def one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:
+    def _one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:
         with self._lock:
             self._prekeys.mark_published([SignedPrekey.decode(e).prekey_id for e in encoded])
             self._save_prekeys()
 
-    def prekeys_low(self, remaining: int) -> None:
+    def _prekeys_low(self, remaining: int) -> None:
         self.log.info("hub reports %d one-time prekeys left; topping up", remaining)
         with self._lock:
             # The keys the hub handed out are gone from it even if never used (a drain
@@ -1630,7 +1639,7 @@ class Agent:
                 self._maintain_prekeys(force=True)
         self._publish_prekeys()
 
-    def unacked_envelopes(self) -> list[bytes]:
+    def _unacked_envelopes(self) -> list[bytes]:
         self._dead_letter_sent(
             self._state.outbox_older_than(self._clock() - self._outbox_ttl_ms),
             "expired: the hub did not take it within outbox_ttl_s",
@@ -1638,7 +1647,7 @@ class Agent:
         self._state.sync()  # a (re)login re-sends these: they must be on disk first
         return [env for _, env in self._state.outbox()]
 
-    def envelope_refused(self, message_id: bytes, error: Exception) -> None:
+    def _envelope_refused(self, message_id: bytes, error: Exception) -> None:
         """The hub refused an outbox envelope. One that no resend can cure (too large,
         malformed, or addressed to an id that stayed unknown for ``outbox_ttl_s``)
         moves to the dead letters, so it neither blocks nor arrives after later
@@ -1663,10 +1672,10 @@ class Agent:
         for message_id in moved:
             self.log.warning("sent message %s is now a dead letter: %s", message_id.hex(), reason)
 
-    def envelope_acked(self, message_id: bytes) -> None:
+    def _envelope_acked(self, message_id: bytes) -> None:
         self._state.defer_outbox_removal([message_id])
 
-    def envelopes_acked(self, message_ids: list[bytes]) -> None:
+    def _envelopes_acked(self, message_ids: list[bytes]) -> None:
         """The hub stored these envelopes: drop them from the outbox (with the next write)."""
         self._state.defer_outbox_removal(message_ids)
 
@@ -1736,7 +1745,7 @@ class Agent:
         if not supports(hub, PrekeyRefreshingHub):
             return
         try:
-            hub.refresh_prekeys(self)
+            hub.refresh_prekeys(self._endpoint)
         except (HubError, HubUnavailableError) as exc:
             self.log.warning("could not upload prekeys yet: %s", exc)
             with self._lock:
@@ -1783,3 +1792,79 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self._id!r}, fingerprint={self.fingerprint!r})"
+
+
+class AgentEndpoint:
+    """The hub-facing side of one :class:`Agent`: the
+    :class:`~agentmesh.protocol.hub_interface.HubEndpoint` methods and the optional
+    endpoint capabilities a hub calls, kept off the Agent's public surface.
+
+    Every method delegates to the agent; a hub calls them with none of its own locks
+    held (the agent may call the hub back). ``receive_envelope(s)`` decrypt and
+    durably commit before they return, so a hub may then forget the envelopes.
+    """
+
+    __slots__ = ("_agent",)
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def __repr__(self) -> str:
+        return f"AgentEndpoint({self._agent.agent_id!r})"
+
+    @property
+    def agent_id(self) -> str:
+        return self._agent.agent_id
+
+    @property
+    def signing_public_key(self) -> bytes:
+        return self._agent._signing_public_key
+
+    @property
+    def ephemeral_identity(self) -> bool:
+        """No key file: hubs bind the id ephemerally (docs/PROTOCOL.md)."""
+        return self._agent._ephemeral_identity
+
+    def sign_login(self, challenge: bytes) -> bytes:
+        return self._agent._sign_login(challenge)
+
+    def prekey_bundle_bytes(self) -> bytes:
+        return self._agent._prekey_bundle_bytes()
+
+    def one_time_prekeys(self) -> list[bytes]:
+        return self._agent._one_time_prekeys()
+
+    def one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:
+        self._agent._one_time_prekeys_uploaded(encoded)
+
+    def prekeys_low(self, remaining: int) -> None:
+        self._agent._prekeys_low(remaining)
+
+    def receive_envelope(self, data: bytes) -> DeliveryReport:
+        """Decrypt and commit one envelope (see :meth:`receive_envelopes`)."""
+        return self._agent._receive_envelope(data)
+
+    def receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
+        """Decrypt several envelopes and commit them in one transaction; one outcome
+        each, in order: a report, or the error that envelope raised (it changed
+        nothing)."""
+        return self._agent._receive_envelopes(items)
+
+    def dispatch_pending(self) -> int:
+        """Run the handlers for committed, unhandled messages; returns how many."""
+        return self._agent._dispatch_pending()
+
+    def unacked_envelopes(self) -> list[bytes]:
+        return self._agent._unacked_envelopes()
+
+    def envelope_acked(self, message_id: bytes) -> None:
+        self._agent._envelope_acked(message_id)
+
+    def envelopes_acked(self, message_ids: list[bytes]) -> None:
+        self._agent._envelopes_acked(message_ids)
+
+    def envelope_refused(self, message_id: bytes, error: Exception) -> None:
+        self._agent._envelope_refused(message_id, error)
+
+    def unreadable_envelope(self, sender: str, error: Exception) -> None:
+        self._agent._unreadable_envelope(sender, error)

@@ -16,6 +16,7 @@ SERVER_MISSING = not (PACKAGE_DIR / "hub" / "server.py").exists()
 
 EXPECTED_ALL = [
     "Agent",
+    "AgentEndpoint",
     "AgentKeyPair",
     "AgentMeshError",
     "AsyncAgent",
@@ -186,3 +187,47 @@ def test_error_tree() -> None:
     assert issubclass(agentmesh.AuthFailedError, agentmesh.HubError)
     assert str(agentmesh.ReplayError()).startswith("Replay attack detected")
     assert str(agentmesh.AuthenticationError()).startswith("Authentication tag mismatch")
+
+
+#: What a hub calls on an agent: on ``Agent.endpoint``, never on the Agent (issue 11).
+HUB_PLUMBING = [
+    "dispatch_pending",
+    "envelope_acked",
+    "envelope_refused",
+    "envelopes_acked",
+    "ephemeral_identity",
+    "one_time_prekeys",
+    "one_time_prekeys_uploaded",
+    "prekey_bundle_bytes",
+    "prekeys_low",
+    "receive_envelope",
+    "receive_envelopes",
+    "sign_login",
+    "signing_public_key",
+    "unacked_envelopes",
+    "unreadable_envelope",
+]
+
+
+def test_hub_plumbing_is_on_the_endpoint_not_on_agent() -> None:
+    from agentmesh.protocol import hub_interface as hi
+
+    public = {name for name in dir(agentmesh.Agent) if not name.startswith("_")}
+    assert not public & set(HUB_PLUMBING)
+    endpoint_type = agentmesh.AgentEndpoint
+    assert {name for name in dir(endpoint_type) if not name.startswith("_")} >= set(HUB_PLUMBING)
+    agent = agentmesh.Agent("surface")
+    try:
+        endpoint = agent.endpoint
+        for capability in (
+            hi.HubEndpoint,
+            hi.BatchEndpoint,
+            hi.DispatchingEndpoint,
+            hi.RefusalAwareEndpoint,
+            hi.NoticingEndpoint,
+            hi.EphemeralCapableEndpoint,
+        ):
+            assert isinstance(endpoint, capability), capability
+        assert hi.endpoint_of(agent) is endpoint  # version 1 code passes the Agent
+    finally:
+        agent.close()

@@ -65,9 +65,11 @@ from agentmesh.protocol import hub_protocol as hp
 from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
+    EndpointOwner,
     HubEndpoint,
     NoticingEndpoint,
     RefusalAwareEndpoint,
+    endpoint_of,
     is_ephemeral,
     supports,
 )
@@ -1218,7 +1220,7 @@ class NetworkHub:
 
     # -- Hub --------------------------------------------------------------
 
-    def register(self, agent: HubEndpoint) -> None:
+    def register(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Log ``agent`` in (binding its id to its key on first use), publish its bundle,
         upload its one-time prekeys and re-send its outbox; then receive its pushes.
 
@@ -1227,7 +1229,7 @@ class NetworkHub:
         """
         self._start_link(agent, background=False)
 
-    def register_in_background(self, agent: HubEndpoint) -> None:
+    def register_in_background(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Like :meth:`register`, but return at once and keep trying to log in while the
         hub is unreachable (an agent that starts before its hub). Until the login,
         ``deliver`` raises HubUnavailableError (the envelope stays in the agent's
@@ -1235,9 +1237,10 @@ class NetworkHub:
         refusal for good (``AuthFailedError``) ends the attempts and is logged."""
         self._start_link(agent, background=True)
 
-    def _start_link(self, agent: HubEndpoint, *, background: bool) -> None:
+    def _start_link(self, agent: HubEndpoint | EndpointOwner, *, background: bool) -> None:
         """Replace ``agent``'s link with a new one and start it; a link whose start
-        fails is removed and closed."""
+        fails is removed and closed. ``agent``: an endpoint, or (version 1) an Agent."""
+        agent = endpoint_of(agent)
         io = self._thread()
         agent_id = agent.agent_id
         self.unregister(agent_id)
@@ -1390,7 +1393,7 @@ class NetworkHub:
         event = self._thread().run(rotate(), self.request_timeout + 1.0)
         _expect(event, hp.RequestSucceeded)
 
-    def refresh_prekeys(self, agent: HubEndpoint) -> None:
+    def refresh_prekeys(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Publish ``agent``'s current bundle and upload its new one-time prekeys.
 
         Called by ``Agent`` (possibly while it holds its own lock) after it
@@ -1399,6 +1402,7 @@ class NetworkHub:
         network nor on the agent. Failures are logged; everything is uploaded
         again after the next login anyway.
         """
+        agent = endpoint_of(agent)
         link = self._links.get(agent.agent_id)
         if link is None or self._io is None:
             return

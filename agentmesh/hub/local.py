@@ -53,9 +53,11 @@ from agentmesh.hub.store import (
 )
 from agentmesh.protocol.hub_interface import (
     DispatchingEndpoint,
+    EndpointOwner,
     HubEndpoint,
     NoticingEndpoint,
     RefusalAwareEndpoint,
+    endpoint_of,
     is_ephemeral,
     supports,
 )
@@ -291,47 +293,50 @@ class LocalHub:
 
     # -- registration -----------------------------------------------------
 
-    def register(self, agent: HubEndpoint) -> None:
+    def register(self, agent: HubEndpoint | EndpointOwner) -> None:
         """Bind the agent's id to its key, publish its prekeys, then hand over its mail.
 
-        Raises AuthFailedError if the id is already bound to another identity key.
-        Every call into the agent is made with no hub lock held (the agent may hold
-        its own lock and call this hub: see the module docstring's lock order).
+        ``agent``: an agent's endpoint (``Agent.endpoint``) or, as in version 1, the
+        Agent. Raises AuthFailedError if the id is already bound to another identity
+        key. Every call into the agent is made with no hub lock held (the agent may
+        hold its own lock and call this hub: see the module docstring's lock order).
         """
+        endpoint = endpoint_of(agent)
         with self._lock:
-            holder = self._online.get(agent.agent_id)
+            holder = self._online.get(endpoint.agent_id)
         self._store.bind_agent(
-            agent.agent_id,
-            agent.signing_public_key,
+            endpoint.agent_id,
+            endpoint.signing_public_key,
             self._now(),
-            ephemeral=is_ephemeral(agent),
-            holder_live=holder is not None and holder is not agent,
+            ephemeral=is_ephemeral(endpoint),
+            holder_live=holder is not None and holder is not endpoint,
         )
-        self.refresh_prekeys(agent)
-        outbox = agent.unacked_envelopes()
+        self.refresh_prekeys(endpoint)
+        outbox = endpoint.unacked_envelopes()
         with self._lock:
-            self._online[agent.agent_id] = agent
+            self._online[endpoint.agent_id] = endpoint
         resent: list[str] = []
         for data in outbox:
             try:
                 envelope = self._submit(data)
             except (HubError, PeerNotFoundError) as exc:
-                log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
-                if supports(agent, RefusalAwareEndpoint):
-                    agent.envelope_refused(decode_envelope(data).message_id, exc)
+                log.warning("outbox envelope of %s not accepted: %s", endpoint.agent_id, exc)
+                if supports(endpoint, RefusalAwareEndpoint):
+                    endpoint.envelope_refused(decode_envelope(data).message_id, exc)
                 continue
             except (CryptoError, DecodeError, ValueError) as exc:
-                log.warning("outbox envelope of %s not accepted: %s", agent.agent_id, exc)
+                log.warning("outbox envelope of %s not accepted: %s", endpoint.agent_id, exc)
                 continue
-            agent.envelope_acked(envelope.message_id)  # stored: drop it from the outbox
+            endpoint.envelope_acked(envelope.message_id)  # stored: drop it from the outbox
             if envelope.recipient not in resent:
                 resent.append(envelope.recipient)
-        self._drain(agent.agent_id)
+        self._drain(endpoint.agent_id)
         for recipient in resent:  # hand resent mail to recipients that are online
             self._drain(recipient)
 
-    def refresh_prekeys(self, agent: HubEndpoint) -> None:
+    def refresh_prekeys(self, agent: HubEndpoint | EndpointOwner) -> None:
         """(Re)publish the agent's bundle and upload its new one-time prekeys."""
+        agent = endpoint_of(agent)
         bundle = PrekeyBundle.decode(agent.prekey_bundle_bytes()).verify()
         if bundle.agent_id != agent.agent_id or not p.constant_time_equal(
             bundle.identity.signing, agent.signing_public_key

@@ -81,8 +81,27 @@ class HubEndpoint(Protocol):
         ...
 
 
+@runtime_checkable
+class EndpointOwner(Protocol):
+    """An object a hub reaches through its endpoint (an ``Agent``: version 1 code calls
+    ``hub.register(agent)``)."""
+
+    @property
+    def endpoint(self) -> HubEndpoint: ...
+
+
+def endpoint_of(agent: HubEndpoint | EndpointOwner) -> HubEndpoint:
+    """The endpoint to talk to: ``agent.endpoint`` for an Agent, else ``agent`` itself."""
+    if supports(agent, EndpointOwner):
+        return agent.endpoint
+    return agent  # type: ignore[return-value]
+
+
 class Hub(Protocol):
-    """What an Agent calls on its hub (the version 1 interface plus prekey upload)."""
+    """What an Agent calls on its hub (the version 1 interface plus prekey upload).
+
+    ``register`` takes the agent's endpoint (``Agent.endpoint``); hubs also accept the
+    Agent itself, as version 1 code passes it (:func:`endpoint_of`)."""
 
     def register(self, agent: HubEndpoint) -> None: ...
 

@@ -529,9 +529,9 @@ def test_replay_through_hub_is_rejected(make_agent, hub, which) -> None:
 def test_replay_directly_to_receive_envelope_is_a_duplicate(make_agent, hub) -> None:
     alice, bob, inbox, _ = _conversation(make_agent, hub)
     alice.send("bob", "one")
-    report = bob.receive_envelope(hub.envelopes[0])
+    report = bob.endpoint.receive_envelope(hub.envelopes[0])
     assert report.accepted and report.duplicate
-    bob.dispatch_pending()
+    bob.endpoint.dispatch_pending()
     assert inbox.texts == ["one"]
 
 
@@ -586,7 +586,7 @@ def test_envelope_for_someone_else_is_rejected(make_agent, hub) -> None:
     alice.send("bob", "for bob")
     before = stable_status(carol)
     with pytest.raises(CryptoError):
-        carol.receive_envelope(hub.envelopes[0])
+        carol.endpoint.receive_envelope(hub.envelopes[0])
     assert stable_status(carol) == before
 
 
@@ -608,8 +608,8 @@ def test_sign_login_refuses_bytes_that_are_not_a_login_challenge():
 
     agent = Agent("signer")
     with pytest.raises(LocalProtocolError):
-        agent.sign_login(b"pay mallory 100 coins")
-    assert len(agent.sign_login(LOGIN_CONTEXT + bytes(32))) == 64
+        agent.endpoint.sign_login(b"pay mallory 100 coins")
+    assert len(agent.endpoint.sign_login(LOGIN_CONTEXT + bytes(32))) == 64
 
 
 def test_small_order_ed25519_identity_keys_are_rejected():

@@ -127,7 +127,7 @@ def test_receive_envelope_arbitrary_bytes() -> None:
     @given(data=_envelope_like())
     def check(data: bytes) -> None:
         with pytest.raises(AgentMeshError):
-            bob.receive_envelope(data)
+            bob.endpoint.receive_envelope(data)
         assert bob.status() == before
 
     check()
@@ -179,14 +179,14 @@ def test_receive_mutated_envelopes(kind: str) -> None:
         if data == genuine:
             return
         with pytest.raises(AgentMeshError):
-            bob.receive_envelope(data)
+            bob.endpoint.receive_envelope(data)
         assert bob.status() == before
 
     check()
     assert inbox.texts == seen_before
     # The genuine envelope is still accepted, and the conversation goes on both ways.
-    assert not bob.receive_envelope(genuine).duplicate
-    bob.dispatch_pending()
+    assert not bob.endpoint.receive_envelope(genuine).duplicate
+    bob.endpoint.dispatch_pending()
     assert inbox.texts == [*seen_before, "genuine"]
     bob.send("alice", "reply")
     alice.send("bob", "next")

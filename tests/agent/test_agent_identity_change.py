@@ -82,7 +82,7 @@ def test_changed_peer_key_blocks_until_trusted(keydir) -> None:
     assert hub2.queued_count() == 2
     held = hub2.to("bob")
     with pytest.raises(IdentityChangedError) as info:
-        bob.receive_envelope(held[0])
+        bob.endpoint.receive_envelope(held[0])
     err = info.value
     assert (err.peer_id, err.pinned_fingerprint, err.new_fingerprint) == ("alice", old_fp, new_fp)
     assert old_fp in str(err) and new_fp in str(err)

@@ -73,10 +73,10 @@ def test_deferred_verification_gives_the_outcomes_of_one_by_one(
     batch = _envelopes(alice, BATCH + 1, forged)
     first, later = batch[:BATCH], batch[BATCH:]
 
-    got = deferred.receive_envelopes(first)
+    got = deferred.endpoint.receive_envelopes(first)
     with monkeypatch.context() as patch:
         patch.setattr(agent_module, "_PARALLEL_VERIFY_MIN", 10**9)
-        expected = one_by_one.receive_envelopes(first)
+        expected = one_by_one.endpoint.receive_envelopes(first)
 
     assert _kinds(got) == _kinds(expected)
     for i, outcome in enumerate(got):
@@ -90,7 +90,7 @@ def test_deferred_verification_gives_the_outcomes_of_one_by_one(
     # A refused envelope changed nothing: sent again, it is refused again (not
     # "duplicate"), and the chain goes on where the good ones left it.
     for agent in (deferred, one_by_one):
-        again = agent.receive_envelopes([first[i] for i in sorted(forged)] + later)
+        again = agent.endpoint.receive_envelopes([first[i] for i in sorted(forged)] + later)
         assert all(isinstance(o, CryptoError) for o in again[: len(forged)])
         assert again[-1] == DeliveryReport(accepted=True)
 
@@ -105,7 +105,7 @@ def test_a_large_batch_verifies_on_two_threads(twins, monkeypatch: pytest.Monkey
         return real(checks)
 
     monkeypatch.setattr(agent_module, "_all_valid", spy)
-    outcomes = bob.receive_envelopes(_envelopes(alice, 20, set()))
+    outcomes = bob.endpoint.receive_envelopes(_envelopes(alice, 20, set()))
     assert outcomes == [DeliveryReport(accepted=True)] * 20
     assert sorted(n for _, n in threads) == [10, 10]
     assert len({name for name, _ in threads}) == 2
@@ -116,6 +116,6 @@ def test_small_batches_verify_as_they_go(twins, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(agent_module, "_all_valid", lambda checks: pytest.fail("deferred"))
     small = agent_module._PARALLEL_VERIFY_MIN - 1
     assert (
-        bob.receive_envelopes(_envelopes(alice, small, set()))
+        bob.endpoint.receive_envelopes(_envelopes(alice, small, set()))
         == [DeliveryReport(accepted=True)] * small
     )

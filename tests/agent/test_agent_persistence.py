@@ -212,9 +212,9 @@ def test_replay_after_both_agents_restart(tmp_path, keydir) -> None:
 
     # Direct delivery: recognised as a duplicate, never decrypted or handled again.
     for envelope in recorded:
-        report = bob2.receive_envelope(envelope)
+        report = bob2.endpoint.receive_envelope(envelope)
         assert report.duplicate
-    bob2.dispatch_pending()
+    bob2.endpoint.dispatch_pending()
     assert inbox2 == []
 
     alice2.send("bob", "three")
@@ -281,10 +281,10 @@ def test_key_file_alone_cannot_decrypt_recorded_traffic(tmp_path, keydir) -> Non
         before = thief.status()
         for envelope in recorded:
             with pytest.raises(CryptoError):
-                thief.receive_envelope(envelope)
+                thief.endpoint.receive_envelope(envelope)
         assert thief.status() == before  # ...yet no message was decrypted
         assert thief.status()["inbox_pending"] == 0
-        assert thief.dispatch_pending() == 0
+        assert thief.endpoint.dispatch_pending() == 0
     finally:
         thief.close()
 

@@ -107,8 +107,8 @@ def login_frame_for(agent_id_bytes: bytes, nonce: bytes, hub_address: str) -> by
 
 class RecordingAgent(Agent):
     """An Agent that records ``(message_id, report or exception)`` for every envelope it
-    is handed, one at a time (``receive_envelope``) or in batches (``receive_envelopes``,
-    if this version has it), from construction on."""
+    is handed, one at a time (``receive_envelope``) or in batches (``receive_envelopes``),
+    from construction on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.reports: list[tuple[bytes, DeliveryReport | BaseException]] = []
@@ -122,10 +122,11 @@ class RecordingAgent(Agent):
         except Exception:  # the agent itself reports the parse error
             return b""
 
-    def receive_envelope(self, data: bytes) -> DeliveryReport:
+    # The hub reaches these through ``agent.endpoint`` (AgentEndpoint delegates here).
+    def _receive_envelope(self, data: bytes) -> DeliveryReport:
         self._nested.active = True
         try:
-            report = super().receive_envelope(data)
+            report = super()._receive_envelope(data)
         except BaseException as exc:
             self.reports.append((self._message_id(data), exc))
             raise
@@ -134,10 +135,8 @@ class RecordingAgent(Agent):
         self.reports.append((self._message_id(data), report))
         return report
 
-    def receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
-        outcomes: list[DeliveryReport | Exception] = super().receive_envelopes(  # type: ignore[misc]
-            items
-        )
+    def _receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
+        outcomes: list[DeliveryReport | Exception] = super()._receive_envelopes(items)
         if not getattr(self._nested, "active", False):
             for data, outcome in zip(items, outcomes, strict=True):
                 self.reports.append((self._message_id(data), outcome))

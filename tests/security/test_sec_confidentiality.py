@@ -98,8 +98,8 @@ def test_stolen_key_file_without_state_reveals_no_past_plaintext__forward_secrec
     thief.on_message(loot)
     for data in recorded:
         with pytest.raises((CryptoError, DecodeError)):
-            thief.receive_envelope(data)  # ...but none of the keys that encrypted anything
-    assert thief.dispatch_pending() == 0 and loot == []
+            thief.endpoint.receive_envelope(data)  # ...but none of the keys that encrypted anything
+    assert thief.endpoint.dispatch_pending() == 0 and loot == []
     assert thief.status()["inbox_pending"] == 0
     state = b"".join(p.read_bytes() for p in stolen.glob("bob.state.sqlite*"))
     assert [s for s in secrets if s.encode() in state] == []

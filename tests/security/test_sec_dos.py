@@ -41,7 +41,7 @@ def test_one_time_prekey_drain_is_rate_limited_then_falls_back__last_resort_prek
     hub = start_hub("--rate-per-s", "1", "--rate-burst", "25")
     bob_id, alice_id = unique("bob"), unique("alice")
     bob = agents(bob_id, hub=net(hub), keypair_path=keydir / "b.json", prekey_pool_size=8)
-    published = PrekeyBundle.decode(bob.prekey_bundle_bytes())
+    published = PrekeyBundle.decode(bob.endpoint.prekey_bundle_bytes())
     bob.close()  # offline: no top-up while the attack runs
 
     def pool() -> int:

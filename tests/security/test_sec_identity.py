@@ -51,7 +51,8 @@ def test_takeover_of_registered_id_is_refused__identity_binding(
         thief.hello()
         challenge = thief.conn.login_challenge(victim_id)
         fake = IdentityKeyPair.generate().sign(challenge)
-        refused = thief.answer(thief.conn.login(victim_id, victim.signing_public_key, fake))
+        key = victim.endpoint.signing_public_key
+        refused = thief.answer(thief.conn.login(victim_id, key, fake))
         assert fatal_code(refused) == "bad_signature"
     finally:
         thief.close()
@@ -61,9 +62,10 @@ def test_takeover_of_registered_id_is_refused__identity_binding(
     watched, thief = RawClient(shared_hub.port), RawClient(shared_hub.port)
     try:
         watched.hello()
-        recorded = victim.sign_login(watched.conn.login_challenge(victim_id))
+        recorded = victim.endpoint.sign_login(watched.conn.login_challenge(victim_id))
         thief.hello()
-        refused = thief.answer(thief.conn.login(victim_id, victim.signing_public_key, recorded))
+        key = victim.endpoint.signing_public_key
+        refused = thief.answer(thief.conn.login(victim_id, key, recorded))
         assert fatal_code(refused) == "bad_signature"
     finally:
         watched.close()
@@ -71,7 +73,7 @@ def test_takeover_of_registered_id_is_refused__identity_binding(
 
     # The binding is unchanged and the owner still gets its mail, on its own connection.
     assert shared_hub.query("SELECT signing_key FROM agents WHERE agent_id = ?", (victim_id,)) == [
-        (victim.signing_public_key,)
+        (victim.endpoint.signing_public_key,)
     ]
     sender = agents(unique("sender"), hub=net(shared_hub), prekey_pool_size=3)
     sender.send(victim_id, "for the owner only")

@@ -84,7 +84,7 @@ def _attack(bob: Agent, bob_key: Path, genuine: bytes) -> list[str]:
     for name, forged in _tampered_variants(genuine):
         assert forged != genuine
         with pytest.raises(REFUSED):
-            bob.receive_envelope(forged)
+            bob.endpoint.receive_envelope(forged)
         assert state_dump(bob_key) == before, f"{name} changed bob's state"
         tried.append(name)
     return tried
@@ -166,10 +166,10 @@ def test_reflected_envelope_is_refused__direction_binding(agents, keydir: Path) 
         env = decode_envelope(data)
         before = state_dump(key)
         with pytest.raises(AuthenticationError):
-            owner.receive_envelope(data)  # as is: addressed to the other party
+            owner.endpoint.receive_envelope(data)  # as is: addressed to the other party
         swapped = reheader(data, sender=env.recipient, recipient=env.sender)
         with pytest.raises(AuthenticationError):
-            owner.receive_envelope(swapped)  # relabelled as coming from the peer
+            owner.endpoint.receive_envelope(swapped)  # relabelled as coming from the peer
         assert state_dump(key) == before
     hub.inject(to_bob)
     assert bob_got.texts == ["hello", "again"] and alice_got.texts == ["hi"]
@@ -199,9 +199,9 @@ def test_envelopes_swapped_between_sessions_are_refused__session_binding(
     from_carol = hub.capture(lambda: carol.send("bob", "c1"))
     before = state_dump(bob_key)
     with pytest.raises(AuthenticationError):
-        bob.receive_envelope(reheader(from_alice, sender="carol"))
+        bob.endpoint.receive_envelope(reheader(from_alice, sender="carol"))
     with pytest.raises(AuthenticationError):
-        bob.receive_envelope(reheader(from_carol, sender="alice"))
+        bob.endpoint.receive_envelope(reheader(from_carol, sender="alice"))
     assert state_dump(bob_key) == before
 
     # Same pair, two sessions: s1 (established) and s2 (alice starts afresh).
@@ -220,7 +220,7 @@ def test_envelopes_swapped_between_sessions_are_refused__session_binding(
     before = state_dump(bob_key)
     for forged in spliced:
         with pytest.raises(REFUSED):
-            bob.receive_envelope(forged)
+            bob.endpoint.receive_envelope(forged)
     assert state_dump(bob_key) == before
 
     for genuine in (from_alice, from_carol, s2_first, old_session, s2_second):
@@ -246,7 +246,7 @@ def test_version_downgrade_is_refused__version_pinning(
     for version in (0, 1, 3, 255):  # 1: protocol 1's envelopes
         downgraded = bytes((version,)) + genuine[1:]
         with pytest.raises(DecodeError, match="version"):
-            bob.receive_envelope(downgraded)
+            bob.endpoint.receive_envelope(downgraded)
 
     for version in (hp.PROTOCOL_VERSION - 1, hp.PROTOCOL_VERSION + 1):
         raw = RawClient(shared_hub.port)
@@ -334,7 +334,7 @@ def test_skipped_message_key_flood_is_refused__bounded_skip(agents, keydir: Path
     for flood in floods:
         started = time.monotonic()
         with _deadline(3.0), pytest.raises(CryptoError, match="too many skipped messages"):
-            bob.receive_envelope(flood)
+            bob.endpoint.receive_envelope(flood)
         assert time.monotonic() - started < 1.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50 * 1024  # KiB
     assert state_dump(bob_key) == before

@@ -104,7 +104,7 @@ def test_agent_survives_a_prekeys_low_flood__replenish_rate_limit() -> None:
         assert opk is not None
         before = bob.status()["one_time_prekeys"]
         for _ in range(1000):
-            bob.prekeys_low(0)
+            bob.endpoint.prekeys_low(0)
         assert bob.status()["one_time_prekeys"] <= before + POOL
 
         carol.connect_with_bundle(bundle)

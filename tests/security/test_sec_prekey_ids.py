@@ -82,7 +82,7 @@ def test_first_messages_work_after_the_state_file_was_lost__random_id_epoch(
     hub = InterceptHub(None if db is None else str(db))
     bob_key = tmp_path / "bob.json"
     bob = Agent("bob", hub=hub, keypair_path=bob_key)
-    before = PrekeyBundle.decode(bob.prekey_bundle_bytes())
+    before = PrekeyBundle.decode(bob.endpoint.prekey_bundle_bytes())
     lost = _stale_one_time_ids(hub, db)
     assert len(lost) == 100
     bob.close()
@@ -95,7 +95,7 @@ def test_first_messages_work_after_the_state_file_was_lost__random_id_epoch(
     try:
         inbox = Inbox()
         bob.on_message(inbox)
-        after = PrekeyBundle.decode(bob.prekey_bundle_bytes())
+        after = PrekeyBundle.decode(bob.endpoint.prekey_bundle_bytes())
         assert after.identity == before.identity
         if prekey_epoch(after.signed_prekey.prekey_id) == prekey_epoch(
             before.signed_prekey.prekey_id

@@ -148,9 +148,9 @@ def test_replay_after_recipient_restart_is_dropped__durable_replay_window(
     bob.on_message(again)
     before = state_dump(keydir / "bob.json")
     for data in recorded:
-        assert bob.receive_envelope(data) == DUPLICATE
+        assert bob.endpoint.receive_envelope(data) == DUPLICATE
     assert state_dump(keydir / "bob.json") == before
-    assert bob.dispatch_pending() == 0 and again == []
+    assert bob.endpoint.dispatch_pending() == 0 and again == []
     alice.send("bob", "three")
     assert again.texts == ["three"]
 
@@ -194,7 +194,7 @@ def test_replay_of_last_resort_initial_message_is_dropped__replay_window(
     assert initial.ephemeral not in base_keys  # nothing but the id window stands in the way
 
     before = state_dump(bob_key)
-    assert bob.receive_envelope(first) == DUPLICATE
+    assert bob.endpoint.receive_envelope(first) == DUPLICATE
     assert state_dump(bob_key) == before
-    assert bob.dispatch_pending() == 0
+    assert bob.endpoint.dispatch_pending() == 0
     assert got.texts.count("hello once") == 1
