@@ -1458,7 +1458,9 @@ class NetworkHubServer:
                     loop.add_signal_handler(signum, stop_event.set)
         logger.info("hub listening on %s:%d (db %s)", self.host, self._port, store)
         purger = loop.create_task(self._purge_forever(hub))
-        maintainer = loop.create_task(hub.maintain()) if hub.shared else None
+        maintainer = (
+            loop.create_task(hub.maintain(), name="agentmesh-hub-maintain") if hub.shared else None
+        )
         self._ready.set()
         try:
             await stop_event.wait()
