@@ -6,8 +6,7 @@ Owns the sockets, timers and the writer thread; the protocol rules live in
 
 Threads
     One event-loop thread runs every connection (``asyncio.Protocol``, no
-    streams). One *writer thread* owns all database writes (and, on SQLite,
-    the reads; on PostgreSQL mailbox pages are read on the loop's executor): it takes jobs from a
+    streams). One *writer thread* owns all database work: it takes jobs from a
     queue, and every run of SEND jobs it finds waiting (up to ``batch_max``)
     becomes ONE :meth:`HubStore.enqueue` call, i.e. one transaction (group
     commit). Senders get SEND_ACK only after that commit. Recipients' ACKs
@@ -987,17 +986,10 @@ class _Session(asyncio.Protocol):
     ) -> None:
         store, now = self.hub.store, self.options.clock()
         after, limit = request.after_seq, request.limit
-
-        def read() -> list[StoredEnvelope]:
-            return store.pending(agent_id, after_seq=after, limit=limit, now_ms=now)
-
         try:
-            if self.hub.shared:
-                # PostgreSQL (MVCC): a read needs no place in the writer's queue; the
-                # commit that asked for it is visible to any connection already.
-                rows = await self.hub.loop.run_in_executor(None, read)
-            else:
-                rows = await self._db(read)
+            rows = await self._db(
+                lambda: store.pending(agent_id, after_seq=after, limit=limit, now_ms=now)
+            )
         except Exception:
             logger.exception("reading the mailbox of %s failed; retrying", agent_id)
             delivery.page_failed()
