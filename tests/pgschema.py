@@ -41,12 +41,21 @@ def pg_unavailable() -> str | None:
     return None
 
 
+def require_pg() -> None:
+    """Skip the calling test without PostgreSQL; fail it instead under
+    ``AGENTMESH_REQUIRE_POSTGRES=1``, which ``.ci/run`` sets."""
+    reason = pg_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("AGENTMESH_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason} (AGENTMESH_REQUIRE_POSTGRES=1)")
+    pytest.skip(reason)
+
+
 @contextmanager
 def fresh_pg_schema() -> Iterator[str]:
     """Yield a URL whose search_path is a new, empty schema; drop it afterwards (or skip)."""
-    reason = pg_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_pg()
     schema = f"t_{uuid.uuid4().hex[:16]}"
     admin = create_engine(PG_URL)
     with admin.begin() as conn:

@@ -85,9 +85,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.crypto.prekeys import compose_bundle
 from agentmesh.errors import AuthFailedError, ConfigurationError, HubError
+from agentmesh.hub.metrics import HubMetrics, OpsEndpoint, PrometheusHubMetrics
 from agentmesh.hub.models import HUB_ID_LENGTH
 from agentmesh.hub.store import (
     DB_ENV_VAR,
+    DEFAULT_DB,
     EnqueueResult,
     EnqueueStatus,
     HubListener,
@@ -106,7 +108,6 @@ _T = TypeVar("_T")
 #: Milliseconds since the epoch.
 Clock = Callable[[], int]
 DEFAULT_PORT = 7700
-DEFAULT_DB = "hub.sqlite"
 
 
 _HUB_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{HUB_ID_LENGTH}}}")
@@ -163,6 +164,12 @@ class HubOptions:
     ssl_context: ssl.SSLContext | None = None
     synchronous: str = "FULL"
     use_uvloop: bool = True
+    #: Serve /metrics and /healthz on this port (0: any free port; None: not at all).
+    metrics_port: int | None = None
+    #: The address of the metrics port (None: the hub's own host).
+    metrics_host: str | None = None
+    #: Bring the database to head at start-up; if False, refuse one not at head.
+    migrate: bool = True
     clock: Clock = field(default=_wall_clock_ms)
 
     def __post_init__(self) -> None:
@@ -187,6 +194,8 @@ class HubOptions:
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigurationError(f"{name} must be positive, not {value!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 0xFFFF:
+            raise ConfigurationError(f"metrics_port must be 0..65535, not {self.metrics_port!r}")
         if self.max_envelope_bytes > 0xFFFFFFFF - hp.FRAME_OVERHEAD:
             raise ConfigurationError("max_envelope_bytes is too large")
         if self.ssl_context is not None:
@@ -293,9 +302,14 @@ class StoreWorker:
     """
 
     def __init__(
-        self, store: HubStore, loop: asyncio.AbstractEventLoop, options: HubOptions
+        self,
+        store: HubStore,
+        loop: asyncio.AbstractEventLoop,
+        options: HubOptions,
+        metrics: HubMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or HubMetrics()
         self._loop = loop
         self._options = options
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -326,6 +340,7 @@ class StoreWorker:
         self._queue.put(_SendJob(item, done, notify))
 
     def submit_ack(self, recipient: str, message_ids: tuple[bytes, ...]) -> None:
+        self.metrics.delivered(len(message_ids))
         self._queue.put(_AckJob(recipient, message_ids))
 
     def call(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
@@ -398,6 +413,7 @@ class StoreWorker:
             return
         acks = self._take_acks()
         results: list[EnqueueResult | BaseException] = []
+        started = time.perf_counter()
         for attempt in (acks, {}):
             try:
                 results = list(
@@ -418,6 +434,8 @@ class StoreWorker:
                 if not attempt:
                     break
                 # Not the acks' fault, probably; either way they are redelivered later.
+        ok = not (results and isinstance(results[0], BaseException))
+        self.metrics.commit(time.perf_counter() - started, len(jobs), ok=ok)
         self._post(_finish_sends, jobs, results)
 
     def _flush_acks(self) -> None:
@@ -430,6 +448,7 @@ class StoreWorker:
             # Not deleted: the envelopes are pushed again and deduplicated by the agent.
             count = sum(len(ids) for ids in acks.values())
             logger.exception("deleting %d acknowledged envelopes failed", count)
+            self.metrics.store_error("ack")
 
     def _call(self, job: _CallJob) -> None:
         try:
@@ -524,10 +543,12 @@ class _Session(asyncio.Protocol):
         if len(hub.sessions) >= self.options.max_connections or hub.stopping:
             code = "shutting_down" if hub.stopping else "too_many_connections"
             logger.warning("refusing connection from %s: %s", self.peer, code)
+            hub.metrics.connection_refused(code)
             transport.write(encode_frame(Error(0, code, "try again later", fatal=True)))
             transport.close()
             return
         hub.sessions.add(self)
+        hub.metrics.connection_accepted()
         self._alive = True
         loop = hub.loop
         now = loop.time()
@@ -590,6 +611,10 @@ class _Session(asyncio.Protocol):
     def fail(self, code: str, text: str) -> None:
         """Send a fatal ERROR and close (logged by the caller)."""
         if self.conn is not None:
+            if not self.conn.closed:
+                self.hub.metrics.connection_error(
+                    code, by_peer=False, logged_in=self.agent_id is not None
+                )
             self.conn.fail(code, text)
             self.flush()
 
@@ -638,6 +663,7 @@ class _Session(asyncio.Protocol):
         if now - self._rate_logged_at > 5.0:
             self._rate_logged_at = now
             logger.warning("rate limit: refusing requests from %s (%s)", self.peer, self.agent_id)
+        self.hub.metrics.request_rejected("rate_limited")
         self.conn.reply_error(request_id, "rate_limited", "too many requests; slow down")
         return False
 
@@ -654,6 +680,9 @@ class _Session(asyncio.Protocol):
         elif isinstance(event, hp.LoginRequested):
             self._spawn(self._on_login(event))
         elif isinstance(event, hp.ConnectionFailed):
+            self.hub.metrics.connection_error(
+                event.code, by_peer=event.sent_by_peer, logged_in=self.agent_id is not None
+            )
             logger.warning(
                 "closing %s (%s): %r%s",
                 self.peer,
@@ -662,6 +691,7 @@ class _Session(asyncio.Protocol):
                 " (sent by peer)" if event.sent_by_peer else "",
             )
         elif isinstance(event, hp.RequestRejected):
+            self.hub.metrics.request_rejected(event.code)
             logger.warning("refused request from %s (%s): %s", self.peer, self.agent_id, event.code)
         elif isinstance(event, _REQUESTS):
             if self._allowed(event.request_id):
@@ -703,11 +733,14 @@ class _Session(asyncio.Protocol):
             created, claim = await self._db(bind)
         except AuthFailedError as exc:
             logger.warning("login refused for %r from %s: %s", event.agent_id, self.peer, exc.code)
+            self.hub.metrics.login_failed(exc.code)
             conn.refuse_login(exc.code, f"agent id {event.agent_id!r} is bound to another key")
             self.flush()
             return
         except Exception as exc:
             logger.exception("login of %r failed", event.agent_id)
+            self.hub.metrics.login_failed("internal")
+            self.hub.metrics.store_error("login")
             text = f"the hub could not complete the login{_storage_problem(exc)}"
             conn.refuse_login("internal", text)
             self.flush()
@@ -724,6 +757,7 @@ class _Session(asyncio.Protocol):
             previous.holds_lease = False  # this session holds it now (same hub)
             previous.fail("replaced", "another connection logged in as this agent")
         self.hub.online[event.agent_id] = self
+        self.hub.metrics.login_succeeded(new=created)
         self.delivery = Delivery(window=self.options.push_window, lease_until_ms=0)
         self._leased(claim, now)
         logger.info(
@@ -766,9 +800,11 @@ class _Session(asyncio.Protocol):
                 await self._on_rotate(event)
         except HubError as exc:
             logger.warning("request from %s (%s) refused: %s", self.peer, self.agent_id, exc.code)
+            self.hub.metrics.request_rejected(exc.code)
             conn.reply_error(event.request_id, exc.code, str(exc))
         except Exception:
             logger.exception("request from %s (%s) failed", self.peer, self.agent_id)
+            self.hub.metrics.store_error("request")
             conn.reply_error(event.request_id, "internal", "the hub failed; retry")
         self.flush()
 
@@ -786,6 +822,7 @@ class _Session(asyncio.Protocol):
 
         result = await self._db(fetch)
         if result is None:
+            self.hub.metrics.request_rejected("not_found")
             conn.reply_error(event.request_id, "not_found", f"Peer '{peer}' not found on hub")
             return
         bundle, remaining = result
@@ -921,6 +958,7 @@ class _Session(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         mid = event.message_id
+        self.hub.metrics.send_committed(result)
         if isinstance(result, BaseException):
             text = f"the hub could not store it{_storage_problem(result)}; retry"
             conn.reply_error(event.request_id, "internal", text, mid)
@@ -992,6 +1030,7 @@ class _Session(asyncio.Protocol):
             )
         except Exception:
             logger.exception("reading the mailbox of %s failed; retrying", agent_id)
+            self.hub.metrics.store_error("read")
             delivery.page_failed()
             self._schedule("retry", 1.0, self.pump_mailbox)
             return
@@ -1032,7 +1071,10 @@ class _Hub:
         self.options = options
         self.hub_names = hub_names
         self.channel_binding = channel_binding
-        self.worker = StoreWorker(store, loop, options)
+        self.metrics: HubMetrics = (
+            HubMetrics() if options.metrics_port is None else PrometheusHubMetrics()
+        )
+        self.worker = StoreWorker(store, loop, options, self.metrics)
         self.sessions: set[_Session] = set()
         self.online: dict[str, _Session] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -1391,7 +1433,10 @@ class NetworkHubServer:
         try:
             _refuse_read_only(store)
             try:
-                store.ensure_schema()
+                if options.migrate:
+                    store.ensure_schema()
+                else:
+                    store.check_revision()
             except SQLAlchemyError as exc:
                 raise ConfigurationError(f"cannot open the hub database {store!r}: {exc}") from exc
             hub = _Hub(loop, store, options, (), options.channel_binding())
@@ -1408,10 +1453,18 @@ class NetworkHubServer:
             store.close()
             raise
         port = int(server.sockets[0].getsockname()[1])
+        ops: OpsEndpoint | None = None
         try:
             names, derived = await loop.run_in_executor(
                 None, resolve_hub_names, self.host, port, options.hub_address
             )
+            if isinstance(hub.metrics, PrometheusHubMetrics):
+                hub.metrics.watch(store, lambda: len(hub.online), lambda: len(hub.sessions))
+                ops_host = options.metrics_host or self.host
+                ops = OpsEndpoint(hub.metrics, store, ops_host, options.metrics_port or 0)
+                logger.info(
+                    "metrics listening on %s:%d (/metrics, /healthz)", ops_host or "*", ops.port
+                )
         except BaseException:
             server.close()
             store.close()
@@ -1461,6 +1514,8 @@ class NetworkHubServer:
             if maintainer is not None:
                 maintainer.cancel()
             await self._shutdown(server, hub)
+            if ops is not None:
+                await loop.run_in_executor(None, ops.close)
             if install_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -1514,10 +1569,12 @@ class NetworkHubServer:
                     )
                     if purged:
                         logger.info("purged %d expired envelopes", purged)
+                        hub.metrics.purged(purged)
                     if purged < limit:
                         break
             except Exception:
                 logger.exception("purging expired envelopes failed")
+                hub.metrics.store_error("purge")
 
     async def _shutdown(self, server: asyncio.Server, hub: _Hub) -> None:
         logger.info("hub shutting down")

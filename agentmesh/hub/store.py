@@ -103,6 +103,7 @@ from sqlalchemy.exc import (
     DatabaseError,
     DBAPIError,
     IntegrityError,
+    NoSuchModuleError,
     OperationalError,
 )
 
@@ -128,7 +129,9 @@ from agentmesh.ids import validate_agent_id
 
 __all__ = [
     "DB_ENV_VAR",
+    "DEFAULT_DB",
     "NOTIFY_CHANNEL",
+    "AgentRecord",
     "EnqueueResult",
     "EnqueueStatus",
     "FetchedBundle",
@@ -136,11 +139,14 @@ __all__ = [
     "HubStore",
     "LeaseClaim",
     "NewEnvelope",
+    "StoreStats",
     "StoredEnvelope",
+    "check_database_location",
     "create_hub_engine",
     "migration_transaction",
     "migrations_dir",
     "resolve_db_url",
+    "sqlite_path",
 ]
 
 logger = logging.getLogger("agentmesh.hub.store")
@@ -151,8 +157,11 @@ DB_ENV_VAR: Final = "AGENTMESH_DB"
 #: only: ``m HUB AGENT`` (HUB committed mail for AGENT), ``r HUB AGENT`` (HUB,
 #: release AGENT's lease) and ``f AGENT`` (AGENT's lease is free).
 NOTIFY_CHANNEL: Final = "agentmesh"
-
-logger = logging.getLogger("agentmesh.hub.store")
+#: The database of a hub given neither ``--db`` nor ``AGENTMESH_DB`` (and of a bare
+#: ``alembic upgrade head``): this file in the current directory.
+DEFAULT_DB: Final = "hub.sqlite"
+#: What to install for the PostgreSQL driver the README recommends (psycopg 3).
+_POSTGRES_INSTALL: Final = 'pip install "agentmesh[postgres]"'
 
 _SYNCHRONOUS_MODES: Final = frozenset({"FULL", "NORMAL", "OFF"})
 #: Connection execution option: start this transaction with BEGIN IMMEDIATE on SQLite.
@@ -251,6 +260,35 @@ class EnqueueResult:
         return self.status in (EnqueueStatus.STORED, EnqueueStatus.DUPLICATE)
 
 
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    """One bound agent id as the operator sees it (:meth:`HubStore.agent_records`)."""
+
+    agent_id: str
+    signing_key: bytes
+    created_at_ms: int
+    #: The last login (or first registration).
+    last_seen_ms: int
+    has_bundle: bool
+    queued_messages: int
+    queued_bytes: int
+    one_time_prekeys: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What the database holds (:meth:`HubStore.store_stats`); times in ms since the epoch."""
+
+    agents: int
+    envelopes: int
+    bytes: int
+    #: Envelopes past their expiry, not purged yet.
+    expired: int
+    #: ``created_at_ms`` of the oldest queued envelope, or None if the queue is empty.
+    oldest_envelope_ms: int | None
+    one_time_prekeys: int
+
+
 _DUPLICATE: Final = EnqueueResult(EnqueueStatus.DUPLICATE)
 _MAILBOX_FULL: Final = EnqueueResult(EnqueueStatus.MAILBOX_FULL)
 _UNKNOWN_RECIPIENT: Final = EnqueueResult(EnqueueStatus.UNKNOWN_RECIPIENT)
@@ -298,7 +336,10 @@ def create_hub_engine(
     """
     url = _to_url(url_or_path)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except (ImportError, NoSuchModuleError) as exc:
+            raise _missing_driver(url, exc) from None
 
     mode = synchronous.upper() if isinstance(synchronous, str) else ""
     if mode not in _SYNCHRONOUS_MODES:
@@ -329,6 +370,66 @@ def create_hub_engine(
     event.listen(engine, "connect", on_connect)
     event.listen(engine, "begin", on_begin)
     return engine
+
+
+def _missing_driver(url: URL, exc: BaseException) -> ConfigurationError:
+    """The error for a URL whose SQLAlchemy dialect or database driver is not installed."""
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() != "postgresql":
+        return ConfigurationError(
+            f"cannot use the database {shown}: {exc}; AgentMesh hubs run on SQLite "
+            f"(a file path) or PostgreSQL (postgresql+psycopg://..., {_POSTGRES_INSTALL})"
+        )
+    driver = url.get_driver_name()
+    if driver == "psycopg":
+        return ConfigurationError(
+            f"the database {shown} needs the PostgreSQL driver psycopg 3, which is not "
+            f"installed: {_POSTGRES_INSTALL}"
+        )
+    return ConfigurationError(
+        f"the database {shown} names the PostgreSQL driver {driver!r}, which is not "
+        f"installed ({exc}); install that driver, or {_POSTGRES_INSTALL} and use "
+        "postgresql+psycopg://..."
+    )
+
+
+def sqlite_path(url_or_path: str) -> Path | None:
+    """The file of a SQLite database setting, or None (another database, or in memory)."""
+    url = _to_url(url_or_path)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.database.startswith("file:"):  # a URI filename: leave it to SQLite
+        return None
+    return Path(url.database)
+
+
+def check_database_location(url_or_path: str, *, must_exist: bool = False) -> None:
+    """Refuse a SQLite database that cannot be opened where it is, before connecting.
+
+    Raises :class:`~agentmesh.errors.ConfigurationError` naming the problem if
+    the file's directory does not exist or is not a directory, or if
+    ``must_exist`` and the file does not exist (SQLite would create an empty
+    one). Does nothing for other databases, and for an invalid URL raises as
+    :func:`resolve_db_url` does.
+    """
+    path = sqlite_path(url_or_path)
+    if path is None:
+        return
+    folder = path.parent
+    if not folder.exists():
+        raise ConfigurationError(
+            f"the directory {folder} of the hub database {path} does not exist; "
+            "create it, or pass another --db"
+        )
+    if not folder.is_dir():
+        raise ConfigurationError(f"{folder}, the folder of the hub database {path}, is not one")
+    if path.is_dir():
+        raise ConfigurationError(f"the hub database {path} is a directory, not a file")
+    if must_exist and not path.exists():
+        raise ConfigurationError(
+            f"there is no hub database at {path}; check --db (or {DB_ENV_VAR}), or create "
+            "it with `agentmesh-hub migrate`"
+        )
 
 
 def _enable_wal(cursor: Any, busy_timeout_ms: int) -> None:
@@ -623,8 +724,8 @@ class HubStore:
         if state != "head":
             raise ConfigurationError(
                 f"database is not at head ({state}, expected revision "
-                f"{', '.join(script.get_heads())}); run `alembic upgrade head` "
-                "(or HubStore.ensure_schema())"
+                f"{', '.join(script.get_heads())}); run `agentmesh-hub migrate` "
+                "(or `alembic upgrade head`, or HubStore.ensure_schema())"
             )
 
     def migrate(self) -> None:
@@ -762,24 +863,6 @@ class HubStore:
             agent_id,
             dropped.rowcount,
         )
-
-    def unbind_agent(self, agent_id: str) -> int | None:
-        """Release ``agent_id`` (an operator's recovery after a lost key): delete its
-        binding, bundle, one-time prekeys and queued envelopes, so that any key may
-        register the id again. Returns how many queued envelopes were dropped, or
-        None if the id was not bound."""
-        validate_agent_id(agent_id)
-        with self._write() as conn:
-            found = conn.execute(
-                select(agents.c.agent_id).where(agents.c.agent_id == agent_id).with_for_update()
-            ).one_or_none()
-            if found is None:
-                return None
-            dropped = conn.execute(delete(envelopes).where(envelopes.c.recipient == agent_id))
-            conn.execute(delete(one_time_prekeys).where(one_time_prekeys.c.agent_id == agent_id))
-            conn.execute(delete(mailboxes).where(mailboxes.c.recipient == agent_id))
-            conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
-            return int(dropped.rowcount)
 
     def agent_key(self, agent_id: str) -> bytes | None:
         """The Ed25519 key ``agent_id`` is bound to, or None if it is unbound."""
@@ -1386,6 +1469,118 @@ class HubStore:
                 )
             ).one()
         return {"agents": int(agent_count or 0), "envelopes": int(count), "bytes": int(size)}
+
+    # ------------------------------------------------------------------ operations
+    #
+    # For `agentmesh-hub admin`, `agentmesh-hub migrate` and the health check: read
+    # mostly, outside the hot paths, each in one transaction like everything above.
+
+    def schema_revisions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(current, head)``: the database's Alembic revisions and this version's heads.
+
+        ``current`` is empty for a database that was never migrated. Read-only.
+        """
+        script = ScriptDirectory.from_config(self._alembic_config())
+        with self._read() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+        return tuple(sorted(current)), tuple(sorted(script.get_heads()))
+
+    def ping(self) -> None:
+        """Read one row of the hub's tables; raises if the database cannot serve the hub.
+
+        The health check of ``/healthz``: it succeeds when a connection can be made
+        (or reused) and the schema can be read, and raises
+        :class:`sqlalchemy.exc.SQLAlchemyError` otherwise.
+        """
+        with self._read() as conn:
+            conn.execute(select(mailboxes.c.recipient).limit(1)).all()
+
+    def agent_records(self) -> list[AgentRecord]:
+        """Every bound agent with its queue and prekey counts, sorted by id (code point)."""
+        prekeys = (
+            select(one_time_prekeys.c.agent_id, func.count().label("n"))
+            .group_by(one_time_prekeys.c.agent_id)
+            .subquery()
+        )
+        query = select(
+            agents.c.agent_id,
+            agents.c.signing_key,
+            agents.c.created_at_ms,
+            agents.c.last_seen_ms,
+            agents.c.bundle.is_not(None),
+            func.coalesce(mailboxes.c.msg_count, 0),
+            func.coalesce(mailboxes.c.byte_count, 0),
+            func.coalesce(prekeys.c.n, 0),
+        ).select_from(
+            agents.outerjoin(mailboxes, mailboxes.c.recipient == agents.c.agent_id).outerjoin(
+                prekeys, prekeys.c.agent_id == agents.c.agent_id
+            )
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        records = [
+            AgentRecord(
+                agent_id=row[0],
+                signing_key=bytes(row[1]),
+                created_at_ms=int(row[2]),
+                last_seen_ms=int(row[3]),
+                has_bundle=bool(row[4]),
+                queued_messages=int(row[5]),
+                queued_bytes=int(row[6]),
+                one_time_prekeys=int(row[7]),
+            )
+            for row in rows
+        ]
+        return sorted(records, key=lambda record: record.agent_id)
+
+    def store_stats(self, now_ms: int) -> StoreStats:
+        """Counts of the whole database, in one read transaction (see :class:`StoreStats`)."""
+        with self._read() as conn:
+            agent_count = conn.scalar(select(func.count()).select_from(agents))
+            count, size = conn.execute(
+                select(
+                    func.coalesce(func.sum(mailboxes.c.msg_count), 0),
+                    func.coalesce(func.sum(mailboxes.c.byte_count), 0),
+                )
+            ).one()
+            expired = conn.scalar(
+                select(func.count())
+                .select_from(envelopes)
+                .where(envelopes.c.expires_at_ms <= now_ms)
+            )
+            oldest = conn.scalar(select(func.min(envelopes.c.created_at_ms)))
+            prekey_count = conn.scalar(select(func.count()).select_from(one_time_prekeys))
+        return StoreStats(
+            agents=int(agent_count or 0),
+            envelopes=int(count),
+            bytes=int(size),
+            expired=int(expired or 0),
+            oldest_envelope_ms=None if oldest is None else int(oldest),
+            one_time_prekeys=int(prekey_count or 0),
+        )
+
+    def unbind_agent(self, agent_id: str) -> int | None:
+        """Release ``agent_id``: delete its binding, bundle, prekeys and queued mail.
+
+        The operator's recovery after a lost key: the next login with any key
+        binds the id afresh (and peers that pinned the old key see an identity
+        change). Envelopes the agent *sent* stay queued for their recipients.
+        Returns how many envelopes queued for the agent were dropped, or None if
+        the id was not bound (then nothing changes). One transaction; the agent
+        row is locked first, so a concurrent login either happened before (and
+        is undone) or binds afresh after.
+        """
+        with self._write() as conn:
+            found = conn.scalar(
+                select(agents.c.agent_id).where(agents.c.agent_id == agent_id).with_for_update()
+            )
+            if found is None:
+                return None
+            dropped = conn.execute(delete(envelopes).where(envelopes.c.recipient == agent_id))
+            conn.execute(delete(one_time_prekeys).where(one_time_prekeys.c.agent_id == agent_id))
+            conn.execute(delete(mailboxes).where(mailboxes.c.recipient == agent_id))
+            conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
+        return int(dropped.rowcount)
 
 
 def _leased(conn: Connection, agent_id: str, now_ms: int) -> bool:
