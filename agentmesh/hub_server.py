@@ -73,6 +73,8 @@ _TUNABLES: list[tuple[str, type[int] | type[float], str, str]] = [
     ("--purge-interval", float, "purge_interval_s", "seconds between purges of expired mail"),
     ("--rate-per-s", float, "rate_per_s", "requests per second per connection (token bucket)"),
     ("--rate-burst", int, "rate_burst", "burst of the per-connection token bucket"),
+    ("--lease-ttl", float, "lease_ttl_s", "seconds a dead hub keeps an agent's lease (PostgreSQL)"),
+    ("--catchup-interval", float, "catchup_interval_s", "seconds between mailbox catch-ups"),
 ]
 #: The first argument that selects a command other than serving.
 _COMMANDS = ("migrate", "admin")
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "several; PORT defaults to --port); logins for other names are refused. Required "
         "unless --host is a loopback address, which answers to 127.0.0.1, localhost and ::1",
     )
+    add("--hub-id", help="this hub's id among hubs sharing a PostgreSQL (default: HOSTNAME:PORT)")
     add(
         "--synchronous",
         default=_DEFAULTS.synchronous,
@@ -236,6 +239,7 @@ def _serve(argv: list[str]) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             hub_address=args.hub_address,
+            hub_id=args.hub_id,
             synchronous=args.synchronous,
             migrate=not args.no_migrate,
             metrics_port=args.metrics_port,

@@ -1,7 +1,8 @@
 """``AsyncNetworkHub``: the network hub client for :class:`~agentmesh.AsyncAgent`.
 
 It takes exactly :class:`~agentmesh.hub.client.NetworkHub`'s arguments (``host,
-port=7700``, ``tls=``, ``server_hostname=``, ``expected_hub_address=``, …) and is
+port=7700`` or ``servers=["host1:7700", "host2:7700"]`` for failover between hubs
+sharing one PostgreSQL, ``tls=``, ``server_hostname=``, ``expected_hub_address=``, …) and is
 a ``NetworkHub``: the connections, their login, outbox flush, acknowledgements and
 reconnects run on the client's own I/O thread (see :mod:`agentmesh.hub.client`),
 so the caller's event loop never waits for the network; ``AsyncAgent`` calls it

@@ -69,7 +69,7 @@ import os
 import queue
 import ssl
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -138,6 +138,37 @@ def hub_error(code: str, text: str, recipient: str | None = None) -> Exception:
     if code in _AUTH_CODES:
         return AuthFailedError(code, text)
     return HubError(code, text)
+
+
+def _dial_list(
+    host: str | None, port: int, servers: Sequence[str] | None
+) -> tuple[tuple[str, int], ...]:
+    """The ``(host, port)`` pairs to dial: ``host, port``, or each ``"HOST:PORT"`` of
+    ``servers`` (``[IPv6]:PORT`` for IPv6), in order. Raises ValueError, saying why."""
+    if servers is None:
+        if not isinstance(host, str) or not host:
+            raise ValueError("NetworkHub needs a host (or servers=['host1:7700', ...])")
+        return ((host, port),)
+    if host is not None:
+        raise ValueError("give NetworkHub either host, port or servers=[...], not both")
+    if isinstance(servers, (str, bytes)) or not isinstance(servers, Sequence):
+        raise ValueError(f"servers must be a list of 'HOST:PORT' strings, not {servers!r}")
+    if not servers:
+        raise ValueError("servers must name at least one hub ('HOST:PORT')")
+    found: list[tuple[str, int]] = []
+    for item in servers:
+        if not isinstance(item, str):
+            raise ValueError(f"servers: {item!r} is not a 'HOST:PORT' string")
+        try:
+            canonical = hp.parse_hub_address(item.strip())
+        except ValueError as exc:
+            raise ValueError(f"servers: {exc} (use 'HOST:PORT')") from None
+        name, _, port_text = canonical.rpartition(":")
+        pair = (name[1:-1] if name.startswith("[") else name, int(port_text))
+        if pair in found:
+            raise ValueError(f"servers: {item!r} is listed twice")
+        found.append(pair)
+    return tuple(found)
 
 
 def _context_trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
@@ -370,13 +401,13 @@ class _SessionDriver:
         self.close_reason = None
         hello = self._hello = self.loop.create_future()
         try:
-            await hub._dial(lambda: transport)
+            host, port = await hub._dial(lambda: transport, self.session)
         except BaseException:
             transport.close()
             raise
         # Connected: now the hub must speak first. Anything else (a database, a web
         # server, a TLS hub reached in plaintext) fails here, within connect_timeout.
-        where = f"{hub.host}:{hub.port}"
+        where = f"{host}:{port}"
         hint = (
             "is it an AgentMesh hub, and does it use TLS?"
             if hub._tls is not False
@@ -1002,7 +1033,10 @@ class _Link(_SessionDriver):
 class NetworkHub:
     """A hub reached over the network (implements :class:`~agentmesh.protocol.hub_interface.Hub`).
 
-    ``NetworkHub(host, port=7700, *, tls=False, ...)``: ``tls`` is False, True
+    ``NetworkHub(host, port=7700, *, tls=False, ...)``, or
+    ``NetworkHub(servers=["host1:7700", "host2:7700"], ...)`` for several hubs
+    sharing one PostgreSQL database: connections try them in order and move to
+    the next when one does not answer (docs/SCALING.md). ``tls`` is False, True
     (verify the hub's certificate with the system trust store), the path of a
     PEM CA file to trust instead (``tls="hub.crt"`` for a hub with a
     self-signed certificate; a missing or unreadable file raises
@@ -1031,9 +1065,10 @@ class NetworkHub:
 
     def __init__(
         self,
-        host: str,
+        host: str | None = None,
         port: int = DEFAULT_PORT,
         *,
+        servers: Sequence[str] | None = None,
         tls: bool | str | os.PathLike[str] | ssl.SSLContext = False,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
@@ -1048,6 +1083,10 @@ class NetworkHub:
     ) -> None:
         if send_window < 1:
             raise ValueError("send_window must be at least 1")
+        #: The hubs to dial, in order (several hubs on one database; see _dial).
+        self.servers = _dial_list(host, port, servers)
+        self._server_index = 0
+        host, port = self.servers[0]
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -1057,10 +1096,16 @@ class NetworkHub:
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
         self.expected_hub_address = expected_hub_address
-        dialled = server_hostname if tls is not False and server_hostname else host
         try:
-            #: The hub name this client dialled, as its logins sign it.
-            self.dialled_address = hp.format_hub_address(dialled, port)
+            #: The hub name this client dialled, as its logins sign it (for each server).
+            self._dialled = [
+                hp.format_hub_address(
+                    server_hostname if tls is not False and server_hostname else server_host,
+                    server_port,
+                )
+                for server_host, server_port in self.servers
+            ]
+            self.dialled_address = self._dialled[0]
             if expected_hub_address is not None:
                 hp.parse_hub_address(expected_hub_address)
         except ValueError as exc:
@@ -1082,6 +1127,9 @@ class NetworkHub:
         self._closed = False
 
     def __repr__(self) -> str:
+        if len(self.servers) > 1:
+            names = [f"{host}:{port}" for host, port in self.servers]
+            return f"NetworkHub(servers={names!r}, tls={self._tls is not False})"
         return f"NetworkHub({self.host!r}, {self.port}, tls={self._tls is not False})"
 
     # -- plumbing ---------------------------------------------------------
@@ -1105,21 +1153,48 @@ class NetworkHub:
     def make_backoff(self) -> Iterator[float]:
         return backoff(self.reconnect_initial, self.reconnect_max)
 
-    async def _dial(self, protocol: Callable[[], asyncio.Protocol]) -> None:
-        """Open the TCP (and TLS) connection to the hub for ``protocol`` (loop thread),
-        within ``connect_timeout``. Raises HubUnavailableError; the only place that
-        decides where to connect."""
+    async def _dial(
+        self, protocol: Callable[[], asyncio.Protocol], session: ClientSession
+    ) -> tuple[str, int]:
+        """Open the TCP (and TLS) connection to a hub for ``protocol`` (loop thread),
+        within ``connect_timeout`` per hub; the only place that decides where to
+        connect. Returns the ``(host, port)`` reached, having set the session's
+        dialled name to that hub's (its login signs it). Raises HubUnavailableError.
+
+        With several :attr:`servers`, tries each once, in list order starting from
+        the one that answered last (so after its hub dies, the next one); raises the
+        last HubUnavailableError if none answers."""
+        count = len(self.servers)
+        first = self._server_index
+        for attempt in range(count):
+            index = (first + attempt) % count
+            session.dialled_address = self._dialled[index]
+            try:
+                await self._dial_one(protocol, *self.servers[index])
+            except HubUnavailableError as exc:
+                if attempt == count - 1:
+                    raise
+                logger.info("hub %s unavailable (%s); trying the next", self._dialled[index], exc)
+                continue
+            self._server_index = index
+            return self.servers[index]
+        raise AssertionError("unreachable")  # pragma: no cover - servers is never empty
+
+    async def _dial_one(
+        self, protocol: Callable[[], asyncio.Protocol], host: str, port: int
+    ) -> None:
+        """:meth:`_dial` for one hub."""
         loop = asyncio.get_running_loop()
         context = self._ssl()
-        where = f"{self.host}:{self.port}"
+        where = f"{host}:{port}"
         try:
             await asyncio.wait_for(
                 loop.create_connection(
                     protocol,
-                    self.host,
-                    self.port,
+                    host,
+                    port,
                     ssl=context,
-                    server_hostname=(self._server_hostname or self.host) if context else None,
+                    server_hostname=(self._server_hostname or host) if context else None,
                 ),
                 self.connect_timeout,
             )

@@ -25,7 +25,7 @@ from agentmesh.hub import models
 from agentmesh.hub.store import HubStore, migrations_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HUB_TABLES = {"agents", "one_time_prekeys", "envelopes", "mailboxes"}
+HUB_TABLES = {"agents", "one_time_prekeys", "envelopes", "mailboxes", "agent_leases"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
