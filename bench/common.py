@@ -292,9 +292,12 @@ class Proc:
 class HubProc(Proc):
     """The hub under test (``python -m bench.hubproc``) on a fresh database."""
 
-    def __init__(self, log_dir: Path, name: str = "hub", *extra: str) -> None:
-        self.db = log_dir / f"{name}.sqlite"
-        super().__init__("bench.hubproc", ["--db", str(self.db), *extra], name, log_dir)
+    def __init__(
+        self, log_dir: Path, name: str = "hub", *extra: str, db: str | None = None
+    ) -> None:
+        """``db``: a database URL (several hubs on one PostgreSQL); default a new SQLite file."""
+        self.db = db or str(log_dir / f"{name}.sqlite")
+        super().__init__("bench.hubproc", ["--db", self.db, *extra], name, log_dir)
         ready = self.expect("READY", 60)
         self.port = int(ready["port"])
 

@@ -410,38 +410,44 @@ def fleet(s: Settings) -> dict[str, Any]:
     d = s.dir("s7-fleet")
     total = s.pick(100, 20)
     duration = s.fleet_duration if not s.quick else min(s.fleet_duration, 5.0)
-    nprocs = 4
-    ids = [f"fleet{i:03d}" for i in range(total)]
     with _processes() as procs:
         hub = _hub(procs, d)
-        workers = [
-            _worker(
-                procs,
-                d,
-                f"fleet{p}",
-                "fleet",
-                "--port",
-                str(hub.port),
-                "--ids",
-                ",".join(ids[p::nprocs]),
-                "--total",
-                str(total),
-                "--duration",
-                str(duration),
-                "--seed",
-                str(p + 1),
-            )
-            for p in range(nprocs)
-        ]
-        for worker in workers:
-            worker.expect("READY", 600)
-        for worker in workers:
-            worker.send("GO")
-        sent = [w.expect("SENT", duration + 600) for w in workers]
-        time.sleep(3.0)  # let the last deliveries land
-        for worker in workers:
-            worker.send("REPORT")
-        results = [w.expect("RESULT", 120) for w in workers]
+        return fleet_on(procs, d, [hub.port], total, duration, nprocs=4)
+
+
+def fleet_on(
+    procs: list[Proc], d: Path, ports: list[int], total: int, duration: float, nprocs: int
+) -> dict[str, Any]:
+    """Scenario 7's fleet on running hubs: worker process ``p`` dials ``ports[p % len]``."""
+    ids = [f"fleet{i:03d}" for i in range(total)]
+    workers = [
+        _worker(
+            procs,
+            d,
+            f"fleet{p}",
+            "fleet",
+            "--port",
+            str(ports[p % len(ports)]),
+            "--ids",
+            ",".join(ids[p::nprocs]),
+            "--total",
+            str(total),
+            "--duration",
+            str(duration),
+            "--seed",
+            str(p + 1),
+        )
+        for p in range(nprocs)
+    ]
+    for worker in workers:
+        worker.expect("READY", 600)
+    for worker in workers:
+        worker.send("GO")
+    sent = [w.expect("SENT", duration + 600) for w in workers]
+    time.sleep(3.0)  # let the last deliveries land
+    for worker in workers:
+        worker.send("REPORT")
+    results = [w.expect("RESULT", 120) for w in workers]
     per_sent: dict[str, int] = {}
     per_received: dict[str, int] = {}
     failed = 0

@@ -5,11 +5,15 @@ Where the database comes from, first match wins:
 1. ``config.attributes["connection"]``: a SQLAlchemy ``Connection`` handed over by
    the caller (``HubStore.migrate`` does this). The migrations run on it; if it
    is already inside a transaction they join it and the caller commits.
-2. The ``AGENTMESH_DB`` environment variable: a SQLAlchemy URL, or a plain file
-   path meaning ``sqlite:///PATH``.
-3. ``sqlalchemy.url`` from ``alembic.ini``.
+2. ``alembic -x db=URL ...``: a SQLAlchemy URL, or a plain file path meaning
+   ``sqlite:///PATH``.
+3. The ``AGENTMESH_DB`` environment variable (a URL or a path, as above).
+4. ``sqlalchemy.url`` from ``alembic.ini`` (commented out in the shipped file).
+5. ``hub.sqlite`` in the current directory: what ``agentmesh-hub --db hub.sqlite``
+   (and ``agentmesh-hub`` without ``--db`` or ``AGENTMESH_DB``) opens, so a bare
+   ``alembic upgrade head`` in a deploy folder migrates the hub's database.
 
-In cases 2 and 3 the engine is built like the hub's own (same SQLite pragmas),
+In cases 2 to 5 the engine is built like the hub's own (same SQLite pragmas),
 and all migrations run in one transaction that holds the database's write lock
 (``BEGIN IMMEDIATE`` on SQLite, an advisory lock on PostgreSQL). On SQLite,
 foreign-key enforcement is off while migrating, because batch mode
@@ -19,16 +23,19 @@ foreign keys on would cascade deletes into the child tables.
 
 from __future__ import annotations
 
+import logging
 import os
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 
 from agentmesh.errors import ConfigurationError
 from agentmesh.hub.models import metadata
 from agentmesh.hub.store import (
     DB_ENV_VAR,
+    DEFAULT_DB,
+    check_database_location,
     create_hub_engine,
     migration_transaction,
     resolve_db_url,
@@ -36,19 +43,27 @@ from agentmesh.hub.store import (
 
 config = context.config
 target_metadata = metadata
+logger = logging.getLogger("alembic.env")
 
 
 def _database_url() -> str:
+    """The database to migrate: ``-x db=``, ``AGENTMESH_DB``, alembic.ini, ``hub.sqlite``."""
+    from_x = context.get_x_argument(as_dictionary=True).get("db", "").strip()
     from_env = os.environ.get(DB_ENV_VAR, "").strip()
-    if from_env:
-        return resolve_db_url(from_env)
     from_ini = (config.get_main_option("sqlalchemy.url") or "").strip()
-    if from_ini:
-        return resolve_db_url(from_ini)
-    raise ConfigurationError(
-        f"no database configured: set {DB_ENV_VAR} (a file path or a SQLAlchemy URL) "
-        "or sqlalchemy.url in alembic.ini"
-    )
+    if from_x:
+        source, value = "-x db", from_x
+    elif from_env:
+        source, value = DB_ENV_VAR, from_env
+    elif from_ini:
+        source, value = "alembic.ini", from_ini
+    else:
+        source, value = "default", DEFAULT_DB
+    url = resolve_db_url(value)
+    check_database_location(url)  # a missing folder says so, not "unable to open"
+    shown = make_url(url).render_as_string(hide_password=True)
+    logger.info("Database (%s): %s", source, shown)
+    return url
 
 
 def _configure(connection: Connection) -> None:

@@ -57,7 +57,8 @@ class HubProcess:
     """``python -m agentmesh.hub_server`` on 127.0.0.1, logging to a file in ``workdir``.
 
     ``port=0`` lets the hub choose; a restart (``start`` again) keeps the port it
-    got. ``db`` is relative to ``workdir`` (``None``: no ``--db`` flag). ``stop``
+    got. ``db`` is relative to ``workdir`` (``None``: no ``--db`` flag), or a
+    database URL (``postgresql+psycopg://...``), kept as :attr:`db_url`. ``stop``
     kills the hub; with ``graceful_stop`` it sends SIGTERM (a clean shutdown)
     and kills only if that takes more than 15 s. ``env`` is added to the hub's
     environment.
@@ -78,7 +79,8 @@ class HubProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.args = list(args)
-        self.db = workdir / db if db else None
+        self.db_url = db if db and "://" in db else None
+        self.db = workdir / db if db and self.db_url is None else None
         self.port = port
         self.log_level = log_level
         self.graceful_stop = graceful_stop
@@ -90,8 +92,8 @@ class HubProcess:
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "agentmesh.hub_server", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--log-level", self.log_level, *self.args]
-        if self.db is not None:
-            cmd += ["--db", str(self.db)]
+        if self.db is not None or self.db_url is not None:
+            cmd += ["--db", self.db_url or str(self.db)]
         return cmd
 
     def _spawn(self) -> subprocess.Popen[bytes]:

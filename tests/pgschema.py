@@ -1,4 +1,9 @@
-"""A throwaway PostgreSQL schema for tests that run on both SQLite and PostgreSQL.
+"""A throwaway PostgreSQL schema (or database) for tests that use PostgreSQL.
+
+:func:`fresh_pg_schema` gives a new schema (cheap; tests that run on both
+SQLite and PostgreSQL); :func:`fresh_pg_database` a whole new database, for
+several hubs at once: LISTEN/NOTIFY channels are per database, so each test's
+hubs hear only each other.
 
 ``AGENTMESH_TEST_PG`` overrides the server URL. Without the psycopg driver or
 a reachable server, tests that ask for PostgreSQL are skipped with the reason.
@@ -36,12 +41,21 @@ def pg_unavailable() -> str | None:
     return None
 
 
+def require_pg() -> None:
+    """Skip the calling test without PostgreSQL; fail it instead under
+    ``AGENTMESH_REQUIRE_POSTGRES=1``, which ``.ci/run`` sets."""
+    reason = pg_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("AGENTMESH_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason} (AGENTMESH_REQUIRE_POSTGRES=1)")
+    pytest.skip(reason)
+
+
 @contextmanager
 def fresh_pg_schema() -> Iterator[str]:
     """Yield a URL whose search_path is a new, empty schema; drop it afterwards (or skip)."""
-    reason = pg_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_pg()
     schema = f"t_{uuid.uuid4().hex[:16]}"
     admin = create_engine(PG_URL)
     with admin.begin() as conn:
@@ -52,4 +66,22 @@ def fresh_pg_schema() -> Iterator[str]:
     finally:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """Yield the URL of a new, empty database; drop it afterwards (or skip)."""
+    reason = pg_unavailable()
+    if reason:
+        pytest.skip(reason)
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

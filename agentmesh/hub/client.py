@@ -1,22 +1,47 @@
 """The network hub client: :class:`NetworkHub`, a :class:`~agentmesh.protocol.hub_interface.Hub`
-over TCP/TLS.
+over TCP/TLS, a thin driver over the sans-I/O
+:class:`~agentmesh.protocol.client_session.ClientSession`.
+
+The split
+    The session (``agentmesh.protocol.client_session``) decides everything: the
+    login order, the send window, the outstanding requests, ACK batching,
+    prekey-upload de-duplication, ``rate_limited`` retries, the keepalive and the
+    verdict on each received envelope. This module only does what it is told:
+    it dials (:meth:`NetworkHub._dial`), feeds the bytes it reads to the session
+    and writes what the session returns, arms the one timer the session asks
+    for, calls the endpoint (the agent, through
+    :class:`~agentmesh.protocol.hub_interface.HubEndpoint`) for the session's
+    effects and hands the results back, and maps failures to exceptions.
 
 Threads
-    One background I/O thread runs an asyncio event loop for every
-    connection of one ``NetworkHub`` (started lazily, never per call). Each
-    registered agent has its own authenticated connection and its own
-    *dispatcher* thread, which hands pushed envelopes to
-    ``endpoint.receive_envelope`` one at a time, in the order the hub pushed
-    them, and then acknowledges them (acks are batched). Other endpoint
-    calls made by the client (signing the login, reading prekeys and the
-    outbox) run in the loop's executor so they never block the loop.
+    One background I/O thread (``agentmesh-hub-client``) runs an asyncio event
+    loop for every connection of one ``NetworkHub`` (started lazily, never per
+    call). Each registered agent has its own authenticated connection (a
+    ``_Link``), its own *dispatcher* thread (``agentmesh-dispatch-<id>``), which
+    hands pushed envelopes to the endpoint in the order the hub pushed them and
+    reports the outcomes to the session (which batches the ACKs), and its own
+    *handler* thread (``agentmesh-handlers-<id>``), which runs the endpoint's
+    handlers, so a handler that waits for a reply does not stop the reply from
+    being received. The endpoint calls the session asks for (signing the login,
+    reading prekeys and the outbox, recording acknowledgements) run one at a
+    time, in order, in a per-link task that awaits them in the loop's executor,
+    so they never block the loop.
+
+Locks
+    ``NetworkHub._lock`` guards the links and the I/O thread. Each link's
+    ``_lock`` (a Condition) guards its session and is held only while calling
+    the session (pure computation): never while writing to a socket, calling
+    the endpoint or taking another lock. Callers of :meth:`NetworkHub.submit`
+    wait on it for room in the send window. Order: ``NetworkHub._lock`` is never
+    held while a link's lock is taken.
 
 Reconnect
     After a lost connection the link retries with :func:`backoff` (exponential,
     full jitter, capped) while :func:`is_retryable` says so, always in this
-    order: cancel the pinger -> connect -> LOGIN (publishing the bundle) ->
-    upload one-time prekeys -> re-send the agent's outbox
-    (``endpoint.unacked_envelopes()``) -> resume dispatching pushes.
+    order: cancel the keepalive timer -> connect -> LOGIN (publishing the bundle)
+    -> upload one-time prekeys -> re-send the agent's outbox
+    (``endpoint.unacked_envelopes()``) -> send what was submitted meanwhile ->
+    resume dispatching pushes.
 
 Login binding
     Every connection signs, in its LOGIN, the hub name it dialled
@@ -36,15 +61,15 @@ sent are logged with ``%r``, so they cannot forge log lines.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
 import os
 import queue
-import random
 import ssl
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -56,12 +81,13 @@ from agentmesh.errors import (
     DecodeError,
     HubError,
     HubUnavailableError,
-    IdentityChangedError,
     LocalProtocolError,
     MailboxFullError,
     PeerNotFoundError,
 )
+from agentmesh.protocol import client_session as cs
 from agentmesh.protocol import hub_protocol as hp
+from agentmesh.protocol.client_session import RETRYABLE_CODES, ClientSession, Verdict, backoff
 from agentmesh.protocol.hub_interface import (
     BatchEndpoint,
     DispatchingEndpoint,
@@ -75,21 +101,12 @@ from agentmesh.protocol.hub_interface import (
 )
 from agentmesh.wire.envelope import Envelope, decode_envelope
 
+__all__ = ["DEFAULT_PORT", "RETRYABLE_CODES", "NetworkHub", "backoff", "hub_error", "is_retryable"]
+
 logger = logging.getLogger("agentmesh.hub.client")
 
 _T = TypeVar("_T")
 DEFAULT_PORT = 7700
-#: Hub error codes after which reconnecting may help.
-RETRYABLE_CODES = frozenset(
-    {
-        "shutting_down",
-        "too_many_connections",
-        "handshake_timeout",
-        "idle_timeout",
-        "internal",
-        "rate_limited",
-    }
-)
 _AUTH_CODES = frozenset(
     {
         "identity_mismatch",
@@ -99,27 +116,8 @@ _AUTH_CODES = frozenset(
         "channel_binding_mismatch",
     }
 )
-#: Why a client gives up on a hub before login: it is not the hub it dialled, or too old.
-_HELLO_REFUSALS = frozenset({"wrong_hub", "unsupported_version"})
-#: Bytes of an UPLOAD_PREKEYS frame besides the prekeys (length, type, request id, count).
-_UPLOAD_OVERHEAD = 4 + 1 + 4 + 2
-
-
-def backoff(
-    initial: float = 0.1,
-    maximum: float = 10.0,
-    factor: float = 2.0,
-    rng: Callable[[], float] = random.random,
-) -> Iterator[float]:
-    """Reconnect delays: exponential growth capped at ``maximum``, with full jitter.
-
-    The n-th value is uniform in ``[0, min(maximum, initial * factor**n))``
-    (``rng`` returns floats in [0, 1); inject it for deterministic tests).
-    """
-    ceiling = initial
-    while True:
-        yield rng() * ceiling
-        ceiling = min(maximum, ceiling * factor)
+#: Kept for callers of the old name (tests split prekeys with it).
+_chunk_prekeys = cs.chunk_prekeys
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -142,6 +140,37 @@ def hub_error(code: str, text: str, recipient: str | None = None) -> Exception:
     return HubError(code, text)
 
 
+def _dial_list(
+    host: str | None, port: int, servers: Sequence[str] | None
+) -> tuple[tuple[str, int], ...]:
+    """The ``(host, port)`` pairs to dial: ``host, port``, or each ``"HOST:PORT"`` of
+    ``servers`` (``[IPv6]:PORT`` for IPv6), in order. Raises ValueError, saying why."""
+    if servers is None:
+        if not isinstance(host, str) or not host:
+            raise ValueError("NetworkHub needs a host (or servers=['host1:7700', ...])")
+        return ((host, port),)
+    if host is not None:
+        raise ValueError("give NetworkHub either host, port or servers=[...], not both")
+    if isinstance(servers, (str, bytes)) or not isinstance(servers, Sequence):
+        raise ValueError(f"servers must be a list of 'HOST:PORT' strings, not {servers!r}")
+    if not servers:
+        raise ValueError("servers must name at least one hub ('HOST:PORT')")
+    found: list[tuple[str, int]] = []
+    for item in servers:
+        if not isinstance(item, str):
+            raise ValueError(f"servers: {item!r} is not a 'HOST:PORT' string")
+        try:
+            canonical = hp.parse_hub_address(item.strip())
+        except ValueError as exc:
+            raise ValueError(f"servers: {exc} (use 'HOST:PORT')") from None
+        name, _, port_text = canonical.rpartition(":")
+        pair = (name[1:-1] if name.startswith("[") else name, int(port_text))
+        if pair in found:
+            raise ValueError(f"servers: {item!r} is listed twice")
+        found.append(pair)
+    return tuple(found)
+
+
 def _context_trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
     """A client TLS context that trusts the certificates in ``ca_file`` (PEM), for a
     hub with a self-signed or private-CA certificate. Hostname checking stays on."""
@@ -156,159 +185,303 @@ def _context_trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
         ) from exc
 
 
-def _chunk_prekeys(prekeys: list[bytes], max_frame_size: int) -> list[list[bytes]]:
-    """Split encoded prekeys into UPLOAD_PREKEYS frames within ``max_frame_size``."""
-    chunks: list[list[bytes]] = []
-    current: list[bytes] = []
-    size = _UPLOAD_OVERHEAD
-    for prekey in prekeys:
-        cost = 2 + len(prekey)
-        if current and (size + cost > max_frame_size or len(current) >= hp.MAX_PREKEYS_PER_UPLOAD):
-            chunks.append(current)
-            current, size = [], _UPLOAD_OVERHEAD
-        current.append(prekey)
-        size += cost
-    if current:
-        chunks.append(current)
-    return chunks
+def _expect(event: hp.Event, kind: type[_T], recipient: str | None = None) -> _T:
+    if isinstance(event, kind):
+        return event
+    if isinstance(event, hp.ErrorReceived):
+        raise hub_error(event.code, event.text, recipient)
+    raise HubError("protocol", f"unexpected answer {type(event).__name__}")
 
 
 # --- one connection --------------------------------------------------------
 
 
-class _Wire(asyncio.Protocol):
-    """One hub connection: a :class:`ClientConnection`, its transport, and request waiters.
+class _Transport(asyncio.Protocol):
+    """One TCP/TLS connection of a driver: forwards what happens to it (loop thread)."""
 
-    Loop thread only. ``on_event`` receives every event that is not the answer
-    to a request (pushes, PREKEYS_LOW, fatal errors).
-    """
-
-    def __init__(
-        self, conn: hp.ClientConnection, on_event: Callable[[hp.Event], None] | None = None
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        self.conn = conn
-        self.on_event = on_event
+    def __init__(self, driver: _SessionDriver) -> None:
+        self.driver = driver
         self.transport: asyncio.Transport | None = None
-        self.hello: asyncio.Future[hp.HelloReceived] = loop.create_future()
-        self.lost: asyncio.Future[str | None] = loop.create_future()
-        self.close_reason: str | None = None
-        self.last_rx = loop.time()
-        self._waiters: dict[int, asyncio.Future[hp.Event]] = {}
-
-    # asyncio.Protocol
+        #: Resolves with the close reason (the fatal ERROR's code, or None) when lost.
+        self.lost: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        binding = b""
         # Called after the TLS handshake: the certificate is the one just verified.
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             certificate = ssl_object.getpeercert(binary_form=True)
             if certificate:
-                self.conn.set_channel_binding(hp.tls_server_end_point(certificate))
+                binding = hp.tls_server_end_point(certificate)
+        self.driver.made(self, binding)
 
     def data_received(self, data: bytes) -> None:
-        self.last_rx = asyncio.get_running_loop().time()
-        for event in self.conn.receive_data(data):
-            self._handle(event)
-        self.write()
+        self.driver.received(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        error = HubUnavailableError(
-            f"connection to the hub lost ({self.close_reason or exc or 'closed'})"
-        )
-        if not self.hello.done():
-            self.hello.set_exception(error)
-            self.hello.exception()  # mark retrieved: open_wire may have stopped waiting
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_exception(error)
-        self._waiters.clear()
-        if not self.lost.done():
-            self.lost.set_result(self.close_reason)
-
-    # driving
-
-    def require_open(self) -> None:
-        """Raise HubUnavailableError if the connection is closed or closing."""
-        if self.lost.done() or self.conn.closed:
-            raise HubUnavailableError(
-                f"connection to the hub closed ({self.close_reason or 'connection lost'})"
-            )
+        self.driver.lost(self, exc)
 
     @property
-    def authenticated(self) -> bool:
-        return self.conn.state is hp.State.AUTHENTICATED and not self.lost.done()
+    def open(self) -> bool:
+        return self.transport is not None and not self.lost.done()
 
-    def write(self) -> None:
+    def write(self, data: bytes, close: bool) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        data = self.conn.data_to_send()
         if data:
             transport.write(data)
-        if self.conn.closed:
+        if close:
             transport.close()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def _handle(self, event: hp.Event) -> None:
-        if isinstance(event, hp.HelloReceived):
-            if not self.hello.done():
-                self.hello.set_result(event)
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _SessionDriver:
+    """Drives one :class:`ClientSession` over its successive connections (loop thread,
+    except where a method says otherwise). Anonymous sessions use it as is; a
+    registered agent's :class:`_Link` adds the endpoint."""
+
+    def __init__(self, hub: NetworkHub, session: ClientSession, loop: asyncio.AbstractEventLoop):
+        self.hub = hub
+        self.session = session
+        self.loop = loop
+        #: Guards ``session`` and ``_write_pending``; see the module docstring.
+        self._lock = threading.Condition()
+        self.transport: _Transport | None = None
+        self.close_reason: str | None = None
+        self._hello: asyncio.Future[None] | None = None
+        self._waiters: dict[int, asyncio.Future[hp.Event]] = {}
+        self._write_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        """Logged in on a connection that is still open (requests may be made)."""
+        transport = self.transport
+        return transport is not None and transport.open and self.session.authenticated
+
+    # -- transport callbacks ----------------------------------------------
+
+    def made(self, transport: _Transport, channel_binding: bytes) -> None:
+        if transport is not self.transport:
             return
-        if (
-            isinstance(event, hp.ConnectionFailed)
-            and event.code in _HELLO_REFUSALS
-            and not self.hello.done()
-        ):
-            # Not a hub this client may log in to: open_wire raises why (not retried),
-            # rather than "connection lost", which would be retried for ever.
-            self.hello.set_exception(hub_error(event.code, event.detail))
-            self.hello.exception()  # mark retrieved: open_wire may have stopped waiting
-        request_id = getattr(event, "request_id", None)
-        if request_id and request_id in self._waiters:
-            future = self._waiters.pop(request_id)
+        with self._lock:
+            closed = self.session.phase is cs.Phase.CLOSED
+            if not closed:
+                self.session.connected(channel_binding)
+        if closed:  # closed while dialling
+            transport.close()
+
+    def received(self, transport: _Transport, data: bytes) -> None:
+        if transport is self.transport:
+            self.call(self.session.receive_data, data)
+
+    def lost(self, transport: _Transport, exc: Exception | None) -> None:
+        if transport is not self.transport:
+            if not transport.lost.done():
+                transport.lost.set_result(None)
+            return
+        reason = self.close_reason
+        with self._lock:
+            self.session.connection_lost()
+            self._lock.notify_all()  # submitters: the window has room again
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, None
+        error = HubUnavailableError(f"connection to the hub lost ({reason or exc or 'closed'})")
+        self._fail(error)
+        for future in self._waiters.values():
             if not future.done():
-                future.set_result(event)
+                future.set_exception(error)
+        self._waiters.clear()
+        if not transport.lost.done():
+            transport.lost.set_result(reason)
+        self.disconnected()
+
+    def disconnected(self) -> None:
+        """Hook: the current connection is gone (the session has forgotten it)."""
+
+    def _fail(self, error: BaseException) -> None:
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(error)
+            self._hello.exception()  # mark retrieved: open() may have stopped waiting
+
+    # -- calling the session ----------------------------------------------
+
+    def call(self, method: Callable[..., list[cs.Effect]], *args: Any) -> None:
+        """Call a session method, write what it queued, then apply its effects."""
+        transport = self.transport
+        with self._lock:
+            before = self.session.in_flight
+            effects = method(*args)
+            data = self.session.data_to_send()
+            close = self.session.closed_by_protocol
+            if self.session.in_flight < before:
+                self._lock.notify_all()  # submitters: the window has room again
+        if transport is not None:
+            transport.write(data, close)
+        for effect in effects:
+            self.apply(effect)
+        self._arm_timer()
+
+    def flush_soon(self) -> None:
+        """Any thread, lock held: write what the session queued, in the loop's next turn
+        (one write for everything queued until then)."""
+        if not self._write_pending:
+            self._write_pending = True
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        transport = self.transport
+        with self._lock:
+            self._write_pending = False
+            data = self.session.data_to_send()
+            close = self.session.closed_by_protocol
+        if transport is not None:
+            transport.write(data, close)
+
+    def _arm_timer(self) -> None:
+        with self._lock:
+            due = self.session.next_timer()
+        if due == self._timer_at:
             return
-        if isinstance(event, hp.ConnectionFailed):
-            self.close_reason = event.code
-            log = logger.info if event.code == "shutting_down" else logger.warning
-            log("hub connection closed: %r %r", event.code, event.detail)
-        elif isinstance(event, hp.ErrorReceived) and not event.fatal:
-            logger.warning("hub error: %r %r", event.code, event.text)
-        if self.on_event is not None:
-            self.on_event(event)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = None if due is None else self.loop.call_at(due, self._on_timer)
 
-    async def request(self, request_id: int, timeout: float) -> hp.Event:
-        """Send what is queued and wait for the answer to ``request_id``.
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.call(self.session.handle_timer)
 
-        Raises HubUnavailableError if the connection drops or no answer
-        arrives within ``timeout`` seconds.
+    def apply(self, effect: cs.Effect) -> None:
+        """Act on one effect of the session (subclasses extend it)."""
+        if isinstance(effect, cs.Answer):
+            future = self._waiters.pop(effect.token, None)
+            if future is not None and not future.done():
+                future.set_result(effect.event)
+        elif isinstance(effect, cs.Greeted):
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_result(None)
+        elif isinstance(effect, cs.ConnectionClosed):
+            self.close_reason = effect.code
+            log = logger.info if effect.code == "shutting_down" else logger.warning
+            log("hub connection closed: %r %r", effect.code, effect.detail)
+            if effect.hello_refused:
+                # Not a hub this client may log in to: open() raises why (not retried),
+                # rather than "connection lost", which would be retried for ever.
+                self._fail(hub_error(effect.code, effect.detail))
+        elif isinstance(effect, cs.Refused):
+            _log_refused(self.session.agent_id, effect)
+        elif isinstance(effect, cs.Unresponsive):
+            logger.warning(
+                "%s: hub silent for %.0fs; reconnecting", self.session.agent_id, effect.silent
+            )
+            if self.transport is not None:
+                self.transport.abort()
+
+    # -- connecting and asking --------------------------------------------
+
+    async def open(self) -> _Transport:
+        """Connect and wait for HELLO. Raises HubUnavailableError, or AuthFailedError
+        (``wrong_hub``) / HubError (``unsupported_version``) for a hub this client must
+        not log in to."""
+        hub = self.hub
+        transport = self.transport = _Transport(self)
+        self.close_reason = None
+        hello = self._hello = self.loop.create_future()
+        try:
+            host, port = await hub._dial(lambda: transport, self.session)
+        except BaseException:
+            transport.close()
+            raise
+        # Connected: now the hub must speak first. Anything else (a database, a web
+        # server, a TLS hub reached in plaintext) fails here, within connect_timeout.
+        where = f"{host}:{port}"
+        hint = (
+            "is it an AgentMesh hub, and does it use TLS?"
+            if hub._tls is not False
+            else "is it an AgentMesh hub? A hub started with --tls-cert needs tls= here"
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(hello), hub.connect_timeout)
+        except asyncio.TimeoutError as exc:
+            transport.close()
+            raise HubUnavailableError(
+                f"{where} accepted the connection but sent no AgentMesh HELLO within "
+                f"{hub.connect_timeout} s: {hint}"
+            ) from exc
+        except HubUnavailableError as exc:
+            transport.close()
+            raise HubUnavailableError(
+                f"{where} closed the connection before any AgentMesh HELLO ({exc}): {hint}"
+            ) from exc
+        except BaseException:
+            transport.close()
+            raise
+        return transport
+
+    async def request(self, make: Callable[[ClientSession], int], timeout: float) -> hp.Event:
+        """Make one request (``make`` returns its token) and wait for its answer.
+
+        Raises HubUnavailableError if not connected, if the connection drops or
+        if no answer arrives within ``timeout`` seconds.
         """
-        if self.lost.done():
+        transport = self.transport
+        if transport is None or not transport.open:
             raise HubUnavailableError("not connected to the hub")
-        future: asyncio.Future[hp.Event] = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = future
-        self.write()
+        try:
+            with self._lock:
+                token = make(self.session)
+        except LocalProtocolError:
+            raise HubUnavailableError("not connected to the hub") from None
+        future: asyncio.Future[hp.Event] = self.loop.create_future()
+        self._waiters[token] = future
+        self._flush()
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise HubUnavailableError(f"no answer from the hub within {timeout}s") from None
         finally:
-            self._waiters.pop(request_id, None)
+            if self._waiters.pop(token, None) is not None:
+                with self._lock:
+                    self.session.abandon(token)
+
+    def close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
-def _expect(event: hp.Event, kind: type[_T], recipient: str | None = None) -> _T:
-    if isinstance(event, kind):
-        return event
-    if isinstance(event, hp.ErrorReceived):
-        raise hub_error(event.code, event.text, recipient)
-    raise HubError("protocol", f"unexpected answer {type(event).__name__}")  # pragma: no cover
+def _log_refused(agent_id: str | None, effect: cs.Refused) -> None:
+    if effect.what == "envelope":
+        logger.warning(
+            "%s: the hub refused envelope %s (%r)",
+            agent_id,
+            effect.message_id.hex(),
+            effect.code,
+        )
+    elif effect.what == "outbox":
+        logger.warning(
+            "%s: outbox envelope %s refused by the hub: %r %r",
+            agent_id,
+            effect.message_id.hex(),
+            effect.code,
+            effect.text,
+        )
+    elif effect.what == "prekeys":
+        logger.warning("%s: uploading prekeys failed: %r %r", agent_id, effect.code, effect.text)
+    else:
+        logger.warning("hub error: %r %r", effect.code, effect.text)
 
 
 # --- the I/O thread --------------------------------------------------------
@@ -331,12 +504,18 @@ class _IOThread:
         if pending:
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
+    @property
+    def current(self) -> bool:
+        """Whether the calling thread is this I/O thread."""
+        return threading.current_thread() is self._thread
+
     def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
         """Run ``coro`` on the loop and wait; on timeout cancel it and raise HubUnavailableError."""
-        if threading.current_thread() is self._thread:
+        if self.current:
+            coro.close()
             raise LocalProtocolError("NetworkHub methods must not be called from its I/O thread")
         future = self.submit(coro)
         try:
@@ -353,7 +532,7 @@ class _IOThread:
 
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(shutdown)
-        if threading.current_thread() is not self._thread:
+        if not self.current:
             self._thread.join(5.0)
             if not self._thread.is_alive():
                 self.loop.close()
@@ -368,47 +547,55 @@ _DISPATCH = object()
 _DISPATCH_EVERY = 64
 #: At most this many queued pushes go to ``endpoint.receive_envelopes`` (one commit).
 _RECEIVE_BATCH = 128
+#: Effects answered by calling the endpoint (in the link's effect task, in order).
+_ENDPOINT_EFFECTS = (
+    cs.NeedLoginSignature,
+    cs.NeedPrekeys,
+    cs.PrekeysStored,
+    cs.NeedOutbox,
+    cs.OutboxFlushed,
+    cs.AckResolved,
+    cs.PrekeysLow,
+    cs.Refused,
+)
 
 
-class _Link:
-    """One registered agent: its connection (re-made after losses), its dispatcher
-    thread (hands pushes to the endpoint and acks them) and its handler thread (runs
-    the endpoint's handlers), so that a handler waiting for a reply (``request``)
-    does not stop the reply from being received."""
+class _BatchFailed(Exception):
+    """A whole batch failed (logged once): every envelope of it is left on the hub."""
+
+
+class _Link(_SessionDriver):
+    """One registered agent: its session and connection (re-made after losses), the
+    task that calls its endpoint for the session, its dispatcher thread (hands pushes
+    to the endpoint) and its handler thread (runs the endpoint's handlers)."""
 
     def __init__(self, hub: NetworkHub, endpoint: HubEndpoint, loop: asyncio.AbstractEventLoop):
-        self.hub = hub
+        session = ClientSession(
+            endpoint.agent_id,
+            endpoint.signing_public_key,
+            send_window=hub.send_window,
+            ping_interval=hub.ping_interval,
+            ack_timeout=hub.ack_timeout,
+            max_frame_size=hub.max_frame_size,
+            expected_hub_address=hub.expected_hub_address,
+            dialled_address=hub.dialled_address,
+            stored_prekeys=hub.stored_prekeys.setdefault(endpoint.agent_id, set()),
+            ephemeral=is_ephemeral(endpoint),
+            retry_delays=hub.make_backoff,
+            clock=loop.time,
+        )
+        super().__init__(hub, session, loop)
         self.endpoint = endpoint
         self.agent_id = endpoint.agent_id
-        self.loop = loop
-        self.wire: _Wire | None = None
-        #: The hub's announced envelope limit on the last connection (None: none yet).
-        self.envelope_limit: int | None = None
+        #: Set while the session is ready (logged in and flushed).
         self.connected = asyncio.Event()
         self.failure: BaseException | None = None
         self.closing = False
-        #: Between reading the outbox for a re-send and being connected: a new
-        #: envelope would miss that re-send, so senders wait instead of failing.
-        self.flushing = False
         self._supervisor: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
-        self._acks: list[bytes] = []
-        self._queued: set[bytes] = set()
-        # Pipelined sends (NetworkHub.submit). ``_flow`` guards ``_in_flight``: envelopes
-        # submitted and not yet acknowledged, refused, or handed back to the outbox.
-        self._flow = threading.Condition()
-        self._in_flight = 0
-        #: Loop thread: request id -> (message id, envelope) of pipelined SENDs on ``wire``.
-        self._pipelined: dict[int, tuple[bytes, bytes]] = {}
-        #: Loop thread: submitted while a login re-sends the outbox; sent right after it.
-        self._held: list[tuple[bytes, bytes]] = []
-        #: Loop thread: acknowledged message ids for the endpoint, and whether each was
-        #: a pipelined send (counted in ``_in_flight``).
-        self._acked_ids: list[tuple[bytes, bool]] = []
-        #: (sender, error) of pushed envelopes the endpoint refused (dispatcher thread).
-        self._unreadable: list[tuple[str, Exception]] = []
-        self._write_pending = False
-        self._upload_lock = asyncio.Lock()
+        self._ready: asyncio.Future[None] | None = None
+        self._effects: collections.deque[cs.Effect] = collections.deque()
+        self._effects_due = asyncio.Event()
+        self._effect_task: asyncio.Task[None] | None = None
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._dispatching = threading.Event()
         self._dispatcher = threading.Thread(
@@ -420,6 +607,10 @@ class _Link:
             target=self._handle_forever, name=f"agentmesh-handlers-{self.agent_id}", daemon=True
         )
 
+    @property
+    def envelope_limit(self) -> int | None:
+        return self.session.envelope_limit
+
     # -- lifecycle (loop thread) ------------------------------------------
 
     async def start(self, *, background: bool = False) -> None:
@@ -430,6 +621,7 @@ class _Link:
         """
         self._dispatcher.start()
         self._handler_thread.start()
+        self._effect_task = self.loop.create_task(self._run_effects())
         first: asyncio.Future[None] = self.loop.create_future()
         if background:
             first.set_result(None)  # nobody waits for the first login
@@ -440,15 +632,18 @@ class _Link:
         self.closing = True
         self.failure = HubUnavailableError("unregistered from this NetworkHub")
         self.connected.set()  # wake senders waiting for a reconnect
-        self._give_back()
-        with self._flow:
-            self._flow.notify_all()  # wake pipelined senders waiting for room
-        for task in (self._pinger, self._supervisor):
+        for task in (self._supervisor, self._effect_task):
             if task is not None:
                 task.cancel()
-        if self.wire is not None:
-            self.flush_acks()
-            self.wire.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        transport = self.transport
+        with self._lock:
+            self.session.close()  # gives the window back; pending ACKs still go out
+            data = self.session.data_to_send()
+            self._lock.notify_all()  # wake pipelined senders waiting for room
+        if transport is not None:
+            transport.write(data, close=True)
         self._inbox.put(_STOP)
         self._dispatching.set()
         self._handlers_due.set()
@@ -464,7 +659,7 @@ class _Link:
         delays = self.hub.make_backoff()
         while not self.closing:
             try:
-                wire = await self._connect()
+                transport = await self._connect()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -475,6 +670,8 @@ class _Link:
                     logger.error("%s: giving up reconnecting: %s", self.agent_id, exc)
                     self.failure = exc
                     self.connected.set()  # wake senders so they see the failure
+                    with self._lock:
+                        self._lock.notify_all()
                     return
                 delay = next(delays)
                 logger.warning(
@@ -485,158 +682,194 @@ class _Link:
             if not first.done():
                 first.set_result(None)
             delays = self.hub.make_backoff()
-            reason = await wire.lost
-            self._disconnected()
+            reason = await transport.lost
             if self.closing:
                 return
             if reason == "replaced":
                 logger.error("%s: another connection logged in as this agent", self.agent_id)
                 self.failure = HubError("replaced", "another connection logged in as this agent")
                 self.connected.set()
+                with self._lock:
+                    self._lock.notify_all()
                 return
             delay = next(delays)
             logger.warning("%s: connection lost; reconnecting in %.2fs", self.agent_id, delay)
             await asyncio.sleep(delay)
 
-    def _disconnected(self) -> None:
-        # Order matters: stop the pinger and dispatching before anything reconnects.
-        if self._pinger is not None:
-            self._pinger.cancel()
-            self._pinger = None
+    def disconnected(self) -> None:
+        # Order matters: the session forgot the connection (and its keepalive timer);
+        # stop dispatching before anything reconnects. After close() the threads must
+        # see their stop signal instead.
+        if self.closing:
+            return
         self.connected.clear()
         self._dispatching.clear()
-        self._acks.clear()  # unacked pushes are redelivered after the next login
-        self._give_back()  # unacknowledged pipelined sends: the next login re-sends the outbox
 
-    async def _connect(self) -> _Wire:
-        hub, endpoint = self.hub, self.endpoint
-        wire = await hub.open_wire(self._on_event)
+    def _fail(self, error: BaseException) -> None:
+        super()._fail(error)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # mark retrieved: _connect may have stopped waiting
+
+    async def _connect(self) -> _Transport:
+        """Connect, then let the session log in, upload and flush; return once ready."""
+        hub = self.hub
+        ready = self._ready = self.loop.create_future()
+        transport = await self.open()
         try:
-            conn = wire.conn
-            ephemeral = is_ephemeral(endpoint)
-            challenge = conn.login_challenge(self.agent_id, ephemeral=ephemeral)
-            signature = await self._call(endpoint.sign_login, challenge)
-            bundle = await self._call(endpoint.prekey_bundle_bytes)
-            wire.require_open()
-            rid = conn.login(
-                self.agent_id, endpoint.signing_public_key, signature, bundle, ephemeral=ephemeral
-            )
-            _expect(await wire.request(rid, hub.request_timeout), hp.LoginAccepted)
-            self.wire = wire
-            self.envelope_limit = conn.max_envelope_bytes
-            await self._upload_prekeys(wire, await self._call(endpoint.one_time_prekeys))
-            await self._flush_outbox(wire)
+            await asyncio.wait_for(asyncio.shield(ready), hub.ack_timeout + 2 * hub.request_timeout)
+        except asyncio.TimeoutError:
+            transport.close()
+            raise HubUnavailableError("the hub did not complete the login in time") from None
         except BaseException:
-            self.flushing = False
-            self._give_back()
-            wire.close()
+            transport.close()
             raise
-        self.flushing = False
-        self.connected.set()
-        held, self._held = self._held, []
-        for data, message_id in held:
-            self._send_pipelined(wire, data, message_id)
-        self._inbox.put(_DISPATCH)
-        self._dispatching.set()
-        self._pinger = self.loop.create_task(self._keepalive(wire))
-        logger.info("%s: logged in to the hub", self.agent_id)
-        return wire
+        return transport
 
-    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+    def apply(self, effect: cs.Effect) -> None:
+        if isinstance(effect, cs.DeliverEnvelopes):
+            for item in effect.items:
+                self._inbox.put(item)
+        elif isinstance(effect, _ENDPOINT_EFFECTS):
+            if isinstance(effect, cs.Refused):
+                _log_refused(self.agent_id, effect)
+                if not effect.report or not supports(self.endpoint, RefusalAwareEndpoint):
+                    return
+            self._effects.append(effect)
+            self._effects_due.set()
+        elif isinstance(effect, cs.SessionReady):
+            self.connected.set()
+            self._inbox.put(_DISPATCH)
+            self._dispatching.set()
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+            logger.info("%s: logged in to the hub", self.agent_id)
+        elif isinstance(effect, cs.LoginFailed):
+            self._fail(hub_error(effect.code, effect.text))
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            super().apply(effect)
+
+    # -- calling the endpoint for the session (the effect task) ------------
+
+    async def _run_effects(self) -> None:
+        """Answer the session's endpoint effects one at a time, in order. Consecutive
+        acknowledgements are recorded together (one call, one outbox write)."""
+        while True:
+            await self._effects_due.wait()
+            self._effects_due.clear()
+            while self._effects:
+                effect = self._effects.popleft()
+                if isinstance(effect, cs.AckResolved):
+                    ids, slots = list(effect.message_ids), effect.window_slots
+                    while self._effects and isinstance(self._effects[0], cs.AckResolved):
+                        more = self._effects.popleft()
+                        assert isinstance(more, cs.AckResolved)
+                        ids += more.message_ids
+                        slots += more.window_slots
+                    await self._record_acks(ids, slots)
+                    continue
+                try:
+                    await self._answer(effect)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if getattr(effect, "generation", None) == self.session.generation:
+                        self._fail(exc)  # a login step: this connection cannot go on
+                        self.close_transport()
+                    else:
+                        logger.warning("%s: %s failed: %s", self.agent_id, effect, exc)
+
+    async def _answer(self, effect: cs.Effect) -> None:
+        endpoint = self.endpoint
+        if isinstance(effect, cs.NeedLoginSignature):
+            signature = await self._in_executor(endpoint.sign_login, effect.challenge)
+            bundle = await self._in_executor(endpoint.prekey_bundle_bytes)
+            self.call(self.session.login, effect.generation, signature, bundle)
+        elif isinstance(effect, cs.NeedPrekeys):
+            prekeys = await self._in_executor(endpoint.one_time_prekeys)
+            self.call(self.session.upload_prekeys, effect.generation, prekeys)
+        elif isinstance(effect, cs.PrekeysStored):
+            await self._in_executor(endpoint.one_time_prekeys_uploaded, list(effect.encoded))
+        elif isinstance(effect, cs.NeedOutbox):
+            outbox = await self._in_executor(endpoint.unacked_envelopes)
+            self.call(self.session.outbox, effect.generation, outbox)
+        elif isinstance(effect, cs.OutboxFlushed):
+            if effect.acked:
+                await self._in_executor(self._acked, list(effect.acked))
+            if effect.sent:
+                logger.info("%s: re-sent %d outbox envelopes", self.agent_id, effect.sent)
+            self.call(self.session.outbox_recorded, effect.generation)
+        elif isinstance(effect, cs.Refused):
+            await self._refused(effect)
+        elif isinstance(effect, cs.PrekeysLow):
+            try:
+                await self._in_executor(endpoint.prekeys_low, effect.remaining)
+                bundle = await self._in_executor(endpoint.prekey_bundle_bytes)
+                prekeys = await self._in_executor(endpoint.one_time_prekeys)
+            except Exception as exc:
+                logger.warning("%s: topping up prekeys failed: %s", self.agent_id, exc)
+                return
+            self.call(self.session.publish, bundle, prekeys)
+
+    async def _refused(self, effect: cs.Refused) -> None:
+        """Tell the endpoint the hub refused an outbox envelope (it may dead-letter it)."""
+        endpoint = self.endpoint
+        if not supports(endpoint, RefusalAwareEndpoint):
+            return
+        error = hub_error(effect.code, effect.text, effect.recipient or None)
+        try:
+            await self._in_executor(endpoint.envelope_refused, effect.message_id, error)
+        except Exception:
+            logger.exception("%s: recording a refusal failed", self.agent_id)
+
+    async def _record_acks(self, message_ids: list[bytes], window_slots: int) -> None:
+        try:
+            await self._in_executor(self._acked, message_ids)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception(
+                "%s: recording %d acknowledgements failed", self.agent_id, len(message_ids)
+            )
+        finally:
+            with self._lock:
+                self.session.acks_recorded(window_slots)
+                self._lock.notify_all()
+
+    def _acked(self, message_ids: list[bytes]) -> None:
+        """Executor thread: drop acknowledged envelopes from the endpoint's outbox."""
+        if supports(self.endpoint, BatchEndpoint):
+            self.endpoint.envelopes_acked(message_ids)
+        else:
+            for message_id in message_ids:
+                self.endpoint.envelope_acked(message_id)
+
+    async def _in_executor(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await self.loop.run_in_executor(None, fn, *args)
 
-    async def _upload_prekeys(self, wire: _Wire, prekeys: list[bytes]) -> None:
-        # One upload at a time, and never a key the hub already stored: it may have
-        # handed that key out (and deleted it) since, and a second copy would be
-        # handed out again, to a sender whose initial message then cannot decrypt.
-        # (A login, a PREKEYS_LOW top-up and a refresh can all read the same
-        # not-yet-marked keys.)
-        async with self._upload_lock:
-            stored = self.hub.stored_prekeys.setdefault(self.agent_id, set())
-            known = [p for p in prekeys if p in stored]
-            if known:
-                await self._call(self.endpoint.one_time_prekeys_uploaded, known)
-            fresh = [p for p in prekeys if p not in stored]
-            for chunk in _chunk_prekeys(fresh, wire.conn.peer_max_frame_size):
-                rid = wire.conn.upload_prekeys(chunk)
-                _expect(await wire.request(rid, self.hub.request_timeout), hp.RequestSucceeded)
-                stored.update(chunk)
-                await self._call(self.endpoint.one_time_prekeys_uploaded, chunk)
-
-    async def _flush_outbox(self, wire: _Wire) -> None:
-        self.flushing = True
-        outbox = await self._call(self.endpoint.unacked_envelopes)
-        if not outbox:
-            return
-        results = await asyncio.gather(
-            *(self._send_on(wire, data) for data in outbox), return_exceptions=True
-        )
-        for data, result in zip(outbox, results, strict=True):
-            if isinstance(result, HubUnavailableError):
-                raise result
-            if isinstance(result, BaseException):
-                logger.warning("%s: outbox envelope refused by the hub: %s", self.agent_id, result)
-                if isinstance(result, Exception):
-                    await self._refused(decode_envelope(data).message_id, result)
-                continue
-            await self._call(self.endpoint.envelope_acked, result)
-        logger.info("%s: re-sent %d outbox envelopes", self.agent_id, len(outbox))
-
-    async def _keepalive(self, wire: _Wire) -> None:
-        interval = self.hub.ping_interval
-        while not wire.lost.done():
-            await asyncio.sleep(interval)
-            silent = self.loop.time() - wire.last_rx
-            if silent >= 3 * interval:
-                logger.warning("%s: hub silent for %.0fs; reconnecting", self.agent_id, silent)
-                if wire.transport is not None:
-                    wire.transport.abort()
-                return
-            if silent >= interval and wire.authenticated:
-                wire.conn.ping()
-                wire.write()
+    def upload(self, bundle: bytes, prekeys: list[bytes]) -> None:
+        """Publish ``bundle`` and upload ``prekeys`` on the current connection, if any
+        (refusals are logged)."""
+        if not self.closing:
+            self.call(self.session.publish, bundle, prekeys)
 
     # -- sending ----------------------------------------------------------
 
-    async def _send_on(
-        self,
-        wire: _Wire,
-        data: bytes,
-        envelope: Envelope | None = None,
-        deadline: float | None = None,
-    ) -> bytes:
-        """SEND on ``wire`` until acknowledged (by ``deadline``, default ``ack_timeout``
-        from now); return the message id. Retries ``rate_limited`` with backoff."""
-        if envelope is None:
-            envelope = decode_envelope(data)
-        if len(data) > wire.conn.max_envelope_bytes:
-            raise HubError("too_large", f"envelope of {len(data)} bytes exceeds the hub's limit")
-        delays = self.hub.make_backoff()
-        if deadline is None:
-            deadline = self.loop.time() + self.hub.ack_timeout
-        while True:
-            if not wire.authenticated:
-                raise HubUnavailableError("not connected to the hub")
-            rid = wire.conn.send(data)
-            event = await wire.request(rid, max(0.0, deadline - self.loop.time()))
-            if isinstance(event, hp.ErrorReceived) and event.code == "rate_limited":
-                delay = next(delays)
-                if self.loop.time() + delay < deadline:
-                    await asyncio.sleep(delay)
-                    continue
-            _expect(event, hp.SendAcknowledged, envelope.recipient)
-            return envelope.message_id
-
     async def send(self, data: bytes, envelope: Envelope) -> bytes:
-        """SEND and wait for the ack (``ack_timeout`` in all).
+        """SEND and wait for the ack (``ack_timeout`` in all); return the message id.
 
         Raises HubUnavailableError at once while disconnected: the envelope is
         in the agent's outbox, and the next login re-sends it. Only while a
         login is re-sending the outbox (which it read before this envelope was
-        added) does it wait for the connection instead.
+        added) does it wait for the connection instead. ``rate_limited`` is
+        retried by the session until the deadline.
         """
         deadline = self.loop.time() + self.hub.ack_timeout
-        if not self.connected.is_set() and not self.flushing:
+        with self._lock:
+            flushing = self.session.flushing
+        if not self.connected.is_set() and not flushing:
             raise HubUnavailableError("not connected to the hub; the envelope stays in the outbox")
         try:
             await asyncio.wait_for(self.connected.wait(), self.hub.ack_timeout)
@@ -644,180 +877,45 @@ class _Link:
             raise HubUnavailableError("not connected to the hub") from None
         if self.failure is not None:
             raise HubUnavailableError(f"disconnected from the hub: {self.failure}")
-        wire = self.wire
-        if wire is None or not wire.authenticated:
-            raise HubUnavailableError("not connected to the hub")
-        return await self._send_on(wire, data, envelope, deadline)
-
-    # -- pipelined sending (NetworkHub.submit) -----------------------------
+        message_id = envelope.message_id
+        event = await self.request(
+            lambda session: session.send(data, message_id, deadline),
+            max(0.0, deadline - self.loop.time()),
+        )
+        _expect(event, hp.SendAcknowledged, envelope.recipient)
+        return message_id
 
     def submit(self, data: bytes, envelope: Envelope) -> None:
         """Caller thread: queue a SEND without waiting for its ack (see NetworkHub.submit)."""
-        window = self.hub.send_window
-        with self._flow:
-            room = self._flow.wait_for(
-                lambda: self._in_flight < window or self.closing or self.failure is not None,
-                self.hub.ack_timeout,
+        window, timeout = self.hub.send_window, self.hub.ack_timeout
+        session = self.session
+        with self._lock:
+            room = self._lock.wait_for(
+                lambda: session.has_room or self.closing or self.failure is not None, timeout
             )
             if self.failure is not None:
                 raise HubUnavailableError(f"disconnected from the hub: {self.failure}")
             if not room:
-                raise HubUnavailableError(
-                    f"{window} envelopes unacknowledged for {self.hub.ack_timeout}s"
-                )
-            self._in_flight += 1
-        try:
-            self.loop.call_soon_threadsafe(self._submit, data, envelope.message_id)
-        except RuntimeError:  # the loop is gone
-            self._resolve(1)
-            raise HubUnavailableError("this NetworkHub is closed") from None
+                raise HubUnavailableError(f"{window} envelopes unacknowledged for {timeout}s")
+            effects = session.submit(data, envelope.message_id)
+            try:
+                self.flush_soon()
+            except RuntimeError:  # the loop is gone
+                raise HubUnavailableError("this NetworkHub is closed") from None
+        for effect in effects:
+            if isinstance(effect, cs.Refused):
+                _log_refused(self.agent_id, effect)
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Caller thread: wait until no pipelined send is unresolved; False on timeout."""
-        with self._flow:
-            return self._flow.wait_for(lambda: self._in_flight == 0, timeout)
+        with self._lock:
+            return self._lock.wait_for(lambda: self.session.in_flight == 0, timeout)
 
-    def _resolve(self, count: int) -> None:
-        with self._flow:
-            self._in_flight -= count
-            self._flow.notify_all()
-
-    def _give_back(self) -> None:
-        """Loop thread: forget unacknowledged pipelined sends (they stay in the outbox)."""
-        lost = len(self._pipelined) + len(self._held)
-        self._pipelined.clear()
-        self._held.clear()
-        if lost:
-            self._resolve(lost)
-
-    def _submit(self, data: bytes, message_id: bytes) -> None:
-        wire = self.wire
-        if self.connected.is_set() and wire is not None and wire.authenticated:
-            self._send_pipelined(wire, data, message_id)
-        elif self.flushing and not self.closing:
-            self._held.append((data, message_id))
-        else:
-            self._resolve(1)  # not connected: the next login re-sends the outbox
-
-    def _send_pipelined(self, wire: _Wire, data: bytes, message_id: bytes) -> None:
-        if not wire.authenticated:
-            self._resolve(1)
-            return
-        try:
-            request_id = wire.conn.send(data)
-        except LocalProtocolError as exc:  # larger than this hub accepts
-            logger.warning("%s: envelope %s not sent: %s", self.agent_id, message_id.hex(), exc)
-            self._resolve(1)
-            return
-        self._pipelined[request_id] = (message_id, data)
-        if not self._write_pending:  # one write for every SEND queued in this loop turn
-            self._write_pending = True
-            self.loop.call_soon(self._write, wire)
-
-    def _write(self, wire: _Wire) -> None:
-        self._write_pending = False
-        wire.write()
-
-    def _pipelined_refused(self, event: hp.ErrorReceived) -> None:
-        message_id, data = self._pipelined.pop(event.request_id)
-        wire = self.wire
-        if event.code == "rate_limited" and wire is not None:
-            delay = 0.05 + 0.2 * random.random()  # noqa: S311 - jitter, not crypto
-            self.loop.call_later(delay, self._send_pipelined, wire, data, message_id)
-            return
-        logger.warning(
-            "%s: the hub refused envelope %s (%r)", self.agent_id, message_id.hex(), event.code
-        )
-        error = hub_error(event.code, event.text, decode_envelope(data).recipient)
-        task = self.loop.create_task(self._refused(message_id, error))
-        self.hub.tasks.add(task)
-        task.add_done_callback(self.hub.tasks.discard)
-        self._resolve(1)
-
-    async def _refused(self, message_id: bytes, error: Exception) -> None:
-        """Tell the endpoint the hub refused an outbox envelope (it may dead-letter it)."""
-        if supports(self.endpoint, RefusalAwareEndpoint):
-            try:
-                await self._call(self.endpoint.envelope_refused, message_id, error)
-            except Exception:
-                logger.exception("%s: recording a refusal failed", self.agent_id)
-
-    def _queue_ack(self, message_id: bytes, counted: bool) -> None:
-        if not self._acked_ids:
-            self.loop.call_soon(self._hand_acks)
-        self._acked_ids.append((message_id, counted))
-
-    def _hand_acks(self) -> None:
-        batch, self._acked_ids = self._acked_ids, []
-        if batch:
-            self.loop.run_in_executor(None, self._apply_acks, batch)
-
-    def _apply_acks(self, batch: list[tuple[bytes, bool]]) -> None:
-        """Executor thread: drop acknowledged envelopes from the endpoint's outbox."""
-        try:
-            ids = [message_id for message_id, _ in batch]
-            if supports(self.endpoint, BatchEndpoint):
-                self.endpoint.envelopes_acked(ids)
-            else:
-                for message_id in ids:
-                    self.endpoint.envelope_acked(message_id)
-        except Exception:
-            logger.exception("%s: recording %d acknowledgements failed", self.agent_id, len(batch))
-        finally:
-            counted = sum(1 for _, pipelined in batch if pipelined)
-            if counted:
-                self._resolve(counted)
-
-    async def request(self, build: Callable[[hp.ClientConnection], int]) -> hp.Event:
-        """Issue one request on this agent's connection and return the answer event."""
-        wire = self.wire
-        if wire is None or not wire.authenticated:
-            raise HubUnavailableError("not connected to the hub")
-        return await wire.request(build(wire.conn), self.hub.request_timeout)
-
-    # -- receiving --------------------------------------------------------
-
-    def _on_event(self, event: hp.Event) -> None:
-        if isinstance(event, hp.SendAcknowledged):
-            # A pipelined send's ack, or one that came after deliver() gave up waiting:
-            # either way, drop the envelope from the outbox.
-            pipelined = self._pipelined.pop(event.request_id, None) is not None
-            self._queue_ack(event.message_id, pipelined)
-        elif isinstance(event, hp.ErrorReceived) and event.request_id in self._pipelined:
-            self._pipelined_refused(event)
-        elif isinstance(event, hp.EnvelopePushed):
-            if event.message_id not in self._queued:
-                self._queued.add(event.message_id)
-                self._inbox.put(event)
-        elif isinstance(event, hp.PrekeysLowReceived):
-            task = self.loop.create_task(self._replenish(event.remaining))
-            self.hub.tasks.add(task)
-            task.add_done_callback(self.hub.tasks.discard)
-
-    async def _replenish(self, remaining: int) -> None:
-        try:
-            await self._call(self.endpoint.prekeys_low, remaining)
-            bundle = await self._call(self.endpoint.prekey_bundle_bytes)
-            prekeys = await self._call(self.endpoint.one_time_prekeys)
-        except Exception as exc:
-            logger.warning("%s: topping up prekeys failed: %s", self.agent_id, exc)
-            return
-        await self.upload(bundle, prekeys)
-
-    async def upload(self, bundle: bytes, prekeys: list[bytes]) -> None:
-        """Publish ``bundle`` and upload ``prekeys`` on the current connection (logs failures)."""
-        wire = self.wire
-        if wire is None or not wire.authenticated:
-            return
-        try:
-            rid = wire.conn.publish_bundle(bundle)
-            _expect(await wire.request(rid, self.hub.request_timeout), hp.RequestSucceeded)
-            await self._upload_prekeys(wire, prekeys)
-        except Exception as exc:
-            logger.warning("%s: uploading prekeys failed: %s", self.agent_id, exc)
+    # -- receiving (dispatcher and handler threads) -----------------------
 
     def _dispatch_forever(self) -> None:
-        """Dispatcher thread: hand pushes to the endpoint in order, ack them, run handlers.
+        """Dispatcher thread: hand pushes to the endpoint in order, report the outcomes
+        to the session (which batches the ACKs), let the handlers run.
 
         Pushes waiting in the queue (up to ``_RECEIVE_BATCH``) go to the endpoint
         together, so it commits them in one transaction; their ACKs follow at
@@ -844,77 +942,78 @@ class _Link:
                         break
                     batch.append(more)
                 results = self._receive_batch(batch)
+                with self._lock:
+                    verdicts = self.session.envelopes_handled(results)
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
+                        self.flush_soon()
+                self._log_verdicts(results, verdicts)
+                self._report_unreadable(batch, results, verdicts)
                 since_dispatch += len(batch)
-                with contextlib.suppress(RuntimeError):  # the loop is gone: no ack needed
-                    self.loop.call_soon_threadsafe(self._processed_batch, results)
-                self._report_unreadable()
             if follow is None and (since_dispatch >= _DISPATCH_EVERY or self._inbox.empty()):
                 since_dispatch = 0
-                self._run_handlers()
+                self._handlers_due.set()  # the handler thread runs them (never waits)
 
-    def _receive_batch(self, batch: list[hp.EnvelopePushed]) -> list[tuple[bytes, bool]]:
-        """Hand envelopes to the endpoint; return (message id, may the hub drop it) each."""
+    def _receive_batch(self, batch: list[hp.EnvelopePushed]) -> list[tuple[bytes, object]]:
+        """Hand envelopes to the endpoint; return (message id, report or exception) each."""
         endpoint = self.endpoint
         if not supports(endpoint, BatchEndpoint) or len(batch) == 1:
-            return [(item.message_id, self._receive(item)) for item in batch]
+            results: list[tuple[bytes, object]] = []
+            for item in batch:
+                try:
+                    results.append((item.message_id, endpoint.receive_envelope(item.envelope)))
+                except Exception as exc:
+                    results.append((item.message_id, exc))
+            return results
         try:
             outcomes = endpoint.receive_envelopes([item.envelope for item in batch])
-        except Exception:
-            logger.exception("%s: receiving %d envelopes failed", self.agent_id, len(batch))
-            return [(item.message_id, False) for item in batch]
-        return [
-            (item.message_id, self._verdict(item, outcome))
-            for item, outcome in zip(batch, outcomes, strict=True)
-        ]
-
-    def _receive(self, item: hp.EnvelopePushed) -> bool:
-        """Hand one envelope to the endpoint; return whether the hub may drop it."""
-        try:
-            self.endpoint.receive_envelope(item.envelope)
         except Exception as exc:
-            return self._verdict(item, exc)
-        return True
+            logger.exception("%s: receiving %d envelopes failed", self.agent_id, len(batch))
+            # Left on the hub, whatever the error: redelivered after the next login.
+            failed = _BatchFailed(type(exc).__name__)
+            return [(item.message_id, failed) for item in batch]
+        return [(item.message_id, outcome) for item, outcome in zip(batch, outcomes, strict=True)]
 
-    def _verdict(self, item: hp.EnvelopePushed, outcome: object) -> bool:
-        """Whether the hub may drop ``item``, given what receiving it returned or raised."""
-        try:
-            if isinstance(outcome, Exception):
-                raise outcome
-        except IdentityChangedError as exc:
-            # Held on the hub (not acked) until the user trusts the new key; it is
-            # pushed again after the next login.
-            logger.warning("%s: holding envelope %s: %s", self.agent_id, item.message_id.hex(), exc)
-            return False
-        except (CryptoError, DecodeError) as exc:
-            # Poison: it can never be processed. Ack it so the hub drops it.
-            logger.warning(
-                "%s: dropping envelope %s: %s", self.agent_id, item.message_id.hex(), exc
-            )
-            if isinstance(exc, CryptoError):
-                with contextlib.suppress(DecodeError):
-                    self._unreadable.append((decode_envelope(item.envelope).sender, exc))
-        except Exception:
-            logger.exception(
-                "%s: receiving envelope %s failed", self.agent_id, item.message_id.hex()
-            )
-            return False  # left on the hub; redelivered after the next login
-        return True
+    def _log_verdicts(self, results: list[tuple[bytes, object]], verdicts: list[Verdict]) -> None:
+        for (message_id, outcome), decided in zip(results, verdicts, strict=True):
+            if decided is Verdict.HOLD:
+                logger.warning(
+                    "%s: holding envelope %s: %s", self.agent_id, message_id.hex(), outcome
+                )
+            elif decided is Verdict.DROP:
+                logger.warning(
+                    "%s: dropping envelope %s: %s", self.agent_id, message_id.hex(), outcome
+                )
+            elif isinstance(outcome, BaseException) and not isinstance(outcome, _BatchFailed):
+                logger.error(
+                    "%s: receiving envelope %s failed",
+                    self.agent_id,
+                    message_id.hex(),
+                    exc_info=outcome,
+                )
 
-    def _report_unreadable(self) -> None:
+    def _report_unreadable(
+        self,
+        batch: list[hp.EnvelopePushed],
+        results: list[tuple[bytes, object]],
+        verdicts: list[Verdict],
+    ) -> None:
         """Dispatcher thread, after the batch's acks were handed to the loop: tell the
-        endpoint who sent what it refused (the hub vouched for each sender: it refuses
-        envelopes that are not from the logged-in agent)."""
-        reports, self._unreadable = self._unreadable, []
-        if reports and supports(self.endpoint, NoticingEndpoint):
-            for sender, error in reports:
-                try:
-                    self.endpoint.unreadable_envelope(sender, error)
-                except Exception:
-                    logger.exception("%s: reporting a refused envelope failed", self.agent_id)
-
-    def _run_handlers(self) -> None:
-        """Dispatcher thread: let the handler thread run the handlers (never waits)."""
-        self._handlers_due.set()
+        endpoint who sent what it refused as unreadable (the hub vouched for each
+        sender: it refuses envelopes that are not from the logged-in agent)."""
+        endpoint = self.endpoint
+        if not supports(endpoint, NoticingEndpoint):
+            return
+        for item, (_, outcome), decided in zip(batch, results, verdicts, strict=True):
+            if decided is not Verdict.DROP or not isinstance(outcome, CryptoError):
+                continue
+            try:
+                sender = decode_envelope(item.envelope).sender
+            except DecodeError:
+                continue
+            try:
+                endpoint.unreadable_envelope(sender, outcome)
+            except Exception:
+                logger.exception("%s: reporting a refused envelope failed", self.agent_id)
 
     def _handle_forever(self) -> None:
         """Handler thread: run the endpoint's handlers whenever messages were committed."""
@@ -932,22 +1031,6 @@ class _Link:
             except Exception:
                 logger.exception("%s: running message handlers failed", self.agent_id)
 
-    def _processed_batch(self, results: list[tuple[bytes, bool]]) -> None:
-        for message_id, ack in results:
-            self._queued.discard(message_id)
-            if ack:
-                if not self._acks:
-                    self.loop.call_soon(self.flush_acks)
-                self._acks.append(message_id)
-
-    def flush_acks(self) -> None:
-        """Send the batched ACKs (dropped if disconnected: the hub redelivers)."""
-        acks, self._acks = self._acks, []
-        wire = self.wire
-        if acks and wire is not None and wire.authenticated:
-            wire.conn.ack(acks)
-            wire.write()
-
 
 # --- the public client -----------------------------------------------------
 
@@ -955,7 +1038,10 @@ class _Link:
 class NetworkHub:
     """A hub reached over the network (implements :class:`~agentmesh.protocol.hub_interface.Hub`).
 
-    ``NetworkHub(host, port=7700, *, tls=False, ...)``: ``tls`` is False, True
+    ``NetworkHub(host, port=7700, *, tls=False, ...)``, or
+    ``NetworkHub(servers=["host1:7700", "host2:7700"], ...)`` for several hubs
+    sharing one PostgreSQL database: connections try them in order and move to
+    the next when one does not answer (docs/SCALING.md). ``tls`` is False, True
     (verify the hub's certificate with the system trust store), the path of a
     PEM CA file to trust instead (``tls="hub.crt"`` for a hub with a
     self-signed certificate; a missing or unreadable file raises
@@ -984,9 +1070,10 @@ class NetworkHub:
 
     def __init__(
         self,
-        host: str,
+        host: str | None = None,
         port: int = DEFAULT_PORT,
         *,
+        servers: Sequence[str] | None = None,
         tls: bool | str | os.PathLike[str] | ssl.SSLContext = False,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
@@ -1001,6 +1088,10 @@ class NetworkHub:
     ) -> None:
         if send_window < 1:
             raise ValueError("send_window must be at least 1")
+        #: The hubs to dial, in order (several hubs on one database; see _dial).
+        self.servers = _dial_list(host, port, servers)
+        self._server_index = 0
+        host, port = self.servers[0]
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -1010,10 +1101,16 @@ class NetworkHub:
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
         self.expected_hub_address = expected_hub_address
-        dialled = server_hostname if tls is not False and server_hostname else host
         try:
-            #: The hub name this client dialled, as its logins sign it.
-            self.dialled_address = hp.format_hub_address(dialled, port)
+            #: The hub name this client dialled, as its logins sign it (for each server).
+            self._dialled = [
+                hp.format_hub_address(
+                    server_hostname if tls is not False and server_hostname else server_host,
+                    server_port,
+                )
+                for server_host, server_port in self.servers
+            ]
+            self.dialled_address = self._dialled[0]
             if expected_hub_address is not None:
                 hp.parse_hub_address(expected_hub_address)
         except ValueError as exc:
@@ -1028,13 +1125,16 @@ class NetworkHub:
         self._tls: bool | ssl.SSLContext = tls
         self._io: _IOThread | None = None
         self._links: dict[str, _Link] = {}
-        #: One-time prekeys the hub acknowledged, by agent (loop thread; see _upload_prekeys).
+        #: One-time prekeys the hub acknowledged, by agent (each link's session updates its
+        #: set under the link's lock; kept across re-registrations, see ClientSession).
         self.stored_prekeys: dict[str, set[bytes]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self.tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
+        if len(self.servers) > 1:
+            names = [f"{host}:{port}" for host, port in self.servers]
+            return f"NetworkHub(servers={names!r}, tls={self._tls is not False})"
         return f"NetworkHub({self.host!r}, {self.port}, tls={self._tls is not False})"
 
     # -- plumbing ---------------------------------------------------------
@@ -1058,68 +1158,60 @@ class NetworkHub:
     def make_backoff(self) -> Iterator[float]:
         return backoff(self.reconnect_initial, self.reconnect_max)
 
-    async def open_wire(self, on_event: Callable[[hp.Event], None] | None = None) -> _Wire:
-        """Connect and wait for HELLO (loop thread). Raises HubUnavailableError, or
-        AuthFailedError (``wrong_hub``) / HubError (``unsupported_version``) for a
-        hub this client must not log in to."""
+    async def _dial(
+        self, protocol: Callable[[], asyncio.Protocol], session: ClientSession
+    ) -> tuple[str, int]:
+        """Open the TCP (and TLS) connection to a hub for ``protocol`` (loop thread),
+        within ``connect_timeout`` per hub; the only place that decides where to
+        connect. Returns the ``(host, port)`` reached, having set the session's
+        dialled name to that hub's (its login signs it). Raises HubUnavailableError.
+
+        With several :attr:`servers`, tries each once, in list order starting from
+        the one that answered last (so after its hub dies, the next one); raises the
+        last HubUnavailableError if none answers."""
+        count = len(self.servers)
+        first = self._server_index
+        for attempt in range(count):
+            index = (first + attempt) % count
+            session.dialled_address = self._dialled[index]
+            try:
+                await self._dial_one(protocol, *self.servers[index])
+            except HubUnavailableError as exc:
+                if attempt == count - 1:
+                    raise
+                logger.info("hub %s unavailable (%s); trying the next", self._dialled[index], exc)
+                continue
+            self._server_index = index
+            return self.servers[index]
+        raise AssertionError("unreachable")  # pragma: no cover - servers is never empty
+
+    async def _dial_one(
+        self, protocol: Callable[[], asyncio.Protocol], host: str, port: int
+    ) -> None:
+        """:meth:`_dial` for one hub."""
         loop = asyncio.get_running_loop()
-        conn = hp.ClientConnection(
-            max_frame_size=self.max_frame_size,
-            expected_hub_address=self.expected_hub_address,
-            dialled_address=self.dialled_address,
-        )
-        wire = _Wire(conn, on_event)
         context = self._ssl()
-        where = f"{self.host}:{self.port}"
+        where = f"{host}:{port}"
         try:
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: wire,
-                    self.host,
-                    self.port,
+                    protocol,
+                    host,
+                    port,
                     ssl=context,
-                    server_hostname=(self._server_hostname or self.host) if context else None,
+                    server_hostname=(self._server_hostname or host) if context else None,
                 ),
                 self.connect_timeout,
             )
         except ssl.SSLError as exc:
-            wire.close()
             raise HubUnavailableError(
                 f"TLS with {where} failed ({exc.reason or exc}): is it a hub started with "
                 "--tls-cert, and does the CA given to tls= sign its certificate?"
             ) from exc
         except (OSError, asyncio.TimeoutError) as exc:
-            wire.close()
             raise HubUnavailableError(
                 f"cannot reach the hub at {where}: {exc or 'timeout'}"
             ) from exc
-        except BaseException:
-            wire.close()
-            raise
-        # Connected: now the hub must speak first. Anything else (a database, a web
-        # server, a TLS hub reached in plaintext) fails here, within connect_timeout.
-        hint = (
-            "is it an AgentMesh hub, and does it use TLS?"
-            if context is not None
-            else "is it an AgentMesh hub? A hub started with --tls-cert needs tls= here"
-        )
-        try:
-            await asyncio.wait_for(asyncio.shield(wire.hello), self.connect_timeout)
-        except asyncio.TimeoutError as exc:
-            wire.close()
-            raise HubUnavailableError(
-                f"{where} accepted the connection but sent no AgentMesh HELLO within "
-                f"{self.connect_timeout} s: {hint}"
-            ) from exc
-        except HubUnavailableError as exc:
-            wire.close()
-            raise HubUnavailableError(
-                f"{where} closed the connection before any AgentMesh HELLO ({exc}): {hint}"
-            ) from exc
-        except BaseException:
-            wire.close()
-            raise
-        return wire
 
     def envelope_limit(self, agent_id: str) -> int | None:
         """The largest envelope the hub announced on this agent's connection (its last
@@ -1133,25 +1225,31 @@ class NetworkHub:
             raise LocalProtocolError(f"agent {agent_id!r} is not registered with this NetworkHub")
         return link
 
-    async def _any_request(self, build: Callable[[hp.ClientConnection], int]) -> hp.Event:
+    async def _any_request(self, make: Callable[[ClientSession], int]) -> hp.Event:
         """Ask on a logged-in connection; raise if there is none."""
         for link in list(self._links.values()):
-            if link.wire is not None and link.wire.authenticated:
-                return await link.request(build)
+            if link.authenticated:
+                return await link.request(make, self.request_timeout)
         if self._links:
             raise HubUnavailableError("not connected to the hub")
         raise HubError("login_required", "register an agent with this NetworkHub first")
 
-    async def _anonymous_request(self, build: Callable[[hp.ClientConnection], int]) -> hp.Event:
+    async def _anonymous_request(self, make: Callable[[ClientSession], int]) -> hp.Event:
         """Ask on a logged-in connection if any, else on a short anonymous one."""
-        links = list(self._links.values())
-        if any(link.wire is not None and link.wire.authenticated for link in links):
-            return await self._any_request(build)
-        wire = await self.open_wire()
+        if any(link.authenticated for link in list(self._links.values())):
+            return await self._any_request(make)
+        session = ClientSession(
+            max_frame_size=self.max_frame_size,
+            expected_hub_address=self.expected_hub_address,
+            dialled_address=self.dialled_address,
+            clock=asyncio.get_running_loop().time,
+        )
+        driver = _SessionDriver(self, session, asyncio.get_running_loop())
+        await driver.open()
         try:
-            return await wire.request(build(wire.conn), self.request_timeout)
+            return await driver.request(make, self.request_timeout)
         finally:
-            wire.close()
+            driver.close_transport()
 
     # -- Hub --------------------------------------------------------------
 
@@ -1235,7 +1333,7 @@ class NetworkHub:
         """
         parsed = decode_envelope(envelope)
         link = self._link(parsed.sender)
-        if self._io is not None and threading.current_thread() is self._io._thread:
+        if self._io is not None and self._io.current:
             raise LocalProtocolError("NetworkHub methods must not be called from its I/O thread")
         link.submit(envelope, parsed)
 
@@ -1255,7 +1353,7 @@ class NetworkHub:
         Raises ``ValueError("Peer 'x' not found on hub")``.
         """
         event = self._thread().run(
-            self._any_request(lambda conn: conn.fetch_bundle(agent_id)),
+            self._any_request(lambda session: session.fetch_bundle(agent_id)),
             self.request_timeout + 1.0,
         )
         if isinstance(event, hp.ErrorReceived) and event.code == "not_found":
@@ -1277,14 +1375,15 @@ class NetworkHub:
     def list_agents(self) -> list[str]:
         """Every agent id bound on the hub (works without a registered agent)."""
         event = self._thread().run(
-            self._anonymous_request(lambda conn: conn.list_agents()), self.request_timeout + 1.0
+            self._anonymous_request(lambda session: session.list_agents()),
+            self.request_timeout + 1.0,
         )
         return list(_expect(event, hp.AgentsReceived).agent_ids)
 
     def stats(self) -> dict[str, int]:
         """The hub's counters (``queued``, ``agents``, ``connections``, ...)."""
         event = self._thread().run(
-            self._anonymous_request(lambda conn: conn.get_stats()), self.request_timeout + 1.0
+            self._anonymous_request(lambda session: session.get_stats()), self.request_timeout + 1.0
         )
         return dict(_expect(event, hp.StatsReceived).stats)
 
@@ -1315,14 +1414,16 @@ class NetworkHub:
         old_key = link.endpoint.signing_public_key
 
         async def rotate() -> hp.Event:
-            wire = link.wire
-            if wire is None or not wire.authenticated:
-                raise HubUnavailableError("not connected to the hub")
-            challenge = wire.conn.rotation_challenge(old_key, new_signing_key)
-            old_sig = await link._call(sign_old, challenge)
-            new_sig = await link._call(sign_new, challenge)
+            try:
+                with link._lock:
+                    challenge = link.session.rotation_challenge(old_key, new_signing_key)
+            except LocalProtocolError:
+                raise HubUnavailableError("not connected to the hub") from None
+            old_sig = await link._in_executor(sign_old, challenge)
+            new_sig = await link._in_executor(sign_new, challenge)
             return await link.request(
-                lambda conn: conn.rotate_key(new_signing_key, old_sig, new_sig)
+                lambda session: session.rotate_key(new_signing_key, old_sig, new_sig),
+                self.request_timeout,
             )
 
         event = self._thread().run(rotate(), self.request_timeout + 1.0)
@@ -1342,7 +1443,8 @@ class NetworkHub:
         if link is None or self._io is None:
             return
         bundle, prekeys = agent.prekey_bundle_bytes(), agent.one_time_prekeys()
-        self._io.submit(link.upload(bundle, prekeys))
+        with contextlib.suppress(RuntimeError):  # the loop is gone
+            self._io.loop.call_soon_threadsafe(link.upload, bundle, prekeys)
 
     def close(self) -> None:
         """Close every connection and stop the I/O thread. Idempotent."""

@@ -27,6 +27,14 @@ Tables:
     Per-recipient counters (``msg_count``, ``byte_count``) of what is queued in
     ``envelopes``, maintained in the same transaction as every insert and
     delete so quota checks are O(1) per message instead of ``COUNT(*)``.
+    Every enqueue locks the recipient's row (``FOR UPDATE``) before it draws
+    ``seq``s and keeps it until its commit, so for ONE recipient envelopes
+    commit in ``seq`` order even with several hubs writing (see
+    :mod:`agentmesh.hub.store`, "Cursors").
+``agent_leases``
+    Several hubs on one PostgreSQL: which hub (``hub_id``) and which of its
+    connections (``session_id``) holds an agent's one live session, until
+    ``expires_at_ms`` unless renewed. Only that session is pushed envelopes.
 """
 
 from __future__ import annotations
@@ -140,13 +148,33 @@ mailboxes = Table(
     Column("byte_count", BigInteger(), nullable=False),
 )
 
+#: Length of a hub id column (see ``HubOptions.hub_id``).
+HUB_ID_LENGTH: Final = 128
+
+agent_leases = Table(
+    "agent_leases",
+    metadata,
+    Column(
+        "agent_id",
+        String(AGENT_ID_LENGTH),
+        ForeignKey("agents.agent_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("hub_id", String(HUB_ID_LENGTH), nullable=False),
+    Column("session_id", BigInteger(), nullable=False),
+    Column("expires_at_ms", BigInteger(), nullable=False),
+    Index("ix_agent_leases_hub_id", "hub_id"),
+)
+
 __all__ = [
     "AGENT_ID_LENGTH",
+    "HUB_ID_LENGTH",
     "KIND_KEM",
     "KIND_X25519",
     "MESSAGE_ID_LENGTH",
     "NAMING_CONVENTION",
     "SIGNING_KEY_LENGTH",
+    "agent_leases",
     "agents",
     "envelopes",
     "mailboxes",

@@ -19,7 +19,23 @@ Delivery
     An online recipient gets a PUSH right after the commit. On login it gets
     everything queued for it, paged from the store in ``seq`` (FIFO) order,
     with at most ``push_window`` unacknowledged pushes in flight. Whatever is
-    not acknowledged stays stored and is pushed again at the next login.
+    not acknowledged stays stored and is pushed again at the next login. The
+    rules are :class:`agentmesh.protocol.delivery.Delivery`, one per session.
+
+Several hubs on one PostgreSQL (see docs/SCALING.md)
+    Each hub has a ``hub_id`` (default ``HOSTNAME:PORT``). A commit notifies
+    the other hubs (``m HUB AGENT``); the hub where AGENT is online pages its
+    mailbox. Every ``catchup_interval_s`` each hub also checks, in one query,
+    whether any of its online agents has mail past its cursor (the safety net
+    for a lost notification). An agent's session is pushed to only while it
+    holds the agent's lease (``agent_leases``), renewed every
+    ``min(catchup_interval_s, lease_ttl_s / 3)`` and trusted locally for
+    three quarters of ``lease_ttl_s`` after the renewal began. A login on
+    another hub asks the holder to let go (``r HUB AGENT``); the holder closes
+    its session (``replaced``) and frees the lease (``f AGENT``), and the new
+    session starts receiving. If the holder is dead, the new session receives
+    once the lease expires (at most ``lease_ttl_s``); it can send meanwhile. A
+    hub frees the leases of its previous run when it starts.
 
 Names
     A hub answers logins only for its own names (``hub_address``, announced
@@ -51,6 +67,8 @@ import ipaddress
 import logging
 import os
 import queue
+import re
+import secrets
 import signal
 import socket
 import ssl
@@ -67,15 +85,21 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.crypto.prekeys import compose_bundle
 from agentmesh.errors import AuthFailedError, ConfigurationError, HubError
+from agentmesh.hub.metrics import HubMetrics, OpsEndpoint, PrometheusHubMetrics
+from agentmesh.hub.models import HUB_ID_LENGTH
 from agentmesh.hub.store import (
     DB_ENV_VAR,
+    DEFAULT_DB,
     EnqueueResult,
     EnqueueStatus,
+    HubListener,
     HubStore,
+    LeaseClaim,
     NewEnvelope,
     StoredEnvelope,
 )
 from agentmesh.protocol import hub_protocol as hp
+from agentmesh.protocol.delivery import Delivery, PageRequest
 from agentmesh.wire.frames import Error, encode_frame
 
 logger = logging.getLogger("agentmesh.hub.server")
@@ -84,7 +108,15 @@ _T = TypeVar("_T")
 #: Milliseconds since the epoch.
 Clock = Callable[[], int]
 DEFAULT_PORT = 7700
-DEFAULT_DB = "hub.sqlite"
+
+
+_HUB_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{HUB_ID_LENGTH}}}")
+
+
+def default_hub_id(port: int) -> str:
+    """``HOSTNAME:PORT``, with characters a hub id cannot hold replaced by ``-``."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "hub"
+    return f"{host[: HUB_ID_LENGTH - 6]}:{port}"
 
 
 def _wall_clock_ms() -> int:
@@ -120,11 +152,24 @@ class HubOptions:
     #: Pause reading a connection while this many bytes of its SENDs await commit.
     max_pending_send_bytes: int = 8 * 1024 * 1024
     hub_address: str | Sequence[str] | None = None
+    #: Several hubs on one PostgreSQL: this hub's id (default ``HOSTNAME:PORT``),
+    #: unique among them and stable across restarts.
+    hub_id: str | None = None
+    #: How long an agent's lease lasts unless renewed (a dead hub's, at most).
+    lease_ttl_s: float = 10.0
+    #: How often a hub checks its online agents' mailboxes anyway.
+    catchup_interval_s: float = 2.0
     tls_cert: str | None = None
     tls_key: str | None = None
     ssl_context: ssl.SSLContext | None = None
     synchronous: str = "FULL"
     use_uvloop: bool = True
+    #: Serve /metrics and /healthz on this port (0: any free port; None: not at all).
+    metrics_port: int | None = None
+    #: The address of the metrics port (None: the hub's own host).
+    metrics_host: str | None = None
+    #: Bring the database to head at start-up; if False, refuse one not at head.
+    migrate: bool = True
     clock: Clock = field(default=_wall_clock_ms)
 
     def __post_init__(self) -> None:
@@ -143,10 +188,14 @@ class HubOptions:
             "batch_max": self.batch_max,
             "purge_interval_s": self.purge_interval_s,
             "max_pending_send_bytes": self.max_pending_send_bytes,
+            "lease_ttl_s": self.lease_ttl_s,
+            "catchup_interval_s": self.catchup_interval_s,
         }
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigurationError(f"{name} must be positive, not {value!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 0xFFFF:
+            raise ConfigurationError(f"metrics_port must be 0..65535, not {self.metrics_port!r}")
         if self.max_envelope_bytes > 0xFFFFFFFF - hp.FRAME_OVERHEAD:
             raise ConfigurationError("max_envelope_bytes is too large")
         if self.ssl_context is not None:
@@ -157,6 +206,10 @@ class HubOptions:
                 )
         elif (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigurationError("tls_cert and tls_key must be given together")
+        if self.hub_id is not None and not _HUB_ID.fullmatch(self.hub_id):
+            raise ConfigurationError(
+                f"hub_id {self.hub_id!r}: use 1-{HUB_ID_LENGTH} characters from A-Z a-z 0-9 . _ : -"
+            )
         if self.hub_address is not None:
             try:
                 hp.parse_hub_names(self.hub_address, default_port=DEFAULT_PORT)
@@ -218,6 +271,8 @@ class TokenBucket:
 class _SendJob:
     item: NewEnvelope
     done: Callable[[EnqueueResult | BaseException], None]
+    #: Wake the other hubs (shared databases): the recipient's session is not here.
+    notify: bool = True
 
 
 @dataclass(slots=True)
@@ -247,9 +302,14 @@ class StoreWorker:
     """
 
     def __init__(
-        self, store: HubStore, loop: asyncio.AbstractEventLoop, options: HubOptions
+        self,
+        store: HubStore,
+        loop: asyncio.AbstractEventLoop,
+        options: HubOptions,
+        metrics: HubMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or HubMetrics()
         self._loop = loop
         self._options = options
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -258,21 +318,29 @@ class StoreWorker:
         self._held: dict[str, list[bytes]] = {}
         self._held_count = 0
         self._held_since = 0.0
+        #: The hub id commits notify the other hubs with (shared databases only).
+        self.notify_from: str | None = None
+        self.stopped = False
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         """Finish every queued job, then end the thread (blocks until it has)."""
+        self.stopped = True
         self._queue.put(_STOP)
         self._thread.join()
 
     def submit_send(
-        self, item: NewEnvelope, done: Callable[[EnqueueResult | BaseException], None]
+        self,
+        item: NewEnvelope,
+        done: Callable[[EnqueueResult | BaseException], None],
+        notify: bool = True,
     ) -> None:
-        self._queue.put(_SendJob(item, done))
+        self._queue.put(_SendJob(item, done, notify))
 
     def submit_ack(self, recipient: str, message_ids: tuple[bytes, ...]) -> None:
+        self.metrics.delivered(len(message_ids))
         self._queue.put(_AckJob(recipient, message_ids))
 
     def call(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
@@ -345,6 +413,7 @@ class StoreWorker:
             return
         acks = self._take_acks()
         results: list[EnqueueResult | BaseException] = []
+        started = time.perf_counter()
         for attempt in (acks, {}):
             try:
                 results = list(
@@ -354,6 +423,8 @@ class StoreWorker:
                         max_count_per_recipient=self._options.mailbox_max_messages,
                         max_bytes_per_recipient=self._options.mailbox_max_bytes,
                         acks=attempt,
+                        notify_from=self.notify_from,
+                        notify_for={job.item.recipient for job in jobs if job.notify},
                     )
                 )
                 break
@@ -363,6 +434,8 @@ class StoreWorker:
                 if not attempt:
                     break
                 # Not the acks' fault, probably; either way they are redelivered later.
+        ok = not (results and isinstance(results[0], BaseException))
+        self.metrics.commit(time.perf_counter() - started, len(jobs), ok=ok)
         self._post(_finish_sends, jobs, results)
 
     def _flush_acks(self) -> None:
@@ -375,6 +448,7 @@ class StoreWorker:
             # Not deleted: the envelopes are pushed again and deduplicated by the agent.
             count = sum(len(ids) for ids in acks.values())
             logger.exception("deleting %d acknowledged envelopes failed", count)
+            self.metrics.store_error("ack")
 
     def _call(self, job: _CallJob) -> None:
         try:
@@ -392,6 +466,16 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def _log_failure(what: str, *args: object) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback logging a future's exception (fire-and-forget database calls)."""
+
+    def done(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.error(what, *args, exc_info=future.exception())
+
+    return done
 
 
 def _finish_sends(jobs: list[_SendJob], results: list[EnqueueResult | BaseException]) -> None:
@@ -438,14 +522,13 @@ class _Session(asyncio.Protocol):
         self._pending_send_bytes = 0
         self._paused = False
         self._alive = False  # between connection_made (accepted) and connection_lost
-        # delivery state
-        self.inflight: dict[bytes, int] = {}
-        self.cursor = 0
-        self.backlog = True
-        self.paging = False
-        #: A commit arrived while a page was being read: read once more afterwards
-        #: (its callback may run before the page's result is handled).
-        self.offered_while_paging = False
+        #: What is pushed when (cursor, paging, window, acks, lease); set at login.
+        self.delivery: Delivery[StoredEnvelope] | None = None
+        #: Names this connection in the agent's lease (shared databases).
+        self.session_id = secrets.randbits(62)
+        self.holds_lease = False
+        self._claiming = False
+        self._lease_refused = False
         self.low_notified = False
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -460,10 +543,12 @@ class _Session(asyncio.Protocol):
         if len(hub.sessions) >= self.options.max_connections or hub.stopping:
             code = "shutting_down" if hub.stopping else "too_many_connections"
             logger.warning("refusing connection from %s: %s", self.peer, code)
+            hub.metrics.connection_refused(code)
             transport.write(encode_frame(Error(0, code, "try again later", fatal=True)))
             transport.close()
             return
         hub.sessions.add(self)
+        hub.metrics.connection_accepted()
         self._alive = True
         loop = hub.loop
         now = loop.time()
@@ -499,7 +584,11 @@ class _Session(asyncio.Protocol):
         self.hub.sessions.discard(self)
         if self.agent_id is not None and self.hub.online.get(self.agent_id) is self:
             del self.hub.online[self.agent_id]
-            logger.info("%s went offline (%d unacknowledged)", self.agent_id, len(self.inflight))
+            unacked = len(self.delivery.inflight) if self.delivery is not None else 0
+            logger.info("%s went offline (%d unacknowledged)", self.agent_id, unacked)
+            if self.holds_lease:
+                self.hub.release_lease(self.agent_id, self.session_id)
+        self.holds_lease = False
 
     @property
     def usable(self) -> bool:
@@ -522,6 +611,10 @@ class _Session(asyncio.Protocol):
     def fail(self, code: str, text: str) -> None:
         """Send a fatal ERROR and close (logged by the caller)."""
         if self.conn is not None:
+            if not self.conn.closed:
+                self.hub.metrics.connection_error(
+                    code, by_peer=False, logged_in=self.agent_id is not None
+                )
             self.conn.fail(code, text)
             self.flush()
 
@@ -570,6 +663,7 @@ class _Session(asyncio.Protocol):
         if now - self._rate_logged_at > 5.0:
             self._rate_logged_at = now
             logger.warning("rate limit: refusing requests from %s (%s)", self.peer, self.agent_id)
+        self.hub.metrics.request_rejected("rate_limited")
         self.conn.reply_error(request_id, "rate_limited", "too many requests; slow down")
         return False
 
@@ -586,6 +680,9 @@ class _Session(asyncio.Protocol):
         elif isinstance(event, hp.LoginRequested):
             self._spawn(self._on_login(event))
         elif isinstance(event, hp.ConnectionFailed):
+            self.hub.metrics.connection_error(
+                event.code, by_peer=event.sent_by_peer, logged_in=self.agent_id is not None
+            )
             logger.warning(
                 "closing %s (%s): %r%s",
                 self.peer,
@@ -594,6 +691,7 @@ class _Session(asyncio.Protocol):
                 " (sent by peer)" if event.sent_by_peer else "",
             )
         elif isinstance(event, hp.RequestRejected):
+            self.hub.metrics.request_rejected(event.code)
             logger.warning("refused request from %s (%s): %s", self.peer, self.agent_id, event.code)
         elif isinstance(event, _REQUESTS):
             if self._allowed(event.request_id):
@@ -617,7 +715,9 @@ class _Session(asyncio.Protocol):
         holder = self.hub.online.get(event.agent_id)
         holder_live = holder is not None and holder is not self
 
-        def bind() -> bool:
+        hub = self.hub
+
+        def bind() -> tuple[bool, LeaseClaim | None]:
             created = store.bind_agent(
                 event.agent_id,
                 event.signing_key,
@@ -627,30 +727,39 @@ class _Session(asyncio.Protocol):
             )
             if event.bundle:
                 store.publish_bundle(event.agent_id, event.bundle, now)
-            return created
+            return created, hub.claim_lease(event.agent_id, self.session_id, now)
 
         try:
-            created = await self._db(bind)
+            created, claim = await self._db(bind)
         except AuthFailedError as exc:
             logger.warning("login refused for %r from %s: %s", event.agent_id, self.peer, exc.code)
+            self.hub.metrics.login_failed(exc.code)
             conn.refuse_login(exc.code, f"agent id {event.agent_id!r} is bound to another key")
             self.flush()
             return
         except Exception as exc:
             logger.exception("login of %r failed", event.agent_id)
+            self.hub.metrics.login_failed("internal")
+            self.hub.metrics.store_error("login")
             text = f"the hub could not complete the login{_storage_problem(exc)}"
             conn.refuse_login("internal", text)
             self.flush()
             return
         if not self.usable:
+            if claim is not None and claim.granted:
+                hub.release_lease(event.agent_id, self.session_id)
             return  # gone while the database worked; the binding stays
         conn.accept_login(created)
         self.agent_id = event.agent_id
         previous = self.hub.online.get(event.agent_id)
         if previous is not None and previous is not self:
             logger.info("%s logged in again; closing its older connection", event.agent_id)
+            previous.holds_lease = False  # this session holds it now (same hub)
             previous.fail("replaced", "another connection logged in as this agent")
         self.hub.online[event.agent_id] = self
+        self.hub.metrics.login_succeeded(new=created)
+        self.delivery = Delivery(window=self.options.push_window, lease_until_ms=0)
+        self._leased(claim, now)
         logger.info(
             "%s logged in from %s%s", event.agent_id, self.peer, " (new)" if created else ""
         )
@@ -691,9 +800,11 @@ class _Session(asyncio.Protocol):
                 await self._on_rotate(event)
         except HubError as exc:
             logger.warning("request from %s (%s) refused: %s", self.peer, self.agent_id, exc.code)
+            self.hub.metrics.request_rejected(exc.code)
             conn.reply_error(event.request_id, exc.code, str(exc))
         except Exception:
             logger.exception("request from %s (%s) failed", self.peer, self.agent_id)
+            self.hub.metrics.store_error("request")
             conn.reply_error(event.request_id, "internal", "the hub failed; retry")
         self.flush()
 
@@ -711,6 +822,7 @@ class _Session(asyncio.Protocol):
 
         result = await self._db(fetch)
         if result is None:
+            self.hub.metrics.request_rejected("not_found")
             conn.reply_error(event.request_id, "not_found", f"Peer '{peer}' not found on hub")
             return
         bundle, remaining = result
@@ -736,6 +848,76 @@ class _Session(asyncio.Protocol):
         conn.confirm_rotation(event.request_id, event.new_key)
         logger.info("%s rotated its identity key", event.agent_id)
 
+    # -- the lease (shared databases) ------------------------------------
+
+    def _leased(self, claim: LeaseClaim | None, started_ms: int) -> None:
+        """Apply a claim or renewal begun at ``started_ms`` (None: no leases here)."""
+        delivery = self.delivery
+        if delivery is None:
+            return
+        if claim is None:
+            delivery.lease(None)
+            self.holds_lease = False
+        elif claim.granted:
+            self.holds_lease = True
+            timer = self._timers.pop("lease", None)
+            if timer is not None:
+                timer.cancel()
+            delivery.lease(started_ms + self.hub.lease_trust_ms)
+        else:
+            self.holds_lease = False
+            delivery.lease(0)
+            if not self._lease_refused:  # once per session: retries are routine
+                self._lease_refused = True
+                logger.info(
+                    "%s is online on hub %r; asked it to let go (waiting at most %.1fs)",
+                    self.agent_id,
+                    claim.hub_id,
+                    max(0, claim.expires_at_ms - started_ms) / 1000,
+                )
+            wait_s = max(0.0, (claim.expires_at_ms - started_ms) / 1000) + 0.02
+            self._schedule("lease", min(wait_s, self.hub.maintain_interval_s), self.claim_lease)
+        self.pump_mailbox()
+
+    def claim_lease(self) -> None:
+        """Try again to take the agent's lease (it was held by another hub)."""
+        if not self.usable or self.agent_id is None or self.holds_lease or self._claiming:
+            return
+        timer = self._timers.pop("lease", None)
+        if timer is not None:
+            timer.cancel()
+        self._claiming = True
+        self._spawn(self._claim(self.agent_id))
+
+    async def _claim(self, agent_id: str) -> None:
+        now = self.options.clock()
+        try:
+            claim = await self._db(lambda: self.hub.claim_lease(agent_id, self.session_id, now))
+        except Exception:
+            self._claiming = False
+            logger.exception("claiming the lease of %s failed; retrying", agent_id)
+            self._schedule("lease", 1.0, self.claim_lease)
+            return
+        self._claiming = False
+        if not self.usable or self.hub.online.get(agent_id) is not self:
+            if claim is not None and claim.granted:
+                self.hub.release_lease(agent_id, self.session_id)
+            return
+        self._leased(claim, now)
+
+    def renewed(self, started_ms: int) -> None:
+        """The lease was renewed by a renewal begun at ``started_ms``."""
+        if self.delivery is not None and self.holds_lease:
+            self.delivery.lease(started_ms + self.hub.lease_trust_ms)
+            self.pump_mailbox()
+
+    def wake(self) -> None:
+        """There may be mail for this agent this session has not seen (another hub
+        committed it, or the periodic catch-up found it)."""
+        if self.delivery is not None:
+            self.delivery.woken()
+            self.pump_mailbox()
+
     # -- sending ----------------------------------------------------------
 
     def _on_send(self, event: hp.SendRequested) -> None:
@@ -750,7 +932,11 @@ class _Session(asyncio.Protocol):
             if self._paused and self._pending_send_bytes * 2 < self.options.max_pending_send_bytes:
                 self._set_paused(False)
 
-        self.hub.worker.submit_send(item, done)
+        # The recipient's live session is here: the other hubs need no wake-up. If it
+        # moves meanwhile, this hub frees its lease through the same writer queue,
+        # after this commit, and the new hub pages the mailbox once it holds the lease.
+        here = self.hub.online.get(event.recipient)
+        self.hub.worker.submit_send(item, done, here is None or not here.holds_lease)
         if self._pending_send_bytes > self.options.max_pending_send_bytes:
             self._set_paused(True)
 
@@ -772,6 +958,7 @@ class _Session(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         mid = event.message_id
+        self.hub.metrics.send_committed(result)
         if isinstance(result, BaseException):
             text = f"the hub could not store it{_storage_problem(result)}; retry"
             conn.reply_error(event.request_id, "internal", text, mid)
@@ -781,7 +968,8 @@ class _Session(asyncio.Protocol):
             recipient = self.hub.online.get(event.recipient)
             if recipient is not None:
                 recipient.offer(
-                    StoredEnvelope(result.seq, mid, event.sender, event.recipient, event.envelope)
+                    StoredEnvelope(result.seq, mid, event.sender, event.recipient, event.envelope),
+                    result.prev_seq,
                 )
         elif result.status is EnqueueStatus.DUPLICATE:
             conn.reply_send_ack(event.request_id, mid, duplicate=True)
@@ -804,60 +992,61 @@ class _Session(asyncio.Protocol):
 
     # -- delivery ---------------------------------------------------------
 
-    def _push(self, item: StoredEnvelope) -> None:
-        assert self.conn is not None
-        self.conn.push(item.seq, item.message_id, item.body)
-        self.inflight[item.message_id] = item.seq
-        self.cursor = item.seq
+    def _push_all(self, items: list[StoredEnvelope]) -> None:
+        conn = self.conn
+        assert conn is not None
+        for item in items:
+            conn.push(item.seq, item.message_id, item.body)
 
-    def offer(self, item: StoredEnvelope) -> None:
+    def offer(self, item: StoredEnvelope, prev_seq: int | None) -> None:
         """A new envelope for this (online) agent was committed: push it now if in order."""
-        if item.seq <= self.cursor:
+        delivery = self.delivery
+        if delivery is None:
             return
-        if self.backlog or self.paging or len(self.inflight) >= self.options.push_window:
-            self.backlog = True
-            self.offered_while_paging = self.offered_while_paging or self.paging
+        pushes = delivery.committed(item, prev_seq, self.options.clock())
+        if pushes:
+            self._push_all(pushes)
+            self.hub.mark_dirty(self)
+        else:
             self.pump_mailbox()
-            return
-        self._push(item)
-        self.hub.mark_dirty(self)
 
     def pump_mailbox(self) -> None:
-        """Page stored envelopes after ``cursor`` while the in-flight window has room."""
-        if not self.usable or self.paging or not self.backlog or self.agent_id is None:
+        """Page stored envelopes after the cursor while the in-flight window has room."""
+        delivery = self.delivery
+        if not self.usable or delivery is None or self.agent_id is None:
             return
-        room = self.options.push_window - len(self.inflight)
-        if room < max(1, self.options.push_window // 2) and self.inflight:
-            return  # wait for acknowledgements
-        self.paging = True
-        self.offered_while_paging = False
-        self._spawn(self._page(self.agent_id, self.cursor, room))
+        request = delivery.next_page(self.options.clock())
+        if request is not None:
+            self._spawn(self._page(self.agent_id, delivery, request))
 
-    async def _page(self, agent_id: str, after: int, limit: int) -> None:
+    async def _page(
+        self, agent_id: str, delivery: Delivery[StoredEnvelope], request: PageRequest
+    ) -> None:
         store, now = self.hub.store, self.options.clock()
+        after, limit = request.after_seq, request.limit
         try:
             rows = await self._db(
                 lambda: store.pending(agent_id, after_seq=after, limit=limit, now_ms=now)
             )
         except Exception:
             logger.exception("reading the mailbox of %s failed; retrying", agent_id)
-            self.paging = False
+            self.hub.metrics.store_error("read")
+            delivery.page_failed()
             self._schedule("retry", 1.0, self.pump_mailbox)
             return
-        self.paging = False
+        pushes = delivery.page_read(request, rows, self.options.clock())
         if not self.usable:
             return
-        for row in rows:
-            if row.seq > self.cursor:
-                self._push(row)
-        self.backlog = len(rows) >= limit or self.offered_while_paging
+        self._push_all(pushes)
         self.flush()
         self.pump_mailbox()
 
     def _on_ack(self, event: hp.AckReceived) -> None:
         # Only ids pushed on this connection reach the database (no delete spam);
         # an ack for an earlier connection's push is repeated after the re-push.
-        acked = tuple(mid for mid in event.message_ids if self.inflight.pop(mid, None) is not None)
+        if self.delivery is None:
+            return
+        acked = self.delivery.acked(event.message_ids)
         if acked:
             self.hub.worker.submit_ack(event.agent_id, acked)
         self.pump_mailbox()
@@ -882,12 +1071,121 @@ class _Hub:
         self.options = options
         self.hub_names = hub_names
         self.channel_binding = channel_binding
-        self.worker = StoreWorker(store, loop, options)
+        self.metrics: HubMetrics = (
+            HubMetrics() if options.metrics_port is None else PrometheusHubMetrics()
+        )
+        self.worker = StoreWorker(store, loop, options, self.metrics)
         self.sessions: set[_Session] = set()
         self.online: dict[str, _Session] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._dirty: set[_Session] = set()
         self.stopping = False
+        #: Several hubs may share the database (PostgreSQL): leases and NOTIFY.
+        self.shared = store.shared
+        self.hub_id = options.hub_id or ""  # set by the server once the port is bound
+        self.lease_ttl_ms = int(options.lease_ttl_s * 1000)
+        #: A lease is trusted for 3/4 of its TTL after its renewal began: the
+        #: quarter left absorbs clock skew between hubs and a slow renewal.
+        self.lease_trust_ms = self.lease_ttl_ms * 3 // 4
+        self.maintain_interval_s = min(options.catchup_interval_s, options.lease_ttl_s / 3)
+        self.listener: HubListener | None = None
+        self._next_catch_up = 0.0
+
+    # -- leases and cross-hub wake-ups (shared databases) -----------------
+
+    def claim_lease(self, agent_id: str, session_id: int, now_ms: int) -> LeaseClaim | None:
+        """Claim ``agent_id``'s lease for a session (writer thread); None if not shared."""
+        if not self.shared:
+            return None
+        return self.store.claim_lease(
+            agent_id, self.hub_id, session_id, now_ms=now_ms, ttl_ms=self.lease_ttl_ms
+        )
+
+    def release_lease(self, agent_id: str, session_id: int | None) -> None:
+        """Free ``agent_id``'s lease if this hub (session) holds it; loop thread."""
+        if not self.shared or self.worker.stopped:
+            return
+        future = self.worker.call(
+            functools.partial(self.store.release_lease, agent_id, self.hub_id, session_id)
+        )
+        future.add_done_callback(_log_failure("freeing the lease of %s failed", agent_id))
+
+    def notified(self, payload: str) -> None:
+        """A NOTIFY from the database (loop thread): see ``NOTIFY_CHANNEL``."""
+        parts = payload.split(" ")
+        if len(parts) == 3 and parts[0] == "m":
+            session = self.online.get(parts[2])
+            if session is not None and parts[1] != self.hub_id:
+                session.wake()
+        elif len(parts) == 3 and parts[0] == "r":
+            if parts[1] != self.hub_id:
+                return
+            agent_id = parts[2]
+            session = self.online.get(agent_id)
+            if session is not None:
+                logger.info("%s logged in on another hub; closing its session here", agent_id)
+                session.holds_lease = False
+                session.fail("replaced", "this agent logged in on another hub")
+            self.release_lease(agent_id, None)
+        elif len(parts) == 2 and parts[0] == "f":
+            session = self.online.get(parts[1])
+            if session is not None:
+                session.claim_lease()
+
+    def catch_up_all(self) -> None:
+        """Wake every online session (the listener was away: notifications were lost)."""
+        for session in list(self.online.values()):
+            session.wake()
+
+    async def maintain(self) -> None:
+        """Renew this hub's leases and catch up from the table, every
+        ``maintain_interval_s``, until cancelled (shared databases only)."""
+        while True:
+            await asyncio.sleep(self.maintain_interval_s)
+            try:
+                await self._maintain_once()
+            except Exception:
+                logger.exception("renewing leases / catching up failed; retrying")
+
+    async def _maintain_once(self) -> None:
+        store, now = self.store, self.options.clock()
+        holders = {a: s for a, s in self.online.items() if s.holds_lease}
+        sessions = {agent_id: session.session_id for agent_id, session in holders.items()}
+        if sessions:
+            lost = await self.worker.call(
+                functools.partial(
+                    store.renew_leases, self.hub_id, sessions, now_ms=now, ttl_ms=self.lease_ttl_ms
+                )
+            )
+            for agent_id, session in holders.items():
+                if self.online.get(agent_id) is not session:
+                    continue
+                if agent_id in lost:
+                    logger.warning("%s: its lease went to another hub; closing", agent_id)
+                    session.holds_lease = False
+                    session.fail("replaced", "this agent logged in on another hub")
+                else:
+                    session.renewed(now)
+        for session in list(self.online.values()):
+            if not session.holds_lease:
+                session.claim_lease()
+        if self.loop.time() < self._next_catch_up:
+            return
+        self._next_catch_up = self.loop.time() + self.options.catchup_interval_s
+        cursors = {
+            agent_id: session.delivery.cursor
+            for agent_id, session in self.online.items()
+            if session.holds_lease and session.delivery is not None and not session.delivery.backlog
+        }
+        if cursors:
+            now = self.options.clock()
+            due = await self.worker.call(
+                functools.partial(store.recipients_with_mail, cursors, now_ms=now)
+            )
+            for agent_id in due:
+                found = self.online.get(agent_id)
+                if found is not None:
+                    found.wake()
 
     def mark_dirty(self, session: _Session) -> None:
         """Flush ``session`` once, after the current callback (coalesces many replies)."""
@@ -1135,7 +1433,10 @@ class NetworkHubServer:
         try:
             _refuse_read_only(store)
             try:
-                store.ensure_schema()
+                if options.migrate:
+                    store.ensure_schema()
+                else:
+                    store.check_revision()
             except SQLAlchemyError as exc:
                 raise ConfigurationError(f"cannot open the hub database {store!r}: {exc}") from exc
             hub = _Hub(loop, store, options, (), options.channel_binding())
@@ -1152,16 +1453,32 @@ class NetworkHubServer:
             store.close()
             raise
         port = int(server.sockets[0].getsockname()[1])
+        ops: OpsEndpoint | None = None
         try:
             names, derived = await loop.run_in_executor(
                 None, resolve_hub_names, self.host, port, options.hub_address
             )
+            if isinstance(hub.metrics, PrometheusHubMetrics):
+                hub.metrics.watch(store, lambda: len(hub.online), lambda: len(hub.sessions))
+                ops_host = options.metrics_host or self.host
+                ops = OpsEndpoint(hub.metrics, store, ops_host, options.metrics_port or 0)
+                logger.info(
+                    "metrics listening on %s:%d (/metrics, /healthz)", ops_host or "*", ops.port
+                )
         except BaseException:
             server.close()
             store.close()
             raise
         self._port, hub.hub_names = port, names
         hub.worker.start()
+        if hub.shared:
+            try:
+                await self._join_shared_database(hub, port)
+            except BaseException:
+                server.close()
+                await loop.run_in_executor(None, hub.worker.stop)
+                store.close()
+                raise
         await server.start_serving()
         if derived:
             logger.warning(
@@ -1186,16 +1503,59 @@ class NetworkHubServer:
                     loop.add_signal_handler(signum, stop_event.set)
         logger.info("hub listening on %s:%d (db %s)", self.host, self._port, store)
         purger = loop.create_task(self._purge_forever(hub))
+        maintainer = (
+            loop.create_task(hub.maintain(), name="agentmesh-hub-maintain") if hub.shared else None
+        )
         self._ready.set()
         try:
             await stop_event.wait()
         finally:
             purger.cancel()
+            if maintainer is not None:
+                maintainer.cancel()
             await self._shutdown(server, hub)
+            if ops is not None:
+                await loop.run_in_executor(None, ops.close)
             if install_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.remove_signal_handler(signum)
+
+    async def _join_shared_database(self, hub: _Hub, port: int) -> None:
+        """Several hubs on one PostgreSQL: name this hub, free what its previous run
+        held, and listen for the others' notifications (before serving)."""
+        loop = asyncio.get_running_loop()
+        hub.hub_id = self.options.hub_id or default_hub_id(port)
+        hub.worker.notify_from = hub.hub_id
+        freed = await hub.worker.call(functools.partial(hub.store.release_hub_leases, hub.hub_id))
+        if freed:
+            logger.info("freed %d agent leases held by this hub's previous run", freed)
+
+        def notified(payload: str) -> None:  # listener thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
+                loop.call_soon_threadsafe(hub.notified, payload)
+
+        def connected() -> None:  # listener thread
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(hub.catch_up_all)
+
+        try:
+            hub.listener = hub.store.listen(notified, connected)
+        except ConfigurationError as exc:
+            logger.warning(
+                "%s: mail committed by other hubs arrives with the periodic catch-up "
+                "(every %ss) only",
+                exc,
+                self.options.catchup_interval_s,
+            )
+            return
+        hub.listener.start()
+        if not await loop.run_in_executor(None, hub.listener.connected.wait, 10.0):
+            logger.warning(
+                "the hub listener could not LISTEN yet (retrying): until it does, mail "
+                "committed by other hubs arrives with the periodic catch-up"
+            )
+        logger.info("hub id %s: sharing the database with other hubs (LISTEN/NOTIFY)", hub.hub_id)
 
     async def _purge_forever(self, hub: _Hub) -> None:
         limit = 10_000
@@ -1209,10 +1569,12 @@ class NetworkHubServer:
                     )
                     if purged:
                         logger.info("purged %d expired envelopes", purged)
+                        hub.metrics.purged(purged)
                     if purged < limit:
                         break
             except Exception:
                 logger.exception("purging expired envelopes failed")
+                hub.metrics.store_error("purge")
 
     async def _shutdown(self, server: asyncio.Server, hub: _Hub) -> None:
         logger.info("hub shutting down")
@@ -1233,6 +1595,12 @@ class NetworkHubServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 5.0)
         await asyncio.sleep(0)
-        await asyncio.get_running_loop().run_in_executor(None, hub.worker.stop)
+        loop = asyncio.get_running_loop()
+        if hub.listener is not None:
+            await loop.run_in_executor(None, hub.listener.close)
+        if hub.shared:  # the sessions are gone: let their agents log in elsewhere now
+            with contextlib.suppress(Exception):
+                await hub.worker.call(functools.partial(hub.store.release_hub_leases, hub.hub_id))
+        await loop.run_in_executor(None, hub.worker.stop)
         hub.store.close()
         logger.info("hub stopped")

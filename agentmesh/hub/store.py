@@ -18,6 +18,33 @@ Threading and transactions
     ``BEGIN`` on a WAL snapshot. On PostgreSQL, rows that decide a write are
     locked with ``SELECT ... FOR UPDATE`` (``SKIP LOCKED`` for one-time prekeys).
 
+Cursors
+    A hub pushes an agent's envelopes in ``seq`` order and pages its mailbox
+    with ``seq > cursor`` (:meth:`HubStore.pending`). That skips nothing only if
+    each recipient's envelopes commit in ``seq`` order. On SQLite one writer at
+    a time holds the database lock, so they do. On PostgreSQL several hubs
+    write at once, and ``seq`` comes from a sequence, whose values are handed
+    out at insert and committed in any order: a cursor that trusted them would
+    move past a row still uncommitted (``tests/hub/test_multi_hub_store.py``
+    shows it). :meth:`HubStore.enqueue` therefore locks each recipient's
+    ``mailboxes`` row (``SELECT ... FOR UPDATE``, recipients sorted) BEFORE it
+    inserts, i.e. before any ``seq`` is drawn, and holds it until the commit:
+    a second writer for that recipient draws its ``seq`` only after the first
+    committed. Per recipient, ``seq`` order is commit order, and a row visible
+    to a page implies every lower ``seq`` of that recipient is visible too.
+    ``enqueue`` also reports ``prev_seq`` (the recipient's highest queued
+    ``seq`` before the item, read under that lock), so a hub pushes its own
+    commit at once only if it has seen everything before it.
+
+Several hubs on one PostgreSQL
+    ``enqueue(notify_from=HUB_ID)`` sends ``NOTIFY agentmesh, 'm HUB AGENT'``
+    (ids only) in the same transaction, so it is delivered at the commit;
+    :class:`HubListener` (one connection, one thread) hands such payloads to
+    the hub, which catches up from the table. A lost notification only waits
+    for the next periodic catch-up (:meth:`HubStore.recipients_with_mail`).
+    Leases (``agent_leases``, :meth:`HubStore.claim_lease`) give each agent one
+    live session across the hubs. SQLite has no LISTEN: it serves one hub.
+
 Clock
     Nothing here reads the clock: methods that need "now" take ``now_ms``
     (milliseconds since the epoch), so tests are deterministic.
@@ -38,10 +65,12 @@ from __future__ import annotations
 
 import hmac
 import importlib.resources
+import importlib.util
 import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -74,6 +103,7 @@ from sqlalchemy.exc import (
     DatabaseError,
     DBAPIError,
     IntegrityError,
+    NoSuchModuleError,
     OperationalError,
 )
 
@@ -89,6 +119,7 @@ from agentmesh.hub.models import (
     KIND_X25519,
     MESSAGE_ID_LENGTH,
     SIGNING_KEY_LENGTH,
+    agent_leases,
     agents,
     envelopes,
     mailboxes,
@@ -98,22 +129,39 @@ from agentmesh.ids import validate_agent_id
 
 __all__ = [
     "DB_ENV_VAR",
+    "DEFAULT_DB",
+    "NOTIFY_CHANNEL",
+    "AgentRecord",
     "EnqueueResult",
     "EnqueueStatus",
     "FetchedBundle",
+    "HubListener",
     "HubStore",
+    "LeaseClaim",
     "NewEnvelope",
+    "StoreStats",
     "StoredEnvelope",
+    "check_database_location",
     "create_hub_engine",
     "migration_transaction",
     "migrations_dir",
     "resolve_db_url",
+    "sqlite_path",
 ]
 
 logger = logging.getLogger("agentmesh.hub.store")
 
 #: Environment variable naming the hub database (a file path or a SQLAlchemy URL).
 DB_ENV_VAR: Final = "AGENTMESH_DB"
+#: The PostgreSQL NOTIFY channel of the hubs sharing a database. Payloads are ids
+#: only: ``m HUB AGENT`` (HUB committed mail for AGENT), ``r HUB AGENT`` (HUB,
+#: release AGENT's lease) and ``f AGENT`` (AGENT's lease is free).
+NOTIFY_CHANNEL: Final = "agentmesh"
+#: The database of a hub given neither ``--db`` nor ``AGENTMESH_DB`` (and of a bare
+#: ``alembic upgrade head``): this file in the current directory.
+DEFAULT_DB: Final = "hub.sqlite"
+#: What to install for the PostgreSQL driver the README recommends (psycopg 3).
+_POSTGRES_INSTALL: Final = 'pip install "agentmesh[postgres]"'
 
 _SYNCHRONOUS_MODES: Final = frozenset({"FULL", "NORMAL", "OFF"})
 #: Connection execution option: start this transaction with BEGIN IMMEDIATE on SQLite.
@@ -196,16 +244,49 @@ class EnqueueStatus(str, Enum):
 class EnqueueResult:
     """The outcome for one envelope of an :meth:`HubStore.enqueue` batch.
 
-    ``seq`` is set for :attr:`EnqueueStatus.STORED` only.
+    ``seq`` is set for :attr:`EnqueueStatus.STORED` only, and so is
+    ``prev_seq`` on PostgreSQL: the recipient's highest queued ``seq`` before
+    this envelope (0 if none), read while its commits were serialised (see
+    "Cursors" above). None on SQLite, whose single writer needs no such proof.
     """
 
     status: EnqueueStatus
     seq: int | None = None
+    prev_seq: int | None = None
 
     @property
     def accepted(self) -> bool:
         """True if the hub holds the envelope (stored now or before): the sender may forget it."""
         return self.status in (EnqueueStatus.STORED, EnqueueStatus.DUPLICATE)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    """One bound agent id as the operator sees it (:meth:`HubStore.agent_records`)."""
+
+    agent_id: str
+    signing_key: bytes
+    created_at_ms: int
+    #: The last login (or first registration).
+    last_seen_ms: int
+    has_bundle: bool
+    queued_messages: int
+    queued_bytes: int
+    one_time_prekeys: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What the database holds (:meth:`HubStore.store_stats`); times in ms since the epoch."""
+
+    agents: int
+    envelopes: int
+    bytes: int
+    #: Envelopes past their expiry, not purged yet.
+    expired: int
+    #: ``created_at_ms`` of the oldest queued envelope, or None if the queue is empty.
+    oldest_envelope_ms: int | None
+    one_time_prekeys: int
 
 
 _DUPLICATE: Final = EnqueueResult(EnqueueStatus.DUPLICATE)
@@ -255,7 +336,10 @@ def create_hub_engine(
     """
     url = _to_url(url_or_path)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except (ImportError, NoSuchModuleError) as exc:
+            raise _missing_driver(url, exc) from None
 
     mode = synchronous.upper() if isinstance(synchronous, str) else ""
     if mode not in _SYNCHRONOUS_MODES:
@@ -286,6 +370,66 @@ def create_hub_engine(
     event.listen(engine, "connect", on_connect)
     event.listen(engine, "begin", on_begin)
     return engine
+
+
+def _missing_driver(url: URL, exc: BaseException) -> ConfigurationError:
+    """The error for a URL whose SQLAlchemy dialect or database driver is not installed."""
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() != "postgresql":
+        return ConfigurationError(
+            f"cannot use the database {shown}: {exc}; AgentMesh hubs run on SQLite "
+            f"(a file path) or PostgreSQL (postgresql+psycopg://..., {_POSTGRES_INSTALL})"
+        )
+    driver = url.get_driver_name()
+    if driver == "psycopg":
+        return ConfigurationError(
+            f"the database {shown} needs the PostgreSQL driver psycopg 3, which is not "
+            f"installed: {_POSTGRES_INSTALL}"
+        )
+    return ConfigurationError(
+        f"the database {shown} names the PostgreSQL driver {driver!r}, which is not "
+        f"installed ({exc}); install that driver, or {_POSTGRES_INSTALL} and use "
+        "postgresql+psycopg://..."
+    )
+
+
+def sqlite_path(url_or_path: str) -> Path | None:
+    """The file of a SQLite database setting, or None (another database, or in memory)."""
+    url = _to_url(url_or_path)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.database.startswith("file:"):  # a URI filename: leave it to SQLite
+        return None
+    return Path(url.database)
+
+
+def check_database_location(url_or_path: str, *, must_exist: bool = False) -> None:
+    """Refuse a SQLite database that cannot be opened where it is, before connecting.
+
+    Raises :class:`~agentmesh.errors.ConfigurationError` naming the problem if
+    the file's directory does not exist or is not a directory, or if
+    ``must_exist`` and the file does not exist (SQLite would create an empty
+    one). Does nothing for other databases, and for an invalid URL raises as
+    :func:`resolve_db_url` does.
+    """
+    path = sqlite_path(url_or_path)
+    if path is None:
+        return
+    folder = path.parent
+    if not folder.exists():
+        raise ConfigurationError(
+            f"the directory {folder} of the hub database {path} does not exist; "
+            "create it, or pass another --db"
+        )
+    if not folder.is_dir():
+        raise ConfigurationError(f"{folder}, the folder of the hub database {path}, is not one")
+    if path.is_dir():
+        raise ConfigurationError(f"the hub database {path} is a directory, not a file")
+    if must_exist and not path.exists():
+        raise ConfigurationError(
+            f"there is no hub database at {path}; check --db (or {DB_ENV_VAR}), or create "
+            "it with `agentmesh-hub migrate`"
+        )
 
 
 def _enable_wal(cursor: Any, busy_timeout_ms: int) -> None:
@@ -580,8 +724,8 @@ class HubStore:
         if state != "head":
             raise ConfigurationError(
                 f"database is not at head ({state}, expected revision "
-                f"{', '.join(script.get_heads())}); run `alembic upgrade head` "
-                "(or HubStore.ensure_schema())"
+                f"{', '.join(script.get_heads())}); run `agentmesh-hub migrate` "
+                "(or `alembic upgrade head`, or HubStore.ensure_schema())"
             )
 
     def migrate(self) -> None:
@@ -632,10 +776,11 @@ class HubStore:
 
         ``ephemeral``: the agent keeps no key file. Its binding is *ephemeral*: while
         ``holder_live`` is False (the caller knows of no live session of the id)
-        another key may take the id over; the old key's bundle, one-time prekeys
-        and queued envelopes (sealed for a key that no longer exists) are deleted
-        with it. A binding made by an agent with a key file is permanent, and a
-        permanent agent logging in with the same key makes its binding permanent.
+        and no hub holds an unexpired lease of it, another key may take the id
+        over; the old key's bundle, one-time prekeys and queued envelopes (sealed
+        for a key that no longer exists) are deleted with it. A binding made by an
+        agent with a key file is permanent, and a permanent agent logging in with
+        the same key makes its binding permanent.
 
         Raises :class:`~agentmesh.errors.AuthFailedError` (code
         ``identity_mismatch``) if the id is bound to a different key and cannot be
@@ -670,7 +815,8 @@ class HubStore:
                         return True
                     key, was_ephemeral = bytes(current[0]), bool(current[1])
                     if not hmac.compare_digest(key, signing_key):
-                        if not was_ephemeral or holder_live:
+                        # A live lease is a live session on some hub (several hubs).
+                        if not was_ephemeral or holder_live or _leased(conn, agent_id, now_ms):
                             raise _identity_mismatch(agent_id)
                         self._take_over(conn, agent_id, signing_key, now_ms, ephemeral)
                         return True
@@ -717,24 +863,6 @@ class HubStore:
             agent_id,
             dropped.rowcount,
         )
-
-    def unbind_agent(self, agent_id: str) -> int | None:
-        """Release ``agent_id`` (an operator's recovery after a lost key): delete its
-        binding, bundle, one-time prekeys and queued envelopes, so that any key may
-        register the id again. Returns how many queued envelopes were dropped, or
-        None if the id was not bound."""
-        validate_agent_id(agent_id)
-        with self._write() as conn:
-            found = conn.execute(
-                select(agents.c.agent_id).where(agents.c.agent_id == agent_id).with_for_update()
-            ).one_or_none()
-            if found is None:
-                return None
-            dropped = conn.execute(delete(envelopes).where(envelopes.c.recipient == agent_id))
-            conn.execute(delete(one_time_prekeys).where(one_time_prekeys.c.agent_id == agent_id))
-            conn.execute(delete(mailboxes).where(mailboxes.c.recipient == agent_id))
-            conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
-            return int(dropped.rowcount)
 
     def agent_key(self, agent_id: str) -> bytes | None:
         """The Ed25519 key ``agent_id`` is bound to, or None if it is unbound."""
@@ -934,8 +1062,15 @@ class HubStore:
         max_count_per_recipient: int,
         max_bytes_per_recipient: int,
         acks: dict[str, list[bytes]] | None = None,
+        notify_from: str | None = None,
+        notify_for: Collection[str] | None = None,
     ) -> list[EnqueueResult]:
         """Queue a batch of envelopes in ONE transaction (group commit).
+
+        ``notify_from`` (PostgreSQL): the hub id to name in the ``m HUB AGENT``
+        notification sent, at the commit, for each recipient that got mail
+        (only those in ``notify_for``, if given: the caller knows where the
+        others are served).
 
         ``acks`` (``{recipient: message ids}``, as for :meth:`ack_many`) are
         deleted in the same transaction, before the batch is stored, so the
@@ -975,9 +1110,20 @@ class HubStore:
                     self._ack_in(conn, work)
                     if not batch:
                         return []
-                    return self._enqueue(
+                    results = self._enqueue(
                         conn, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
                     )
+                    if notify_from is not None and conn.dialect.name == "postgresql":
+                        stored = sorted(
+                            {
+                                item.recipient
+                                for item, result in zip(batch, results, strict=True)
+                                if result.status is EnqueueStatus.STORED
+                                and (notify_for is None or item.recipient in notify_for)
+                            }
+                        )
+                        _notify(conn, [f"m {notify_from} {recipient}" for recipient in stored])
+                    return results
             except IntegrityError:
                 if attempt == _RACE_RETRIES - 1:
                     raise
@@ -1013,8 +1159,22 @@ class HubStore:
                 )
             )
 
+        # Under the counters' locks: the recipients' highest seqs so far (see "Cursors").
+        last_seq: dict[str, int] | None = None
+        if conn.dialect.name != "sqlite":
+            last_seq = {}
+            newest = (
+                select(func.max(envelopes.c.seq))
+                .where(envelopes.c.recipient == mailboxes.c.recipient)
+                .scalar_subquery()
+            )
+            for chunk in _chunks(sorted(boxes)):
+                for recipient, seq in conn.execute(
+                    select(mailboxes.c.recipient, newest).where(mailboxes.c.recipient.in_(chunk))
+                ):
+                    last_seq[recipient] = int(seq or 0)
+
         results, admitted, added = _admit(batch, held, boxes, max_count, max_bytes)
-        positions = [position for position, _ in admitted]
         rows: list[dict[str, Any]] = [
             {
                 "message_id": item.message_id,
@@ -1032,8 +1192,12 @@ class HubStore:
             seqs = conn.scalars(
                 insert(envelopes).returning(envelopes.c.seq, sort_by_parameter_order=True), rows
             ).all()
-            for position, seq in zip(positions, seqs, strict=True):
-                results[position] = EnqueueResult(EnqueueStatus.STORED, int(seq))
+            for (position, item), seq in zip(admitted, seqs, strict=True):
+                prev: int | None = None
+                if last_seq is not None:
+                    prev = last_seq.get(item.recipient, 0)
+                    last_seq[item.recipient] = int(seq)
+                results[position] = EnqueueResult(EnqueueStatus.STORED, int(seq), prev)
             _add_to_counters(conn, added)
 
         final: list[EnqueueResult] = []
@@ -1139,6 +1303,150 @@ class HubStore:
             _add_to_counters(conn, freed)
         return len(rows)
 
+    def recipients_with_mail(self, cursors: dict[str, int], *, now_ms: int) -> set[str]:
+        """Which of ``cursors``' agents have an unexpired envelope with ``seq`` above
+        their cursor (``{agent: cursor}``): the periodic catch-up's one query."""
+        found: set[str] = set()
+        items = sorted(cursors.items())
+        for chunk in _chunks(items):
+            newest = (
+                select(envelopes.c.recipient, func.max(envelopes.c.seq))
+                .where(
+                    envelopes.c.recipient.in_([recipient for recipient, _ in chunk]),
+                    envelopes.c.expires_at_ms > now_ms,
+                )
+                .group_by(envelopes.c.recipient)
+            )
+            with self._read() as conn:
+                for recipient, seq in conn.execute(newest):
+                    if int(seq) > cursors[recipient]:
+                        found.add(recipient)
+        return found
+
+    # ------------------------------------------------------------------ leases
+
+    @property
+    def shared(self) -> bool:
+        """Whether several hubs may share this database (PostgreSQL: leases and NOTIFY)."""
+        return self._engine.dialect.name == "postgresql"
+
+    def claim_lease(
+        self, agent_id: str, hub_id: str, session_id: int, *, now_ms: int, ttl_ms: int
+    ) -> LeaseClaim:
+        """Make ``(hub_id, session_id)`` the holder of ``agent_id``'s live session.
+
+        Granted if nobody holds the lease, it has expired, or ``hub_id`` holds
+        it (a newer connection of the same hub replaces the older, which that
+        hub closes itself); the lease then runs until ``now_ms + ttl_ms``.
+        Otherwise nothing changes, the holder is named in the result and, on
+        PostgreSQL, asked to let go (``r HUB AGENT``, at the commit).
+        """
+        for attempt in range(_RACE_RETRIES):
+            try:
+                with self._write() as conn:
+                    row = conn.execute(
+                        select(agent_leases.c.hub_id, agent_leases.c.expires_at_ms)
+                        .where(agent_leases.c.agent_id == agent_id)
+                        .with_for_update()
+                    ).first()
+                    until = now_ms + ttl_ms
+                    values = {"hub_id": hub_id, "session_id": session_id, "expires_at_ms": until}
+                    if row is None:
+                        conn.execute(insert(agent_leases).values(agent_id=agent_id, **values))
+                    elif row.hub_id == hub_id or int(row.expires_at_ms) <= now_ms:
+                        conn.execute(
+                            update(agent_leases)
+                            .where(agent_leases.c.agent_id == agent_id)
+                            .values(**values)
+                        )
+                    else:
+                        if conn.dialect.name == "postgresql":
+                            _notify(conn, [f"r {row.hub_id} {agent_id}"])
+                        return LeaseClaim(False, row.hub_id, int(row.expires_at_ms))
+                    return LeaseClaim(True, hub_id, until)
+            except IntegrityError:
+                # Another hub inserted the lease between our read and insert.
+                if attempt == _RACE_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def renew_leases(
+        self, hub_id: str, sessions: dict[str, int], *, now_ms: int, ttl_ms: int
+    ) -> set[str]:
+        """Extend to ``now_ms + ttl_ms`` the leases ``hub_id`` holds for ``sessions``
+        (``{agent: session_id}``); return the agents whose lease it no longer holds."""
+        held: set[str] = set()
+        with self._write() as conn:
+            for chunk in _chunks(sorted(sessions)):  # sorted: one lock order for all hubs
+                # Only this hub's rows: a newer session of the same hub is extended
+                # too (harmless, the hub closes the older one itself).
+                renewed = conn.execute(
+                    update(agent_leases)
+                    .where(agent_leases.c.hub_id == hub_id, agent_leases.c.agent_id.in_(chunk))
+                    .values(expires_at_ms=now_ms + ttl_ms)
+                    .returning(agent_leases.c.agent_id, agent_leases.c.session_id)
+                )
+                held.update(
+                    agent_id for agent_id, session_id in renewed if sessions[agent_id] == session_id
+                )
+        return set(sessions) - held
+
+    def release_lease(self, agent_id: str, hub_id: str, session_id: int | None = None) -> bool:
+        """Give up ``agent_id``'s lease if ``hub_id`` (and ``session_id``, if given) holds
+        it; on PostgreSQL tell the other hubs (``f AGENT``). Returns whether it did."""
+        where = [agent_leases.c.agent_id == agent_id, agent_leases.c.hub_id == hub_id]
+        if session_id is not None:
+            where.append(agent_leases.c.session_id == session_id)
+        with self._write() as conn:
+            gone = conn.execute(delete(agent_leases).where(*where)).rowcount == 1
+            if gone and conn.dialect.name == "postgresql":
+                _notify(conn, [f"f {agent_id}"])
+        return gone
+
+    def release_hub_leases(self, hub_id: str) -> int:
+        """Give up every lease ``hub_id`` holds (a hub starting again after a crash
+        frees what its previous run held); returns how many."""
+        with self._write() as conn:
+            agents_freed = list(
+                conn.scalars(select(agent_leases.c.agent_id).where(agent_leases.c.hub_id == hub_id))
+            )
+            conn.execute(delete(agent_leases).where(agent_leases.c.hub_id == hub_id))
+            if agents_freed and conn.dialect.name == "postgresql":
+                _notify(conn, [f"f {agent_id}" for agent_id in agents_freed])
+        return len(agents_freed)
+
+    def lease_holder(self, agent_id: str) -> tuple[str, int, int] | None:
+        """``(hub_id, session_id, expires_at_ms)`` of ``agent_id``'s lease, or None."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(
+                    agent_leases.c.hub_id, agent_leases.c.session_id, agent_leases.c.expires_at_ms
+                ).where(agent_leases.c.agent_id == agent_id)
+            ).first()
+        return None if row is None else (row.hub_id, int(row.session_id), int(row.expires_at_ms))
+
+    def listen(
+        self,
+        on_notify: Callable[[str], None],
+        on_connected: Callable[[], None],
+        *,
+        name: str = "agentmesh-hub-listener",
+    ) -> HubListener:
+        """A (not yet started) :class:`HubListener` on this PostgreSQL database.
+
+        Raises :class:`~agentmesh.errors.ConfigurationError` on SQLite or without
+        the psycopg 3 driver (a URL may name another driver, e.g. psycopg2)."""
+        if not self.shared:
+            raise ConfigurationError("LISTEN/NOTIFY needs PostgreSQL")
+        if importlib.util.find_spec("psycopg") is None:
+            raise ConfigurationError(
+                "LISTEN needs the psycopg 3 driver: pip install 'agentmesh[postgres]'"
+            )
+        url = self._engine.url.set(drivername="postgresql")
+        return HubListener(
+            url.render_as_string(hide_password=False), on_notify, on_connected, name=name
+        )
+
     def queued_count(self, recipient: str | None = None) -> int:
         """Envelopes queued for ``recipient``, or for everyone if None.
 
@@ -1161,6 +1469,213 @@ class HubStore:
                 )
             ).one()
         return {"agents": int(agent_count or 0), "envelopes": int(count), "bytes": int(size)}
+
+    # ------------------------------------------------------------------ operations
+    #
+    # For `agentmesh-hub admin`, `agentmesh-hub migrate` and the health check: read
+    # mostly, outside the hot paths, each in one transaction like everything above.
+
+    def schema_revisions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(current, head)``: the database's Alembic revisions and this version's heads.
+
+        ``current`` is empty for a database that was never migrated. Read-only.
+        """
+        script = ScriptDirectory.from_config(self._alembic_config())
+        with self._read() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+        return tuple(sorted(current)), tuple(sorted(script.get_heads()))
+
+    def ping(self) -> None:
+        """Read one row of the hub's tables; raises if the database cannot serve the hub.
+
+        The health check of ``/healthz``: it succeeds when a connection can be made
+        (or reused) and the schema can be read, and raises
+        :class:`sqlalchemy.exc.SQLAlchemyError` otherwise.
+        """
+        with self._read() as conn:
+            conn.execute(select(mailboxes.c.recipient).limit(1)).all()
+
+    def agent_records(self) -> list[AgentRecord]:
+        """Every bound agent with its queue and prekey counts, sorted by id (code point)."""
+        prekeys = (
+            select(one_time_prekeys.c.agent_id, func.count().label("n"))
+            .group_by(one_time_prekeys.c.agent_id)
+            .subquery()
+        )
+        query = select(
+            agents.c.agent_id,
+            agents.c.signing_key,
+            agents.c.created_at_ms,
+            agents.c.last_seen_ms,
+            agents.c.bundle.is_not(None),
+            func.coalesce(mailboxes.c.msg_count, 0),
+            func.coalesce(mailboxes.c.byte_count, 0),
+            func.coalesce(prekeys.c.n, 0),
+        ).select_from(
+            agents.outerjoin(mailboxes, mailboxes.c.recipient == agents.c.agent_id).outerjoin(
+                prekeys, prekeys.c.agent_id == agents.c.agent_id
+            )
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        records = [
+            AgentRecord(
+                agent_id=row[0],
+                signing_key=bytes(row[1]),
+                created_at_ms=int(row[2]),
+                last_seen_ms=int(row[3]),
+                has_bundle=bool(row[4]),
+                queued_messages=int(row[5]),
+                queued_bytes=int(row[6]),
+                one_time_prekeys=int(row[7]),
+            )
+            for row in rows
+        ]
+        return sorted(records, key=lambda record: record.agent_id)
+
+    def store_stats(self, now_ms: int) -> StoreStats:
+        """Counts of the whole database, in one read transaction (see :class:`StoreStats`)."""
+        with self._read() as conn:
+            agent_count = conn.scalar(select(func.count()).select_from(agents))
+            count, size = conn.execute(
+                select(
+                    func.coalesce(func.sum(mailboxes.c.msg_count), 0),
+                    func.coalesce(func.sum(mailboxes.c.byte_count), 0),
+                )
+            ).one()
+            expired = conn.scalar(
+                select(func.count())
+                .select_from(envelopes)
+                .where(envelopes.c.expires_at_ms <= now_ms)
+            )
+            oldest = conn.scalar(select(func.min(envelopes.c.created_at_ms)))
+            prekey_count = conn.scalar(select(func.count()).select_from(one_time_prekeys))
+        return StoreStats(
+            agents=int(agent_count or 0),
+            envelopes=int(count),
+            bytes=int(size),
+            expired=int(expired or 0),
+            oldest_envelope_ms=None if oldest is None else int(oldest),
+            one_time_prekeys=int(prekey_count or 0),
+        )
+
+    def unbind_agent(self, agent_id: str) -> int | None:
+        """Release ``agent_id``: delete its binding, bundle, prekeys and queued mail.
+
+        The operator's recovery after a lost key: the next login with any key
+        binds the id afresh (and peers that pinned the old key see an identity
+        change). Envelopes the agent *sent* stay queued for their recipients.
+        Returns how many envelopes queued for the agent were dropped, or None if
+        the id was not bound (then nothing changes). One transaction; the agent
+        row is locked first, so a concurrent login either happened before (and
+        is undone) or binds afresh after.
+        """
+        with self._write() as conn:
+            found = conn.scalar(
+                select(agents.c.agent_id).where(agents.c.agent_id == agent_id).with_for_update()
+            )
+            if found is None:
+                return None
+            dropped = conn.execute(delete(envelopes).where(envelopes.c.recipient == agent_id))
+            conn.execute(delete(one_time_prekeys).where(one_time_prekeys.c.agent_id == agent_id))
+            conn.execute(delete(mailboxes).where(mailboxes.c.recipient == agent_id))
+            conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
+        return int(dropped.rowcount)
+
+
+def _leased(conn: Connection, agent_id: str, now_ms: int) -> bool:
+    """Whether some hub holds an unexpired lease of ``agent_id`` (a live session)."""
+    until = conn.scalar(
+        select(agent_leases.c.expires_at_ms).where(agent_leases.c.agent_id == agent_id)
+    )
+    return until is not None and int(until) > now_ms
+
+
+def _notify(conn: Connection, payloads: Sequence[str]) -> None:
+    """NOTIFY the hubs (PostgreSQL; delivered when the transaction commits)."""
+    if payloads:
+        conn.execute(
+            text(
+                "SELECT pg_notify(:channel, payload) "
+                "FROM unnest(CAST(:payloads AS text[])) AS payload"
+            ),
+            {"channel": NOTIFY_CHANNEL, "payloads": list(payloads)},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseClaim:
+    """What :meth:`HubStore.claim_lease` found: granted, or who holds it until when."""
+
+    granted: bool
+    hub_id: str
+    expires_at_ms: int
+
+
+class HubListener:
+    """``LISTEN agentmesh`` on its own PostgreSQL connection, in its own thread.
+
+    The thread (named ``name``) is started by :meth:`start` and stopped by
+    :meth:`close`, both called by its one owner, the hub server. Each
+    notification's payload goes to ``on_notify`` (from the listener thread:
+    the callback must only hand it over, e.g. with ``call_soon_threadsafe``).
+    ``on_connected`` runs after each (re)connection, once LISTEN is in place:
+    notifications sent while the listener was away are lost, so the owner
+    catches up from the table then. A lost connection is retried with backoff
+    (at most 2 s apart) until :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        on_notify: Callable[[str], None],
+        on_connected: Callable[[], None],
+        *,
+        name: str,
+    ) -> None:
+        self._conninfo = conninfo
+        self._on_notify = on_notify
+        self._on_connected = on_connected
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread (within about 0.2 s) and close its connection."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import psycopg  # the postgres extra; only a shared (PostgreSQL) hub gets here
+
+        delay = 0.05
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self._conninfo,
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name="agentmesh-hub-listener",
+                ) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.connected.set()
+                    delay = 0.05
+                    self._on_connected()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.2):
+                            self._on_notify(note.payload)
+            except Exception as exc:
+                self.connected.clear()
+                if self._stop.is_set():
+                    break
+                logger.warning("hub listener lost its database connection (%s); retrying", exc)
+                self._stop.wait(delay)
+                delay = min(2.0, delay * 2)
+        self.connected.clear()
 
 
 def _ack_work(acks: dict[str, list[bytes]]) -> dict[str, list[bytes]]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from agentkit import Inbox
 from hubproc import HubProcess, wait_until
+from opskit import hub_cli
 
 from agentmesh import Agent, LocalHub
 from agentmesh.errors import AuthFailedError, IdentityChangedError
-from agentmesh.hub.store import HubStore
 from agentmesh.state import state_path_for
 
 
@@ -104,8 +104,8 @@ def test_unbind_reregister_trust_deliver_through_a_hub_process(tmp_path: Path) -
         lose_key(keydir, "alice")
 
         assert hub.db is not None
-        with HubStore(str(hub.db)) as store:  # what `agentmesh-hub admin unbind` does
-            assert store.unbind_agent("alice") == 0
+        released = hub_cli("admin", "unbind", "alice", "--db", str(hub.db), cwd=tmp_path)
+        assert released.returncode == 0, released.stderr
         alice = Agent("alice", hub=clients[0], keypair_path=keydir / "alice.json")
         new_fp = alice.fingerprint
         to_alice = Inbox()

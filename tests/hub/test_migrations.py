@@ -25,7 +25,7 @@ from agentmesh.hub import models
 from agentmesh.hub.store import HubStore, migrations_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HUB_TABLES = {"agents", "one_time_prekeys", "envelopes", "mailboxes"}
+HUB_TABLES = {"agents", "one_time_prekeys", "envelopes", "mailboxes", "agent_leases"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -131,19 +131,23 @@ def test_cli_accepts_a_plain_path(tmp_path: Path) -> None:
     assert tables(f"sqlite:///{path}") >= HUB_TABLES
 
 
-def test_cli_without_database_says_what_to_set() -> None:
+def test_cli_without_database_setting_migrates_hub_sqlite_in_the_current_folder(
+    tmp_path: Path,
+) -> None:
+    """The checkout's alembic.ini, run from another folder: hub.sqlite there."""
     environment = {k: v for k, v in os.environ.items() if k != "AGENTMESH_DB"}
     result = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", "alembic.ini", "current"],
-        cwd=REPO_ROOT,
+        [sys.executable, "-m", "alembic", "-c", str(REPO_ROOT / "alembic.ini"), "upgrade", "head"],
+        cwd=tmp_path,
         env=environment,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert result.returncode != 0
-    assert "AGENTMESH_DB" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert tables(f"sqlite:///{tmp_path / 'hub.sqlite'}") >= HUB_TABLES
+    assert not (REPO_ROOT / "hub.sqlite").exists()
 
 
 def test_ensure_schema_creates_and_is_idempotent(db_url: str) -> None:

@@ -5,6 +5,9 @@ Usage::
     python _fleet_agent.py --id a3 --dir DIR --port PORT --peers a0,a1,... \
         --count 250 --seed 1 --incarnation 4 [--handler-delay 0.002] [--async]
 
+(``--servers 127.0.0.1:P1,127.0.0.1:P2`` instead of ``--port``: several hubs on
+one PostgreSQL, ``NetworkHub(servers=[...])``.)
+
 Runs ``Agent(ID, hub=NetworkHub("127.0.0.1", PORT), keypair_path=DIR/ID.json)``
 (with ``--async``, an ``AsyncAgent`` with an async handler, on an event loop thread)
 and sends ``--count`` messages, message ``n`` to a peer picked by a
@@ -123,7 +126,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--id", required=True)
     parser.add_argument("--dir", required=True, type=Path)
-    parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--servers", help="HOST:PORT,HOST:PORT,... (instead of --port)")
     parser.add_argument("--peers", required=True)
     parser.add_argument("--count", required=True, type=int)
     parser.add_argument("--seed", required=True, type=int)
@@ -158,9 +162,12 @@ def main() -> int:
             await asyncio.sleep(args.handler_delay)
         record(f"done {inc} {msg.sender} {seq}")
 
+    where: dict[str, Any] = (
+        {"servers": args.servers.split(",")} if args.servers else {"host": "127.0.0.1"}
+    )
     hub = NetworkHub(
-        "127.0.0.1",
-        args.port,
+        port=args.port or 7700,
+        **where,
         connect_timeout=2.0,
         ack_timeout=10.0,
         request_timeout=10.0,

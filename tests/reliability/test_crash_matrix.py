@@ -6,7 +6,8 @@ state file) exchange messages through a hub subprocess
 drawn from a fixed seed and keyed to the fleet's progress (messages
 attempted), SIGKILLs:
 
-* the hub, at least 20 times, restarting it on the same database and port;
+* the hub, at least 20 times, restarting it on the same database and port
+  (with several hubs: one of them, or all of them for the sender kill below);
 * a sender while the hub is down, right after two of its ``send()`` calls
   returned (so its outbox is known to hold messages), restarting it from its
   files;
@@ -23,6 +24,12 @@ per-sender order holds at every recipient. The figures are printed (``-s``).
 
 CI size: 10 agents x 250 messages, 22 hub kills. ``AGENTMESH_SOAK=1``: 10 x
 2000 messages, 120 hub kills. ``AGENTMESH_CRASH_SEED`` overrides the seed.
+
+The same matrix also runs with two hubs on one fresh PostgreSQL database
+(``test_crash_matrix_two_hubs_on_postgresql``): half the agents list one hub
+first and half the other (``NetworkHub(servers=[...])``), so most messages
+cross hubs; each hub kill SIGKILLs one of the two, chosen by the seed, and its
+agents fail over to the other.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from pathlib import Path
 
 import pytest
 from hubproc import HubProcess
+from pgschema import fresh_pg_database
+from sqlalchemy import create_engine, text
 
 WORKER = Path(__file__).with_name("_fleet_agent.py")
 #: This fleet member runs an AsyncAgent (async handler, sends from its event loop).
@@ -148,12 +157,21 @@ class Figures:
 
 
 class Fleet:
-    def __init__(self, workdir: Path, seed: int, per_agent: int) -> None:
+    def __init__(
+        self, workdir: Path, seed: int, per_agent: int, pg_url: str | None = None, hubs: int = 1
+    ) -> None:
         self.workdir = workdir
         self.seed = seed
         self.per_agent = per_agent
         self.names = [f"a{i}" for i in range(AGENTS)]
-        self.hub = HubProcess(workdir, "--purge-interval", "3600")
+        self.pg_url = pg_url
+        if pg_url is None:
+            self.hubs = [HubProcess(workdir, "--purge-interval", "3600")]
+        else:
+            shared = ("--purge-interval", "3600", "--lease-ttl", "2", "--catchup-interval", "0.5")
+            self.hubs = [HubProcess(workdir / f"hub{i}", *shared, db=pg_url) for i in range(hubs)]
+        self.hub = self.hubs[0]
+        self._victims = random.Random(seed + 1)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.incarnation: dict[str, int] = dict.fromkeys(self.names, 0)
         #: (agent, incarnation) ended by SIGKILL
@@ -164,14 +182,34 @@ class Fleet:
     # hub
 
     def start_hub(self) -> None:
-        self.hub.start()
-        self.fig.hub_starts += 1
+        for hub in self.hubs:
+            if not hub.alive:
+                hub.start()
+                self.fig.hub_starts += 1
 
-    def kill_hub(self) -> None:
-        self.hub.kill()
-        self.fig.hub_kills += 1
+    def kill_hub(self, every: bool = False) -> None:
+        """SIGKILL one hub (chosen by the seed), or with ``every`` all of them."""
+        for hub in self.hubs if every else [self._victims.choice(self.hubs)]:
+            if hub.alive:
+                hub.kill()
+                self.fig.hub_kills += 1
+
+    def servers(self, name: str) -> list[str]:
+        """The fleet agent's command-line option naming its hubs (rotated per agent)."""
+        if self.pg_url is None:
+            return ["--port", str(self.hub.port)]
+        turn = self.names.index(name) % len(self.hubs)
+        ordered = self.hubs[turn:] + self.hubs[:turn]
+        return ["--servers", ",".join(f"127.0.0.1:{hub.port}" for hub in ordered)]
 
     def hub_queued(self) -> int:
+        if self.pg_url is not None:
+            engine = create_engine(self.pg_url)
+            try:
+                with engine.connect() as conn:
+                    return int(conn.scalar(text("SELECT COUNT(*) FROM envelopes")) or 0)
+            finally:
+                engine.dispose()
         assert self.hub.db is not None
         db = sqlite3.connect(self.hub.db)
         try:
@@ -191,7 +229,7 @@ class Fleet:
                     str(WORKER),
                     "--id", name,
                     "--dir", str(self.workdir),
-                    "--port", str(self.hub.port),
+                    *self.servers(name),
                     "--peers", ",".join(self.names),
                     "--count", str(self.per_agent),
                     "--seed", str(self.seed),
@@ -286,16 +324,23 @@ class Fleet:
                 proc.kill()
                 proc.wait(10)
         self.procs.clear()
-        self.hub.stop()
+        for hub in self.hubs:
+            hub.stop()
 
 
 # --- the run ---------------------------------------------------------------
 
 
-def run_matrix(workdir: Path, seed: int = SEED, per_agent: int = PER_AGENT) -> Figures:
+def run_matrix(
+    workdir: Path,
+    seed: int = SEED,
+    per_agent: int = PER_AGENT,
+    pg_url: str | None = None,
+    hubs: int = 1,
+) -> Figures:
     started = time.monotonic()
     rng = random.Random(seed)
-    fleet = Fleet(workdir, seed, per_agent)
+    fleet = Fleet(workdir, seed, per_agent, pg_url, hubs)
     total = AGENTS * per_agent
     kinds = (
         ["hub-outbox"] * OUTBOX_KILLS
@@ -323,7 +368,8 @@ def run_matrix(workdir: Path, seed: int = SEED, per_agent: int = PER_AGENT) -> F
                 time.sleep(rng.uniform(0.0, 0.3))
                 fleet.start_agent(victim)
                 continue
-            fleet.kill_hub()
+            # A sender keeps its outbox only while no hub answers: then kill them all.
+            fleet.kill_hub(every=kind == "hub-outbox")
             fleet.poll()  # every line written so far was written before the hub died
             if kind == "hub-outbox":
                 busy = [
@@ -459,7 +505,16 @@ def report(fig: Figures) -> str:
 
 @pytest.mark.timeout(RUN_DEADLINE_S + 300)
 def test_crash_matrix(tmp_path: Path) -> None:
-    fig = run_matrix(tmp_path)
+    check(run_matrix(tmp_path))
+
+
+@pytest.mark.timeout(RUN_DEADLINE_S + 300)
+def test_crash_matrix_two_hubs_on_postgresql(tmp_path: Path) -> None:
+    with fresh_pg_database() as url:
+        check(run_matrix(tmp_path, pg_url=url, hubs=2))
+
+
+def check(fig: Figures) -> None:
     print("\n" + report(fig))
     if fig.skipped:
         print("targeted kills skipped (the victim had nothing in flight):", fig.skipped)
