@@ -498,6 +498,11 @@ class _IOThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
+        # stop() cancelled every task; let them finish cancelling before the loop is
+        # closed, or each is "destroyed but pending" (an asyncio ERROR on stderr).
+        pending = asyncio.all_tasks(self.loop)
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
     @property
     def current(self) -> bool:
