@@ -84,19 +84,12 @@ def parse_hubs(text: str | None) -> tuple[str, ...]:
         raise ConfigurationError(f"--hub: {exc}") from exc
 
 
-def _host_port(name: str) -> tuple[str, int]:
-    host, _, port = name.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def open_hub(settings: Settings) -> NetworkHub:
     """A ``NetworkHub`` for the configured hubs (no connection yet)."""
     if not settings.hubs:
         raise ConfigurationError("no hub: pass --hub HOST:PORT or set AGENTMESH_HUB")
-    # Failover: NetworkHub(servers=[...]) takes the whole list once it lands; until
-    # then the first name is the hub (the rest are accepted, and unused).
-    host, port = _host_port(settings.hubs[0])
-    return NetworkHub(host, port, tls=settings.tls_setting())
+    # Failover: NetworkHub dials the names in order and moves on when one is down.
+    return NetworkHub(servers=list(settings.hubs), tls=settings.tls_setting())
 
 
 def load_keypair(settings: Settings) -> AgentKeyPair:
