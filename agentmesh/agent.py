@@ -1,9 +1,13 @@
 """``Agent`` and ``Message``: the version 1 API, on PQXDH and the Double Ratchet.
 
-An :class:`Agent` owns one identity, its sessions and its durable state
+An :class:`Agent` is the synchronous driver of one
+:class:`~agentmesh.agent_core.AgentCore` (identity, sessions, prekey schedule, seal
+and open, with no threads, locks or sockets) over its durable state
 (:mod:`agentmesh.state`), and talks to any hub with the
-:class:`~agentmesh.protocol.hub_interface.Hub` shape. It is the synchronous facade over
-the I/O-free crypto core.
+:class:`~agentmesh.protocol.hub_interface.Hub` shape. The driver owns what the core
+must not: the lock that serialises calls into the core, the hub calls (bundle
+fetches, transmits, prekey uploads, made with no lock held), the pipelined
+transmitter thread, handler dispatch, the pull API and request/reply waiters.
 
 Send order (issue "agent state"): encrypt → commit the session and the
 outbox row in one transaction → transmit → drop the outbox row when the hub
@@ -16,8 +20,8 @@ Threads: ``agentmesh-send-<id>`` (``send(wait=False)``'s transmitter, stopped by
 :meth:`Agent.close`) and the module's one-worker signature verifier. Handlers run
 in the thread that dispatches (see :meth:`AgentEndpoint.dispatch_pending`).
 
-Lock order (docs/ARCHITECTURE.md): ``Agent._lock``, then ``_queue_ready`` or
-``_arrival``, then ``AgentState._lock``. ``_dispatch_cv`` nests with nothing. No
+Lock order (docs/ARCHITECTURE.md): ``Agent._lock`` (every call into the core),
+then ``_queue_ready`` or ``_arrival``, then ``AgentState._lock``. ``_dispatch_cv`` nests with nothing. No
 lock is held while a handler runs or while the hub is called: bundles are
 fetched before ``_lock`` is taken and new prekeys published after it is released.
 """
@@ -38,34 +42,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentmesh.agent_core import AgentCore, InboxRow, SignatureChecks, verify_each
 from agentmesh.crypto import primitives as p
-from agentmesh.crypto.identity import IdentityKeyPair, PublicIdentity, fingerprint_of, safety_number
 from agentmesh.crypto.keypair import AgentKeyPair
 from agentmesh.crypto.prekeys import (
-    ONE_TIME_LOW_WATER,
     ONE_TIME_POOL_SIZE,
     PrekeyBundle,
-    PrekeySecrets,
-    SignedPrekey,
 )
 from agentmesh.crypto.proof import encode_proof, verify_proof
 from agentmesh.crypto.ratchet import DEFAULT_LIMITS, RatchetLimits
-from agentmesh.crypto.session import Session, SessionRecord, SignatureCheck
 from agentmesh.errors import (
-    AuthenticationError,
     ConfigurationError,
     CryptoError,
     DecodeError,
     HubError,
     HubUnavailableError,
-    IdentityChangedError,
     InvalidKeyError,
     LocalProtocolError,
-    MessageTooLargeError,
     NoHubError,
     NoSessionError,
     PeerNotFoundError,
-    ReplayError,
     RequestTimeoutError,
 )
 from agentmesh.ids import validate_agent_id
@@ -80,8 +76,7 @@ from agentmesh.protocol.hub_interface import (
     RoutingHub,
     supports,
 )
-from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT, ROTATE_CONTEXT
-from agentmesh.state import AgentState, InboxRow, StateLock, state_path_for
+from agentmesh.state import AgentState, StateLock, state_path_for
 from agentmesh.wire.envelope import decode_envelope
 from agentmesh.wire.payload import decode_payload, encode_payload
 
@@ -93,10 +88,8 @@ Handler = Callable[["Message"], Any]
 #: (or until this many envelopes) for company before its one fsync.
 _GROUP_WAIT_S = 0.001
 _GROUP_MAX = 64
-#: Batches this large verify their signatures on two threads (see _decrypt_all).
+#: Batches this large verify their signatures on two threads (see _verify_all).
 _PARALLEL_VERIFY_MIN = 8
-#: How often send/receive check the prekey schedule (rotation, pool top-up).
-_MAINTENANCE_INTERVAL_MS = 60_000
 
 
 #: How many times a handler that raises is run for one message, and the waits between.
@@ -285,8 +278,9 @@ _verifier_lock = threading.Lock()
 _verifier: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _verify_all(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
-    """Whether every ``(key, signature, message)`` verifies: half on a helper thread."""
+def _verify_all(checks: SignatureChecks) -> bool:
+    """Whether every ``(key, signature, message)`` verifies: half on a helper thread
+    (the core's ``verify_batch`` hook; Ed25519 verification releases the GIL)."""
     global _verifier
     with _verifier_lock:
         if _verifier is None:
@@ -295,18 +289,9 @@ def _verify_all(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
             )
         pool = _verifier
     half = len(checks) // 2
-    theirs = pool.submit(_all_valid, checks[:half])
-    mine = _all_valid(checks[half:])
+    theirs = pool.submit(verify_each, checks[:half])
+    mine = verify_each(checks[half:])
     return theirs.result() and mine
-
-
-def _all_valid(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
-    try:
-        for key, signature, message in checks:
-            p.ed25519_verify(key, signature, message)
-    except CryptoError:
-        return False
-    return True
 
 
 def _close_at_exit(ref: weakref.ref[Agent]) -> None:
@@ -351,19 +336,6 @@ class _PendingRequest:
         self.claimed = False  # a reply is being committed for it
         self.done = False
         self.reply: Message | None = None
-
-
-class _Inbound:
-    """What :meth:`AgentEndpoint.receive_envelopes` decrypted so far and will commit together."""
-
-    __slots__ = ("ids", "messages", "pins", "prekeys", "records")
-
-    def __init__(self, prekeys: PrekeySecrets) -> None:
-        self.prekeys = prekeys
-        self.records: dict[str, SessionRecord] = {}
-        self.pins: dict[str, bytes] = {}
-        self.ids: set[bytes] = set()
-        self.messages: list[InboxRow] = []
 
 
 class Agent:
@@ -419,14 +391,6 @@ class Agent:
         self.log.setLevel(log_level)
         self._clock = clock_ms
         self._rng = rng = _rng
-        self._require_signatures = (
-            sign_messages if require_signatures is None else require_signatures
-        )
-        #: The signing mode of the sessions this agent starts.
-        self._sign = sign_messages or self._require_signatures
-        self._limits = ratchet_limits
-        self._replay_window_ms = replay_window_ms
-        self._pool_size = prekey_pool_size
         if max_handler_attempts < 1:
             raise ConfigurationError("max_handler_attempts must be at least 1")
         self._max_handler_attempts = max_handler_attempts
@@ -438,21 +402,17 @@ class Agent:
         self._notices: dict[str, int] = {}
         self._exit_hook: Callable[[], None] | None = None
         self._handlers: list[Handler] = []
-        #: Parsed session records by peer, as last committed (saves a parse per message).
-        self._records: dict[str, SessionRecord] = {}
         # send(wait=False): envelopes committed but not yet synced and handed to the hub.
         self._queue: list[bytes] = []
         self._queue_busy = False
         self._queue_ready = threading.Condition()
         self._transmitter: threading.Thread | None = None
-        self._lock = threading.RLock()  # guards sessions/prekeys (send and receive)
+        self._lock = threading.RLock()  # serialises every call into self._core
         #: Who runs the handlers now (one thread at a time, no lock held meanwhile),
         #: and whether rows arrived while it did (see dispatch_pending).
         self._dispatch_cv = threading.Condition()
         self._dispatcher: threading.Thread | None = None
         self._dispatch_again = False
-        #: The prekeys changed and the hub has not been told yet (see _publish_prekeys).
-        self._publish_due = False
         #: request() calls waiting for a reply, by the request's message id, and the ids
         #: of committed replies being handed to them (never dispatched or pulled).
         #: Guarded by _arrival, which next_message also waits on for new messages.
@@ -465,8 +425,6 @@ class Agent:
         self._arrival_listeners: list[Callable[[], None]] = []
         self._callbacks_due: list[Callable[[], None]] = []
         self._closed = False
-        self._received = 0
-        self._last_maintenance_ms = clock_ms()
         self._lock_file: StateLock | None = None
         if keypair_path is not None:
             key_path = Path(keypair_path)
@@ -488,11 +446,23 @@ class Agent:
         else:
             self._keypair = AgentKeyPair.generate(rng)
             self._state = AgentState(None)
-        self._identity: IdentityKeyPair = self._keypair.identity
         self.hub: Hub | None = None
         try:
-            self._check_state_owner()
-            self._prekeys = self._load_prekeys()
+            self._core = AgentCore(
+                self._id,
+                self._keypair,
+                self._state,
+                sign_messages=sign_messages,
+                require_signatures=(
+                    sign_messages if require_signatures is None else require_signatures
+                ),
+                limits=ratchet_limits,
+                replay_window_ms=replay_window_ms,
+                pool_size=prekey_pool_size,
+                clock=clock_ms,
+                rng=rng,
+                verify_batch=_verify_all,
+            )
             if hub is not None:
                 self.hub = hub
                 self._register(hub)
@@ -548,21 +518,19 @@ class Agent:
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the identity key, 32 hex digits in 8 colon-joined groups."""
-        return self._identity.fingerprint
+        return self._core.fingerprint
 
     @property
     def public_bundle(self) -> dict[str, Any]:
         """This agent's public keys as a JSON-safe dict (includes ``agent_id``)."""
         with self._lock:
-            return self._prekeys.bundle(self._id, self._identity.public).to_dict()
+            return self._core.public_bundle()
 
     def safety_number(self, peer_id: str) -> str:
         """The 60-digit safety number of this agent and a pinned peer (same on both sides)."""
-        pinned = self._state.pinned_identity(validate_agent_id(peer_id))
-        if pinned is None:
-            raise ValueError(f"No pinned identity for peer {peer_id!r}: exchange a message first")
-        peer = PublicIdentity.decode(pinned[0])
-        return safety_number(self._id, self._identity.public.signing, peer_id, peer.signing)
+        peer_id = validate_agent_id(peer_id)
+        with self._lock:
+            return self._core.safety_number(peer_id)
 
     def trust(self, peer_id: str, fingerprint: str) -> None:
         """Accept a peer's new identity key after verifying ``fingerprint`` out of band.
@@ -582,14 +550,14 @@ class Agent:
         if pinned is None:
             raise ValueError(f"No identity known for peer {peer_id!r}")
         current, pending = pinned
-        matched = self._matching_identity(wanted, pending, current)
+        matched = AgentCore.matching_identity(wanted, pending, current)
         if matched is None and self.hub is not None:
             try:
                 offered = self._fetch_bundle(peer_id).identity.encode()  # verified
             except (HubUnavailableError, PeerNotFoundError, CryptoError, DecodeError) as exc:
                 self.log.info("could not read %s's identity on the hub: %s", peer_id, exc)
             else:
-                if self._matching_identity(wanted, offered) is not None:
+                if AgentCore.matching_identity(wanted, offered) is not None:
                     matched = pending = offered
         if matched is None:
             raise ValueError(
@@ -598,27 +566,15 @@ class Agent:
         if matched is current and matched is not pending:
             return  # already the pinned key
         with self._lock:
-            self._state.repin(peer_id, matched, self._clock())
-            self._records.pop(peer_id, None)
             # Sealed for the key just replaced: the trusted one can never read them,
             # so they must not wait in the outbox.
             self._dead_letter_sent(
-                self._state.outbox_to(peer_id),
+                self._core.repin(peer_id, matched),
                 f"identity_changed: sealed for {peer_id}'s previous identity key; send it again",
             )
         self.log.warning("trusted identity %s for peer %s", fingerprint, peer_id)
         if self.hub is not None:
             self.hub.register(self._endpoint)  # redeliver what was held back
-
-    @staticmethod
-    def _matching_identity(wanted: bytes, *candidates: bytes | None) -> bytes | None:
-        """The first encoded identity among ``candidates`` whose fingerprint is ``wanted``."""
-        for candidate in candidates:
-            if candidate is not None and p.constant_time_equal(
-                PublicIdentity.decode(candidate).fingerprint.encode(), wanted
-            ):
-                return candidate
-        return None
 
     # -- handlers ---------------------------------------------------------
 
@@ -835,40 +791,22 @@ class Agent:
         plaintext = encode_payload(payload)
         self._maintain_prekeys_if_due()
         self._publish_prekeys()
+        hub = self.hub
+        limit = hub.envelope_limit(self._id) if supports(hub, EnvelopeLimitedHub) else None
+        pipelined = not wait and supports(hub, PipelinedHub)
+        if message_id is None:
+            message_id = self._rng(16)
         with self._locked_with_bundle(recipient_id, fresh=control) as bundle:
-            record, pin = self._sending_record(recipient_id, bundle, fresh=control)
-            session = record.active
-            assert session is not None
-            session = session.copy()
-            hub = self.hub
-            limit = hub.envelope_limit(self._id) if supports(hub, EnvelopeLimitedHub) else None
-            if limit:  # refused before anything is encrypted or committed
-                size = session.envelope_size(len(plaintext), reply=in_reply_to is not None)
-                if size > limit:
-                    raise MessageTooLargeError(size, limit)
-            if message_id is None:
-                message_id = self._rng(16)
-            envelope = session.encrypt(
-                self._identity,
+            data = self._core.seal(
+                recipient_id,
                 plaintext,
+                bundle,
                 message_id=message_id,
-                timestamp_ms=self._clock(),
                 in_reply_to=in_reply_to,
                 control=control,
-            )
-            data = envelope.to_bytes()
-            new_record = record.promote(session, replaces=record.active)
-            pipelined = not wait and supports(self.hub, PipelinedHub)
-            self._state.commit_sent(
-                recipient_id,
-                new_record.to_bytes(),
-                message_id,
-                data,
-                self._clock(),
-                pin_identity=pin,
+                limit=limit,
                 durable=not pipelined,
             )
-            self._records[recipient_id] = new_record
             if pipelined:
                 with self._queue_ready:  # under the lock: queued in commit order
                     self._queue.append(data)
@@ -975,21 +913,9 @@ class Agent:
                 return False
             time.sleep(0.01 if remaining is None else min(0.01, remaining))
 
-    def _record(self, peer_id: str) -> SessionRecord | None:
-        """The peer's committed session record (parsed once, then cached). Lock held."""
-        record = self._records.get(peer_id)
-        if record is None:
-            raw = self._state.session_record(peer_id)
-            if raw is None:
-                return None
-            record = self._records[peer_id] = SessionRecord.from_bytes(raw)
-        return record
-
     def _can_send_to(self, peer_id: str) -> bool:
         with self._lock:
-            record = self._record(peer_id)
-            active = None if record is None else record.active
-            return active is not None and active.ratchet.can_send
+            return self._core.can_send_to(peer_id)
 
     def _fetch_bundle(self, peer_id: str) -> PrekeyBundle:
         """Fetch the peer's bundle from the hub. Called without holding the state lock,
@@ -1019,66 +945,13 @@ class Agent:
                     return
             bundle = self._fetch_bundle(peer_id)
 
-    def _sending_record(
-        self, peer_id: str, bundle: PrekeyBundle | None, *, fresh: bool = False
-    ) -> tuple[SessionRecord, bytes | None]:
-        """The peer's session record with an active session that can send.
-
-        Starts a new session from ``bundle`` if there is none (or, if ``fresh``, in any
-        case). Returns the record and the identity to pin (None if already pinned).
-        Call with the lock held.
-        """
-        record = self._record(peer_id) or SessionRecord()
-        pinned = self._state.pinned_identity(peer_id)
-        if pinned is not None and pinned[1] is not None:
-            self._raise_identity_changed(peer_id, pinned[0], pinned[1])
-        if not fresh and record.active is not None and record.active.ratchet.can_send:
-            return record, None
-        assert bundle is not None  # _locked_with_bundle: a sending session or a bundle
-        pin = self._check_pin(peer_id, bundle.identity)
-        session = Session.initiate(
-            self._identity,
-            self._id,
-            bundle,
-            sign_messages=self._sign,
-            limits=self._limits,
-            rng=self._rng,
-        )
-        return record.promote(session), pin
-
-    def _check_pin(self, peer_id: str, identity: PublicIdentity) -> bytes | None:
-        """TOFU: return the identity to pin if new; raise IdentityChangedError if it differs.
-
-        ``identity`` must come from a verified bundle: a different one is recorded
-        as the peer's pending identity, which :meth:`trust` may then pin.
-        """
-        encoded = identity.encode()
-        pinned = self._state.pinned_identity(peer_id)
-        if pinned is None:
-            return encoded
-        if not p.constant_time_equal(PublicIdentity.decode(pinned[0]).signing, identity.signing):
-            self._state.set_pending_identity(peer_id, encoded)
-            self._raise_identity_changed(peer_id, pinned[0], encoded)
-        return None
-
-    def _raise_identity_changed(self, peer_id: str, pinned: bytes, new: bytes) -> None:
-        raise IdentityChangedError(
-            peer_id,
-            fingerprint_of(PublicIdentity.decode(pinned).signing),
-            fingerprint_of(PublicIdentity.decode(new).signing),
-        )
-
     def connect(self, peer_id: str) -> None:
         """Set up a session with ``peer_id`` ahead of time (optional: send connects itself)."""
         if self.hub is None:
             raise NoHubError()
         peer_id = validate_agent_id(peer_id)
         with self._locked_with_bundle(peer_id) as bundle:
-            record, pin = self._sending_record(peer_id, bundle)
-            if pin is not None:
-                self._state.pin(peer_id, pin, self._clock())
-            self._state.save_session(peer_id, record.to_bytes())
-            self._records[peer_id] = record
+            self._core.connect(peer_id, bundle)
 
     def connect_with_bundle(self, bundle: dict[str, Any]) -> None:
         """Set up a session from a peer's ``public_bundle`` handed over directly (peer to peer)."""
@@ -1095,22 +968,9 @@ class Agent:
         ):
             if key in bundle and bundle[key] != shown[key]:
                 raise CryptoError(f"bundle field {key!r} does not match the signed bundle")
-        peer_id = validate_agent_id(parsed.agent_id)
+        validate_agent_id(parsed.agent_id)
         with self._lock:
-            pin = self._check_pin(peer_id, parsed.identity)
-            session = Session.initiate(
-                self._identity,
-                self._id,
-                parsed,
-                sign_messages=self._sign,
-                limits=self._limits,
-                rng=self._rng,
-            )
-            record = (self._record(peer_id) or SessionRecord()).promote(session)
-            if pin is not None:
-                self._state.pin(peer_id, pin, self._clock())
-            self._state.save_session(peer_id, record.to_bytes())
-            self._records[peer_id] = record
+            self._core.connect_with_bundle(parsed)
 
     def list_peers(self) -> list[str]:
         """The other agents registered on the hub (never this one)."""
@@ -1157,8 +1017,8 @@ class Agent:
                 "persistent": self._state.path is not None,
                 "outbox": self._state.outbox_size(),
                 "inbox_pending": self._state.inbox_pending(),
-                "one_time_prekeys": len(self._prekeys.one_time),
-                "sign_messages": self._sign,
+                "one_time_prekeys": len(self._core.prekeys.one_time),
+                "sign_messages": self._core.sign_messages,
                 "dead_letters": self._state.dead_letter_count(),
             }
 
@@ -1190,7 +1050,7 @@ class Agent:
         envelope changed nothing). If the commit itself fails, every envelope
         that was to be committed gets that exception. Batches of at least
         ``_PARALLEL_VERIFY_MIN`` verify their signatures on two threads before
-        the commit (see :meth:`_decrypt_all`); the outcomes are the same.
+        the commit (see :meth:`AgentCore.open_batch`); the outcomes are the same.
         """
         try:
             return self._receive_locked(items)
@@ -1242,44 +1102,20 @@ class Agent:
 
     def _receive_locked(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
         with self._lock:
-            now = self._clock()
-            seen = self._state.seen_among([bytes(data[2:18]) for data in items])
-            decrypted = None
-            if len(items) >= _PARALLEL_VERIFY_MIN:
-                decrypted = self._decrypt_all(items, now, seen, deferred=True)
-            if decrypted is None:  # few envelopes, or a signature failed: verify one by one
-                decrypted = self._decrypt_all(items, now, seen, deferred=False)
-            assert decrypted is not None  # only a deferred pass gives up
-            batch, outcomes = decrypted
+            batch = self._core.open_batch(items, parallel=len(items) >= _PARALLEL_VERIFY_MIN)
             if not batch.messages:
-                return outcomes
+                return batch.outcomes
             replies = self._claim_replies(batch.messages)
             try:
-                self._state.commit_received_batch(
-                    {peer: record.to_bytes() for peer, record in batch.records.items()},
-                    batch.pins,
-                    batch.prekeys.to_bytes() if batch.prekeys is not self._prekeys else None,
-                    batch.messages,
-                    now,
-                )
+                self._core.commit_batch(batch)
             except Exception as exc:
                 self._hand_over_replies(replies, committed=False)
-                return [
-                    exc if isinstance(o, DeliveryReport) and not o.duplicate else o
-                    for o in outcomes
-                ]
+                return batch.failed(exc)
             self._hand_over_replies(replies, committed=True)
             with self._arrival:  # wake next_message()
                 self._arrival.notify_all()
-            self._records.update(batch.records)
-            if batch.prekeys is not self._prekeys:
-                self._prekeys = batch.prekeys
-                self._maintain_prekeys()
-            before, self._received = self._received, self._received + len(batch.messages)
-            self._maintain_prekeys_if_due()
-            if before // 1024 != self._received // 1024:
-                self._state.forget_seen_before(now - self._replay_window_ms)
-        return outcomes
+            self._core.after_commit(batch)
+        return batch.outcomes
 
     def _claim_replies(self, rows: list[InboxRow]) -> list[tuple[InboxRow, _PendingRequest]]:
         """Before a commit: the rows that answer a waiting request(), claimed so that no
@@ -1319,106 +1155,6 @@ class Agent:
             if committed:  # run by _notify_arrival, once no lock is held
                 self._callbacks_due.extend(w.callback for w, _ in handed if w.callback)
             self._arrival.notify_all()
-
-    def _decrypt_all(
-        self, items: list[bytes], now: int, seen: set[bytes], *, deferred: bool
-    ) -> tuple[_Inbound, list[DeliveryReport | Exception]] | None:
-        """Decrypt ``items`` in order into a new batch (lock held; nothing is committed).
-
-        ``deferred``: the signatures of normal envelopes are collected instead of
-        verified, then verified together on two threads (Ed25519 verification
-        releases the GIL), and the whole result is dropped (None) if any fails,
-        for the caller to decrypt again one by one, so that a bad signature ends
-        exactly as it would have without deferral. Otherwise each is verified as
-        it comes.
-        """
-        batch = _Inbound(self._prekeys)
-        batch.ids = set(seen)
-        checks: list[tuple[bytes, bytes, bytes]] = []
-        check = (lambda *args: checks.append(args)) if deferred else p.ed25519_verify
-        outcomes: list[DeliveryReport | Exception] = []
-        for data in items:
-            try:
-                outcomes.append(self._decrypt_into(batch, data, now, check))
-            except Exception as exc:
-                outcomes.append(exc)
-        if checks and not _verify_all(checks):
-            return None
-        return batch, outcomes
-
-    def _decrypt_into(
-        self,
-        batch: _Inbound,
-        data: bytes,
-        now: int,
-        check_signature: SignatureCheck = p.ed25519_verify,
-    ) -> DeliveryReport:
-        """Decrypt one envelope on top of ``batch`` and add it there (lock held)."""
-        envelope = decode_envelope(bytes(data))
-        if envelope.recipient != self._id:
-            raise AuthenticationError(f"envelope is addressed to {envelope.recipient!r}")
-        if envelope.message_id in batch.ids:  # committed before, or earlier in this batch
-            return DeliveryReport(accepted=True, duplicate=True)
-        if envelope.timestamp < now - self._replay_window_ms:
-            raise ReplayError("message is older than the replay window")
-        sender = envelope.sender
-        pin = None
-        changed: bytes | None = None
-        new_pin = batch.pins.get(sender)
-        pinned = (new_pin, None) if new_pin is not None else self._state.pinned_identity(sender)
-        if envelope.prekey is not None:
-            presented = PublicIdentity(
-                envelope.prekey.identity_signing,
-                envelope.prekey.identity_exchange,
-                envelope.prekey.identity_binding,
-            ).encode()
-            if pinned is None:
-                pin = presented
-            elif not p.constant_time_equal(
-                PublicIdentity.decode(pinned[0]).signing, envelope.prekey.identity_signing
-            ):
-                changed = presented  # recorded below, only if the envelope decrypts
-        elif pinned is not None and pinned[1] is not None:
-            self._raise_identity_changed(sender, pinned[0], pinned[1])
-        record = batch.records.get(sender) or self._record(sender) or SessionRecord()
-        new_record, new_prekeys, message = record.decrypt(
-            envelope,
-            identity=self._identity,
-            prekeys=batch.prekeys,
-            require_signatures=self._require_signatures,
-            limits=self._limits,
-            rng=self._rng,
-            check_signature=check_signature,
-        )
-        try:
-            decode_payload(message.payload)
-        except DecodeError as exc:
-            raise CryptoError("message payload is not a JSON object") from exc
-        if changed is not None and pinned is not None:
-            # A forged or tampered envelope must not mark the peer as changed
-            # (and block the conversation): only one that decrypts does.
-            self._state.set_pending_identity(sender, changed)
-            self._raise_identity_changed(sender, pinned[0], changed)
-        batch.records[sender] = new_record
-        if pin is not None:
-            batch.pins[sender] = pin
-        if new_prekeys is not None:
-            batch.prekeys = new_prekeys
-        batch.ids.add(envelope.message_id)
-        batch.messages.append(
-            InboxRow(
-                0,
-                envelope.message_id,
-                sender,
-                message.payload,
-                envelope.timestamp,
-                message.signature,
-                bytes(data),
-                message.in_reply_to,
-                message.control,
-            )
-        )
-        return DeliveryReport(accepted=True)
 
     def _dispatch_pending(self) -> int:
         """Run the handlers for committed, unhandled messages (receive steps 4 and 5).
@@ -1620,51 +1356,31 @@ class Agent:
     def _ephemeral_identity(self) -> bool:
         """No key file: the identity dies with this object, so hubs bind the id
         ephemerally (another key may take it once this agent is disconnected)."""
-        return self._state.path is None
+        return self._core.ephemeral
 
     @property
     def _signing_public_key(self) -> bytes:
-        return self._identity.public.signing
+        return self._core.signing_public_key
 
     def _sign_login(self, challenge: bytes) -> bytes:
-        """Sign a hub login or key-rotation challenge, and nothing else.
-
-        Raises LocalProtocolError for bytes without a hub-protocol context, so a
-        hub (or anyone holding this callback) cannot get arbitrary data signed.
-        """
-        if not challenge.startswith((LOGIN_CONTEXT, ROTATE_CONTEXT)):
-            raise LocalProtocolError("refusing to sign bytes that are not a hub login challenge")
-        return self._identity.sign(challenge)
+        return self._core.sign_login(challenge)
 
     def _prekey_bundle_bytes(self) -> bytes:
         with self._lock:
-            if self._prekeys.rotate(self._identity, self._clock(), self._rng):
-                self._save_prekeys()
-            return self._prekeys.bundle(self._id, self._identity.public).encode()
+            return self._core.prekey_bundle_bytes()
 
     def _one_time_prekeys(self) -> list[bytes]:
         with self._lock:
-            return [k.encode() for k in self._prekeys.unpublished_prekeys()]
+            return self._core.one_time_prekeys()
 
     def _one_time_prekeys_uploaded(self, encoded: list[bytes]) -> None:
         with self._lock:
-            self._prekeys.mark_published([SignedPrekey.decode(e).prekey_id for e in encoded])
-            self._save_prekeys()
+            self._core.one_time_prekeys_uploaded(encoded)
 
     def _prekeys_low(self, remaining: int) -> None:
         self.log.info("hub reports %d one-time prekeys left; topping up", remaining)
         with self._lock:
-            # The keys the hub handed out are gone from it even if never used (a drain
-            # by bundle fetches): publish fresh ones, or the pool stays empty for good.
-            made = self._prekeys.replenish(
-                self._identity,
-                self._clock(),
-                self._rng,
-                remaining=remaining,
-                pool_size=self._pool_size,
-            )
-            if made:  # 0: rate-limited (a report flood); rotate() carries it out later
-                self._maintain_prekeys(force=True)
+            self._core.prekeys_low(remaining)
         self._publish_prekeys()
 
     def _unacked_envelopes(self) -> list[bytes]:
@@ -1707,68 +1423,16 @@ class Agent:
         """The hub stored these envelopes: drop them from the outbox (with the next write)."""
         self._state.defer_outbox_removal(message_ids)
 
-    def _check_state_owner(self) -> None:
-        """Refuse a state file that belongs to another identity (e.g. a replaced key file)."""
-        mine = self._identity.public.encode()
-        owner = self._state.get_meta("identity")
-        if owner is None:
-            self._state.set_meta("identity", mine)
-        elif not p.constant_time_equal(owner, mine):
-            raise ConfigurationError(
-                f"state file {self._state.path} belongs to identity "
-                f"{fingerprint_of(PublicIdentity.decode(owner).signing)}, not to this key file's "
-                f"{self.fingerprint}; move the old state file away to start afresh"
-            )
-
-    def _load_prekeys(self) -> PrekeySecrets:
-        raw = self._state.get_meta("prekeys")
-        if raw is not None:
-            prekeys = PrekeySecrets.from_bytes(raw)
-            changed = prekeys.rotate(self._identity, self._clock(), self._rng)
-        else:
-            prekeys = PrekeySecrets.create(self._identity, self._clock(), self._rng)
-            changed = True
-        if prekeys.top_up(self._identity, self._clock(), self._rng, pool_size=self._pool_size):
-            changed = True
-        if changed:
-            self._state.set_meta("prekeys", prekeys.to_bytes())
-        return prekeys
-
-    def _save_prekeys(self) -> None:
-        self._state.set_meta("prekeys", self._prekeys.to_bytes())
-
     def _maintain_prekeys_if_due(self) -> None:
-        """Run the prekey schedule at most once a minute, so a long-running agent
-        rotates its signed prekeys on time even if it never logs in again."""
-        now = self._clock()
-        if now - self._last_maintenance_ms < _MAINTENANCE_INTERVAL_MS:
-            return
         with self._lock:
-            self._last_maintenance_ms = now
-            self._maintain_prekeys()
-
-    def _maintain_prekeys(self, *, force: bool = False) -> None:
-        """Top the one-time pool up (and rotate) when it runs low (lock held); the hub
-        hears of it from :meth:`_publish_prekeys` once the lock is released."""
-        low = min(len(self._prekeys.one_time), len(self._prekeys.one_time_kem)) < min(
-            ONE_TIME_LOW_WATER, self._pool_size
-        )
-        rotated = self._prekeys.rotate(self._identity, self._clock(), self._rng)
-        if low or force:
-            self._prekeys.top_up(
-                self._identity, self._clock(), self._rng, pool_size=self._pool_size
-            )
-        if low or force or rotated:
-            self._save_prekeys()
-            self._publish_due = True  # told to the hub by _publish_prekeys, after the lock
+            self._core.maintain_prekeys_if_due()
 
     def _publish_prekeys(self) -> None:
         """Tell the hub about changed prekeys, if any. Call with no lock held: the hub
         calls back into this agent (``prekey_bundle_bytes``, ``one_time_prekeys``)."""
         with self._lock:
-            if not self._publish_due:
+            if not self._core.take_publish_due():
                 return
-            self._publish_due = False
         hub = self.hub
         if not supports(hub, PrekeyRefreshingHub):
             return
@@ -1777,7 +1441,7 @@ class Agent:
         except (HubError, HubUnavailableError) as exc:
             self.log.warning("could not upload prekeys yet: %s", exc)
             with self._lock:
-                self._publish_due = True  # retried with the next send, receipt or report
+                self._core.publish_failed()  # retried with the next send, receipt or report
 
     # -- lifecycle --------------------------------------------------------
 

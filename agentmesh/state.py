@@ -43,11 +43,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+# The store implements the core's AgentStore; InboxRow is the core's row type.
+from agentmesh.agent_core import InboxRow as InboxRow
 from agentmesh.errors import ConfigurationError, DecodeError, StateLockedError
 
 _SCHEMA = """
@@ -221,22 +222,6 @@ class _SyncRound:
         self.covers = covers
         self.done = False
         self.error: BaseException | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InboxRow:
-    seq: int
-    message_id: bytes
-    sender: str
-    payload: bytes
-    timestamp_ms: int
-    signature: bytes | None
-    #: The envelope as received (``Message.raw_envelope``; its header is the signed one).
-    envelope: bytes = b""
-    #: The id of the message this one answers (a reply), from inside the ciphertext.
-    in_reply_to: bytes | None = None
-    #: A control message for the agent itself: it gets a replay record, no inbox row.
-    control: bool = False
 
 
 class AgentState:

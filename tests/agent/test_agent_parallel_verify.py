@@ -29,12 +29,12 @@ BATCH = 12
 def _envelopes(alice: Agent, count: int, forged: set[int]) -> list[bytes]:
     """``count`` envelopes from alice's session; those in ``forged`` signed by a stranger
     (they decrypt, since the session keys are alice's, but their signature is wrong)."""
-    session = alice._record("bob").active.copy()  # type: ignore[union-attr]
+    session = alice._core.record("bob").active.copy()  # type: ignore[union-attr]
     stranger = IdentityKeyPair.generate()
     now = int(time.time() * 1000)
     out = []
     for i in range(count):
-        signer = stranger if i in forged else alice._identity
+        signer = stranger if i in forged else alice._core.identity
         payload = encode_payload({"type": "message", "text": f"m{i}"})
         envelope = session.encrypt(signer, payload, message_id=os.urandom(16), timestamp_ms=now)
         out.append(envelope.to_bytes())
@@ -98,13 +98,13 @@ def test_deferred_verification_gives_the_outcomes_of_one_by_one(
 def test_a_large_batch_verifies_on_two_threads(twins, monkeypatch: pytest.MonkeyPatch) -> None:
     alice, bob, _ = twins
     threads: list[tuple[str, int]] = []
-    real = agent_module._all_valid
+    real = agent_module.verify_each
 
     def spy(checks: list[tuple[bytes, bytes, bytes]]) -> bool:
         threads.append((threading.current_thread().name, len(checks)))
         return real(checks)
 
-    monkeypatch.setattr(agent_module, "_all_valid", spy)
+    monkeypatch.setattr(agent_module, "verify_each", spy)
     outcomes = bob.endpoint.receive_envelopes(_envelopes(alice, 20, set()))
     assert outcomes == [DeliveryReport(accepted=True)] * 20
     assert sorted(n for _, n in threads) == [10, 10]
@@ -113,7 +113,7 @@ def test_a_large_batch_verifies_on_two_threads(twins, monkeypatch: pytest.Monkey
 
 def test_small_batches_verify_as_they_go(twins, monkeypatch: pytest.MonkeyPatch) -> None:
     alice, bob, _ = twins
-    monkeypatch.setattr(agent_module, "_all_valid", lambda checks: pytest.fail("deferred"))
+    monkeypatch.setattr(agent_module, "verify_each", lambda checks: pytest.fail("deferred"))
     small = agent_module._PARALLEL_VERIFY_MIN - 1
     assert (
         bob.endpoint.receive_envelopes(_envelopes(alice, small, set()))

@@ -329,11 +329,11 @@ def test_signed_prekeys_rotate_on_schedule_and_old_ones_are_erased(tmp_path):
     alice.send("bob", text="a week later")
     second = alice.public_bundle["signed_prekey"]["id"]
     assert second != first
-    assert first in alice._prekeys.signed  # kept for the grace period
+    assert first in alice._core.prekeys.signed  # kept for the grace period
     bob.send("alice", text="still fine")
 
     now[0] += SIGNED_PREKEY_GRACE_MS + 1
     alice.send("bob", text="after the grace period")
-    assert first not in alice._prekeys.signed  # erased
+    assert first not in alice._core.prekeys.signed  # erased
     published = hub.get_bundle("alice")["signed_prekey"]["id"]
     assert published == alice.public_bundle["signed_prekey"]["id"]

@@ -21,13 +21,13 @@ def test_predicted_envelope_size_is_exact(agents, sign: bool) -> None:
     agents("bob", hub=hub, sign_messages=sign)
     alice.connect("bob")
     for reply in (False, True, False):
-        record = alice._record("bob")
+        record = alice._core.record("bob")
         assert isinstance(record, SessionRecord) and record.active is not None
         session = record.active.copy()
         payload = os.urandom(123)
         predicted = session.envelope_size(len(payload), reply=reply)
         envelope = session.encrypt(
-            alice._identity,
+            alice._core.identity,
             payload,
             message_id=os.urandom(16),
             timestamp_ms=1,

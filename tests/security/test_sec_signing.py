@@ -133,7 +133,7 @@ def test_stripping_is_refused_in_both_directions(agents) -> None:
     alice.send("bob", text="hello")
     reply = hub.capture(lambda: bob.send("alice", text="hi"))
     hub.inject(reply)
-    record = bob._record("alice")
+    record = bob._core.record("alice")
     assert record is not None and record.active is not None
     forged = replace(record.active.copy(), sign_messages=False).encrypt(
         IdentityKeyPair.generate(),
