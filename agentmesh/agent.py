@@ -21,9 +21,10 @@ Threads: ``agentmesh-send-<id>`` (``send(wait=False)``'s transmitter, stopped by
 in the thread that dispatches (see :meth:`AgentEndpoint.dispatch_pending`).
 
 Lock order (docs/ARCHITECTURE.md): ``Agent._lock`` (every call into the core),
-then ``_queue_ready`` or ``_arrival``, then ``AgentState._lock``. ``_dispatch_cv`` nests with nothing. No
-lock is held while a handler runs or while the hub is called: bundles are
-fetched before ``_lock`` is taken and new prekeys published after it is released.
+then ``_queue_ready`` or ``_arrival``, then ``AgentState._lock``. ``_dispatch_cv``
+nests with nothing. No lock is held while a handler runs or while the hub is
+called: bundles are fetched before ``_lock`` is taken and new prekeys published
+after it is released.
 """
 
 from __future__ import annotations
