@@ -34,7 +34,8 @@ from agentmesh.wire.envelope import RatchetHeader
 RATCHET_INFO = b"AgentMesh_v1_Ratchet"
 _MESSAGE_KEY_SEED = b"\x01"
 _CHAIN_KEY_SEED = b"\x02"
-_STATE_VERSION = 1
+#: Version 2 adds ``reserved`` (see RatchetState); version 1 states read as reserved=0.
+_STATE_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,12 @@ class RatchetState:
     skipped: dict[tuple[bytes, int], tuple[bytes, int]] = field(default_factory=dict)
     #: recent remote ratchet keys, so an old-chain replay is named as one.
     previous_dhr: list[bytes] = field(default_factory=list)
+    #: Sending counters below this may be in use without this state being durable
+    #: (the agent's counter reservation, docs/PERFORMANCE.md "Reserved counters"):
+    #: after an unclean restart the sender jumps ``ns`` up to it with
+    #: :meth:`skip_sending`, so no message key is ever used twice. Not part of the
+    #: Double Ratchet itself; a new sending chain starts with none (0).
+    reserved: int = 0
 
     # -- initialisation (section 3.3) ------------------------------------
 
@@ -119,6 +126,7 @@ class RatchetState:
             self.step,
             dict(self.skipped),
             list(self.previous_dhr),
+            self.reserved,
         )
 
     # -- sending (section 3.4) ---------------------------------------------
@@ -135,6 +143,20 @@ class RatchetState:
         header = RatchetHeader(self.dhs_public, self.pn, self.ns)
         self.ns += 1
         return header, message_key
+
+    def skip_sending(self, count: int) -> None:
+        """Advance the sending chain by ``count`` message keys, discarding them (the
+        chain key is overwritten, so they are gone for good). The receiver sees a gap
+        of ``count`` counters, which its skipped-key handling absorbs (section 3.5's
+        ``SkipMessageKeys``, bounded by ``max_skip``)."""
+        if count < 0:
+            raise ValueError("count must not be negative")
+        if count and self.cks is None:
+            raise CryptoError("this session has no sending chain to advance")
+        for _ in range(count):
+            assert self.cks is not None
+            self.cks, _ = kdf_ck(self.cks)
+        self.ns += count
 
     # -- receiving (section 3.5) -----------------------------------------
 
@@ -191,6 +213,7 @@ class RatchetState:
             self.previous_dhr = [self.dhr, *self.previous_dhr][:keep]
         self.pn = self.ns
         self.ns = 0
+        self.reserved = 0  # a new sending chain: nothing of it is in use yet
         self.nr = 0
         self.dhr = header.dh
         dhs = p.x25519_private_from_bytes(self.dhs_private)
@@ -212,7 +235,7 @@ class RatchetState:
                 w.u8(0)
             else:
                 w.u8(1).raw(optional)
-        w.u32(self.ns).u32(self.nr).u32(self.pn).u32(self.step)
+        w.u32(self.ns).u32(self.nr).u32(self.pn).u32(self.step).u32(self.reserved)
         w.u8(len(self.previous_dhr))
         for key in self.previous_dhr:
             w.raw(key)
@@ -223,7 +246,8 @@ class RatchetState:
 
     @classmethod
     def read(cls, r: Reader) -> RatchetState:
-        if r.u8() != _STATE_VERSION:
+        version = r.u8()
+        if version not in (1, _STATE_VERSION):
             raise DecodeError("ratchet state: unsupported version")
         root_key, dhs_private, dhs_public = r.raw(32), r.raw(32), r.raw(32)
         optional: list[bytes | None] = []
@@ -234,6 +258,8 @@ class RatchetState:
             optional.append(r.raw(32) if flag else None)
         state = cls(root_key, dhs_private, dhs_public, optional[0], optional[1], optional[2])
         state.ns, state.nr, state.pn, state.step = r.u32(), r.u32(), r.u32(), r.u32()
+        # Version 1 states were made durable before each send: nothing is reserved.
+        state.reserved = r.u32() if version >= 2 else 0
         state.previous_dhr = [r.raw(32) for _ in range(r.u8())]
         count = r.u32()
         if count > 1_000_000:

@@ -317,9 +317,64 @@ def test_serialization_round_trip_behaves_identically() -> None:
 
 def test_unsupported_state_version() -> None:
     data = bytearray(_encode(Duo().alice))
-    data[0] = 2
+    data[0] = 3
     with pytest.raises(DecodeError):
         _decode(bytes(data))
+
+
+def _version_1(state: RatchetState) -> bytes:
+    """The encoding before ``reserved`` existed: version byte 1, no reserved u32."""
+    data = bytearray(_encode(state))
+    data[0] = 1
+    fixed = 1 + 32 * 3 + sum(1 if k is None else 33 for k in (state.dhr, state.cks, state.ckr))
+    return bytes(data[: fixed + 16] + data[fixed + 20 :])
+
+
+def test_version_1_states_read_with_nothing_reserved() -> None:
+    duo = Duo()
+    for _ in range(3):
+        duo.send("alice")
+    duo.alice.reserved = 64
+    old = _decode(_version_1(duo.alice))
+    assert old.reserved == 0 and old.ns == 3
+    old.reserved = 64
+    assert old == duo.alice
+
+
+@given(st.integers(min_value=0, max_value=300), st.integers(min_value=0, max_value=5))
+def test_skip_sending_discards_exactly_the_skipped_keys(skip: int, before: int) -> None:
+    duo = Duo(seed="skip")
+    twin = duo.alice.copy()
+    for _ in range(before):
+        duo.alice.next_sending_key()
+    duo.alice.skip_sending(skip)
+    header, key = duo.alice.next_sending_key()
+    expected = [twin.next_sending_key() for _ in range(before + skip + 1)][-1]
+    assert header.n == before + skip
+    assert (header, key) == expected
+    # the receiver absorbs the gap with its skipped keys, and the next one agrees
+    assert duo.recv("bob", header) == key
+
+
+def test_skip_sending_needs_a_sending_chain() -> None:
+    duo = Duo()
+    duo.bob.skip_sending(0)  # nothing to do is fine
+    with pytest.raises(CryptoError):
+        duo.bob.skip_sending(1)
+    with pytest.raises(ValueError):
+        duo.alice.skip_sending(-1)
+
+
+def test_a_new_sending_chain_has_nothing_reserved() -> None:
+    duo = Duo()
+    h, _ = duo.send("alice")
+    duo.recv("bob", h)
+    duo.bob.reserved = 64
+    h, _ = duo.send("bob")
+    duo.alice.reserved = 64
+    duo.recv("alice", h)  # a DH ratchet step: alice's new sending chain
+    assert duo.alice.reserved == 0 and duo.alice.ns == 0
+    assert _decode(_encode(duo.alice)) == duo.alice
 
 
 def test_absurd_skipped_count_rejected() -> None:
