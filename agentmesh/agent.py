@@ -741,7 +741,11 @@ class Agent:
         found on hub") for an unknown recipient, IdentityChangedError if the
         recipient's identity key changed, and MailboxFullError if the
         recipient's mailbox is full (the envelope stays in the outbox and is
-        retried on reconnect).
+        retried on reconnect). This agent's own commit (session state and outbox
+        row) survives a crash of the process at once; it waits for the disk only
+        once every ``RESERVE_AHEAD`` (64) sends to a peer, when it reserves the
+        next sending counters (docs/PERFORMANCE.md, "Reserved counters"), and when
+        the hub is unreachable.
 
         With ``wait=False`` (pipelining, for hubs that support it such as
         :class:`~agentmesh.NetworkHub`; with others it is the same as
@@ -806,7 +810,7 @@ class Agent:
                 in_reply_to=in_reply_to,
                 control=control,
                 limit=limit,
-                durable=not pipelined,
+                durable=False,  # safe against power loss by reserved counters (seal)
             )
             if pipelined:
                 with self._queue_ready:  # under the lock: queued in commit order
@@ -887,6 +891,7 @@ class Agent:
                 hub.deliver(data)
         except HubUnavailableError as exc:
             self.log.warning("hub unreachable; message kept in the outbox for resend: %s", exc)
+            self._state.sync()  # send() says "safely in the outbox": through a power cut too
             return
         except (HubError, PeerNotFoundError) as exc:
             self._envelope_refused(message_id, exc)

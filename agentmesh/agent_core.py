@@ -57,6 +57,12 @@ from agentmesh.wire.payload import decode_payload
 MAINTENANCE_INTERVAL_MS = 60_000
 #: The replay records are pruned every this many received messages.
 _FORGET_EVERY = 1024
+#: Reserved counters: one durable commit says "this sending chain may reach n + this",
+#: and the sends below it commit without waiting for the disk. After an unclean
+#: restart each chain jumps past its reservation, so a counter is never used twice
+#: (PostgreSQL logs its sequences 32 values ahead for the same reason). Well below
+#: the receivers' max_skip (1,000), which absorbs the gap.
+RESERVE_AHEAD = 64
 
 #: ``(public key, signature, message)`` triples to verify together.
 SignatureChecks = list[tuple[bytes, bytes, bytes]]
@@ -88,6 +94,10 @@ class AgentStore(Protocol):
 
     @property
     def path(self) -> Path | None: ...
+    #: Whether the state was last closed cleanly (else the core jumps its counters).
+    @property
+    def opened_clean(self) -> bool: ...
+    def session_peers(self) -> list[str]: ...
     def get_meta(self, key: str) -> bytes | None: ...
     def set_meta(self, key: str, value: bytes) -> None: ...
     def session_record(self, peer_id: str) -> bytes | None: ...
@@ -201,6 +211,8 @@ class AgentCore:
         self._last_maintenance_ms = clock()
         self._check_store_owner()
         self._prekeys = self._load_prekeys()
+        #: How many sending chains the last unclean restart moved past their reservation.
+        self.chains_jumped = 0 if store.opened_clean else self._jump_reserved_counters()
 
     # -- identity -----------------------------------------------------------
 
@@ -362,6 +374,35 @@ class AgentCore:
         self.store.save_session(peer_id, record.to_bytes())
         self._records[peer_id] = record
 
+    def _jump_reserved_counters(self) -> int:
+        """After an unclean restart: move every sending chain past its reservation.
+
+        The sends below a reservation committed without waiting for the disk, so a
+        power cut may have rolled a chain back below counters that already left this
+        machine. Skipping to the reservation (each one was durable before any counter
+        under it was used) means no message key is used twice; the receiver sees a
+        gap of at most RESERVE_AHEAD. Returns how many chains moved.
+        """
+        jumped = 0
+        for peer_id in self.store.session_peers():
+            record = self.record(peer_id)
+            if record is None:
+                continue
+            sessions = []
+            moved_here = jumped
+            for session in record.sessions:
+                ratchet = session.ratchet
+                if ratchet.can_send and ratchet.ns < ratchet.reserved:
+                    session = session.copy()
+                    session.ratchet.skip_sending(ratchet.reserved - ratchet.ns)
+                    jumped += 1
+                sessions.append(session)
+            if jumped != moved_here:
+                moved = SessionRecord(sessions)
+                self.store.save_session(peer_id, moved.to_bytes())
+                self._records[peer_id] = moved
+        return jumped
+
     def seal(
         self,
         recipient_id: str,
@@ -382,15 +423,24 @@ class AgentCore:
         ``control``: a control message opens a fresh session that any holder of the
         peer's current identity can read). ``limit``: the hub's largest envelope;
         a bigger one raises MessageTooLargeError before anything is encrypted or
-        committed. ``durable=False`` commits without waiting for the disk (the driver
-        syncs before it transmits). Raises IdentityChangedError (nothing committed
-        but the pending identity), LocalProtocolError if a bundle is needed and none
-        was given.
+        committed.
+
+        Durability: the sending counter lies below the chain's reservation, or the
+        reservation moves RESERVE_AHEAD ahead in this same commit, which is then
+        durable (fsynced) whatever ``durable`` says; a commit below the reservation
+        waits for the disk only if ``durable``. Either way it survives a crash of the
+        process at once, and no counter is reused after a power cut (see
+        RESERVE_AHEAD). ``durable=True`` additionally keeps the outbox row through a
+        power cut. Raises IdentityChangedError (nothing committed but the pending
+        identity), LocalProtocolError if a bundle is needed and none was given.
         """
         record, pin = self._sending_record(recipient_id, bundle, fresh=control)
         session = record.active
         assert session is not None  # _sending_record: an active session that can send
         session = session.copy()
+        reserve = session.ratchet.ns >= session.ratchet.reserved
+        if reserve:
+            session.ratchet.reserved = session.ratchet.ns + RESERVE_AHEAD
         if limit:
             size = session.envelope_size(len(plaintext), reply=in_reply_to is not None)
             if size > limit:
@@ -412,7 +462,7 @@ class AgentCore:
             data,
             self._clock(),
             pin_identity=pin,
-            durable=durable,
+            durable=durable or reserve,
         )
         self._records[recipient_id] = new_record
         return data

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 # The store implements the core's AgentStore; InboxRow is the core's row type.
 from agentmesh.agent_core import InboxRow as InboxRow
@@ -237,7 +237,18 @@ class AgentState:
 
     ``clock`` (seconds, monotonic) and ``scrub_interval_s`` rate-limit
     :meth:`scrub` after deletions of secrets; tests inject a clock.
+
+    :attr:`opened_clean` says whether the file was last closed by :meth:`close`
+    (and nothing ran on it since): after anything else (a crash, ``kill -9``, a
+    power cut) the agent core jumps its sending counters past their reservation.
     """
+
+    #: Test hook of the power-cut test (tests/reliability/test_power_cut.py): when set,
+    #: every durable point (a FULL commit, a completed sync) copies the database and its
+    #: WAL into a new folder under it and names that folder in ``CURRENT``, so that the
+    #: test can bring back exactly what a power cut would have left. Never set it in
+    #: production.
+    _durable_image: ClassVar[Path | None] = None
 
     def __init__(
         self,
@@ -307,8 +318,10 @@ class AgentState:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (SCHEMA_VERSION,),
             )
+            self.opened_clean = path is None  # nothing of an in-memory state survives
             if path is not None:
                 _check_database(self._db)
+                self.opened_clean = self._take_clean_close()
                 self._recover_handled()
                 # A crashed process may have left deleted secrets in the WAL.
                 self._scrub_locked()
@@ -377,6 +390,8 @@ class AgentState:
                             # A FULL commit syncs the whole WAL: earlier commits are on disk
                             # too. (One that wrote nothing syncs nothing.)
                             state._synced = state._committed
+                            if AgentState._durable_image is not None and state.path:
+                                state._save_durable_image()
                     else:
                         state._acked[:0] = self.acked  # not deleted after all: next time
                         # A pin read inside the transaction may be rolled back with it.
@@ -451,9 +466,38 @@ class AgentState:
             with self._lock:
                 if this.error is None:
                     self._synced = max(self._synced, this.covers)
+                    # Only an image of exactly what the fsync covered is a power cut's
+                    # image: with later relaxed commits, the older image stays.
+                    if self._durable_image is not None and this.covers == self._committed:
+                        self._save_durable_image()  # sync() runs on files only
                 this.done = True
                 self._sync_round = None
                 self._sync_done.notify_all()
+
+    def _take_clean_close(self) -> bool:
+        """At open: whether :meth:`close` marked the file as closed cleanly; the mark is
+        removed (durably) so that a crash of this process counts as unclean."""
+        row = self._db.execute("SELECT 1 FROM meta WHERE key = 'clean_close'").fetchone()
+        if row is None:
+            return False
+        with self._tx() as db:
+            db.execute("DELETE FROM meta WHERE key = 'clean_close'")
+        return True
+
+    def _save_durable_image(self) -> None:
+        """The power-cut test's copy of what is on disk now (lock held; see _durable_image)."""
+        root, path = AgentState._durable_image, self.path
+        assert root is not None and path is not None
+        root.mkdir(parents=True, exist_ok=True)
+        generation = int((root / "NEXT").read_text()) if (root / "NEXT").exists() else 0
+        folder = root / f"image-{generation:08d}"
+        folder.mkdir()
+        for source in (path, Path(f"{path}-wal")):
+            if source.exists():
+                (folder / source.name).write_bytes(source.read_bytes())
+        (root / "NEXT").write_text(str(generation + 1))
+        (root / "CURRENT.tmp").write_text(folder.name)
+        os.replace(root / "CURRENT.tmp", root / "CURRENT")  # a kill leaves one or the other
 
     def _wal_fd(self) -> int | None:
         """A descriptor of this database's WAL file, checked to be the live one (lock held)."""
@@ -554,6 +598,13 @@ class AgentState:
             try:
                 self._flush_acked()
                 self._delete_handled()
+                if self.path is not None:
+                    # Everything is committed and this is the last write: the next open
+                    # need not jump the sending counters (see opened_clean).
+                    with self._tx() as db:
+                        db.execute(
+                            "INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_close', x'')"
+                        )
                 self.sync()
                 self._scrub_locked()
             except (sqlite3.Error, OSError):  # e.g. a full disk: resent or re-deleted later

@@ -12,23 +12,34 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agentmesh.agent_core import AgentCore, InboxRow, OpenedBatch, SignatureChecks, verify_each
+from agentmesh.agent_core import (
+    RESERVE_AHEAD,
+    AgentCore,
+    InboxRow,
+    OpenedBatch,
+    SignatureChecks,
+    verify_each,
+)
 from agentmesh.crypto.keypair import AgentKeyPair
 from agentmesh.crypto.prekeys import PrekeyBundle
 from agentmesh.crypto.ratchet import DEFAULT_LIMITS
+from agentmesh.crypto.session import SessionRecord
 from agentmesh.errors import (
     ConfigurationError,
     CryptoError,
     IdentityChangedError,
     LocalProtocolError,
     MessageTooLargeError,
+    ReplayError,
 )
 from agentmesh.protocol.hub_interface import DeliveryReport
 from agentmesh.protocol.hub_protocol import LOGIN_CONTEXT
 from agentmesh.state import AgentState
+from agentmesh.wire.envelope import decode_envelope
 from agentmesh.wire.payload import decode_payload, encode_payload
 
 DAY_MS = 24 * 3600 * 1000
@@ -64,6 +75,7 @@ def _seal(sender: AgentCore, to: AgentCore, text: str, *, bundle: bool = False) 
         encode_payload({"type": "message", "text": text}),
         _bundle(to) if bundle else None,
         message_id=os.urandom(16),
+        durable=False,  # as the drivers seal: power-cut safe through the reservation
     )
 
 
@@ -243,3 +255,122 @@ def test_the_store_belongs_to_one_identity(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="belongs to identity"):
         _core("alice", store)
     store.close()
+
+
+# -- reserved counters (docs/PERFORMANCE.md "Reserved counters") ------------------------
+
+
+class _CountingStore(AgentState):
+    """Records which sends waited for the disk."""
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__(path)
+        self.durable_sends: list[bool] = []
+
+    def commit_sent(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        self.durable_sends.append(bool(kwargs.get("durable", True)))
+        super().commit_sent(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_one_durable_commit_reserves_the_next_counters(tmp_path: Path) -> None:
+    store = _CountingStore(tmp_path / "alice.state.sqlite")
+    alice, bob = _core("alice", store), _core("bob")
+    for i in range(2 * RESERVE_AHEAD + 1):
+        alice.seal(
+            "bob",
+            encode_payload({"text": str(i)}),
+            _bundle(bob) if i == 0 else None,
+            message_id=os.urandom(16),
+            durable=False,
+        )
+    expected = [i % RESERVE_AHEAD == 0 for i in range(2 * RESERVE_AHEAD + 1)]
+    assert store.durable_sends == expected
+    active = alice.record("bob").active  # type: ignore[union-attr]
+    assert active is not None and active.ratchet.reserved == 3 * RESERVE_AHEAD
+    store.close()
+
+
+def _power_cut(image_root: Path, into: Path) -> Path:
+    """What a power cut leaves: the database and WAL as of the last durable point."""
+    current = image_root / (image_root / "CURRENT").read_text()
+    into.mkdir()
+    for part in current.iterdir():
+        (into / part.name).write_bytes(part.read_bytes())
+    return into / "alice.state.sqlite"
+
+
+def _alice_after_power_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[AgentCore, AgentCore, list[bytes], AgentCore]:
+    """alice sends 10 messages (one durable, nine below the reservation) and bob reads
+    them; then the power goes: alice restarts from what was durable."""
+    monkeypatch.setattr(AgentState, "_durable_image", tmp_path / "images")
+    keys = AgentKeyPair.generate()
+    # No scrub meanwhile: it syncs, and the cut is to come before anything else does.
+    store = AgentState(tmp_path / "alice.state.sqlite", scrub_interval_s=3600)
+    alice = AgentCore("alice", keys, store, **_options())
+    bob = _core("bob")
+    sent = [_seal(alice, bob, "m0", bundle=True)]
+    sent += [_seal(alice, bob, f"m{i}") for i in range(1, 10)]
+    assert _deliver(bob, sent).outcomes == [DeliveryReport(accepted=True)] * 10
+    monkeypatch.setattr(AgentState, "_durable_image", None)
+    restored = AgentState(_power_cut(tmp_path / "images", tmp_path / "after"))
+    assert not restored.opened_clean
+    rolled_back = SessionRecord.from_bytes(restored.session_record("bob") or b"").active
+    assert rolled_back is not None and rolled_back.ratchet.ns == 1  # m1..m9 are gone
+    return AgentCore("alice", keys, restored, **_options()), bob, sent, alice
+
+
+def _options() -> dict[str, Any]:
+    return {
+        "sign_messages": True,
+        "require_signatures": True,
+        "limits": DEFAULT_LIMITS,
+        "replay_window_ms": 30 * DAY_MS,
+        "pool_size": 20,
+        "clock": lambda: int(time.time() * 1000),
+        "rng": os.urandom,
+    }
+
+
+def test_after_a_power_cut_the_sender_jumps_past_its_reservation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob, _, _ = _alice_after_power_cut(tmp_path, monkeypatch)
+    assert alice.chains_jumped == 1
+    active = alice.record("bob").active  # type: ignore[union-attr]
+    assert active is not None and active.ratchet.ns == RESERVE_AHEAD
+    after = _seal(alice, bob, "after the cut")
+    assert _deliver(bob, [after]).outcomes == [DeliveryReport(accepted=True)]
+    assert _texts(bob.store)[-1] == "after the cut"
+
+
+def test_without_the_jump_a_power_cut_reuses_message_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defence removed: the rolled-back chain sends counters bob already used."""
+    monkeypatch.setattr(AgentCore, "_jump_reserved_counters", lambda self: 0)
+    alice, bob, _, _ = _alice_after_power_cut(tmp_path, monkeypatch)
+    [outcome] = bob.open_batch([_seal(alice, bob, "after the cut")]).outcomes
+    assert isinstance(outcome, ReplayError)
+
+
+def test_a_clean_close_keeps_the_counters(tmp_path: Path) -> None:
+    keys = AgentKeyPair.generate()
+    store = AgentState(tmp_path / "alice.state.sqlite")
+    alice, bob = AgentCore("alice", keys, store, **_options()), _core("bob")
+    _deliver(bob, [_seal(alice, bob, "m0", bundle=True), _seal(alice, bob, "m1")])
+    store.close()
+    again = AgentState(tmp_path / "alice.state.sqlite")
+    assert again.opened_clean
+    alice = AgentCore("alice", keys, again, **_options())
+    assert alice.chains_jumped == 0
+    header_n = decode_envelope(_seal(alice, bob, "m2")).ratchet.n
+    assert header_n == 2
+    again.close()
+    running = AgentState(tmp_path / "alice.state.sqlite")
+    assert running.opened_clean
+    crashed = AgentState(tmp_path / "alice.state.sqlite")  # `running` never closed: unclean
+    assert not crashed.opened_clean
+    running.close()
+    crashed.close()
