@@ -97,7 +97,7 @@ class Mailboxes(Protocol):
     def pending(
         self, recipient: str, *, after_seq: int = 0, limit: int = 500, now_ms: int
     ) -> list[StoredEnvelope]: ...
-    def ack(self, recipient: str, message_ids: list[bytes]) -> int: ...
+    def ack(self, recipient: str, message_ids: list[bytes], *, durable: bool = True) -> int: ...
     def list_agents(self) -> list[str]: ...
     def queued_count(self, recipient: str | None = None) -> int: ...
     def close(self) -> None: ...
@@ -227,7 +227,7 @@ class MemoryMailboxes:
                         break
             return out
 
-    def ack(self, recipient: str, message_ids: list[bytes]) -> int:
+    def ack(self, recipient: str, message_ids: list[bytes], *, durable: bool = True) -> int:
         deleted = 0
         with self._lock:
             agent = self._agents.get(recipient)
@@ -285,6 +285,13 @@ class LocalHub:
         self._outcomes: dict[bytes, BaseException | None] = {}
         #: Envelopes this hub accepted for a recipient (version 1's message_count).
         self._routed = 0
+        #: Per recipient: how many envelopes this hub stored for it (a generation), and
+        #: the generation at which its queue was last seen empty. While the two differ
+        #: by one, the queue holds exactly the envelope just stored, which is handed
+        #: over without reading it back (see _drain). Only this object adds rows to its
+        #: store: a store shared with another process is not supported.
+        self._stored_gen: dict[str, int] = {}
+        self._empty_gen: dict[str, int] = {}
         self._lock = threading.RLock()
 
     @staticmethod
@@ -318,7 +325,7 @@ class LocalHub:
         resent: list[str] = []
         for data in outbox:
             try:
-                envelope = self._submit(data)
+                envelope, _ = self._submit(data)
             except (HubError, PeerNotFoundError) as exc:
                 log.warning("outbox envelope of %s not accepted: %s", endpoint.agent_id, exc)
                 if supports(endpoint, RefusalAwareEndpoint):
@@ -375,7 +382,8 @@ class LocalHub:
 
     # -- delivery -----------------------------------------------------------
 
-    def _submit(self, data: bytes) -> Envelope:
+    def _submit(self, data: bytes) -> tuple[Envelope, StoredEnvelope | None]:
+        """Store one envelope; returns it, and as stored (None: a duplicate)."""
         envelope = decode_envelope(data)
         [result] = self._store.enqueue(
             [
@@ -395,10 +403,16 @@ class LocalHub:
             raise PeerNotFoundError(envelope.recipient)
         if result.status is EnqueueStatus.MAILBOX_FULL:
             raise MailboxFullError("mailbox_full", f"mailbox of {envelope.recipient!r} is full")
-        if result.status is EnqueueStatus.STORED:
-            with self._lock:
-                self._routed += 1
-        return envelope
+        if result.status is not EnqueueStatus.STORED:
+            return envelope, None
+        assert result.seq is not None
+        with self._lock:
+            self._routed += 1
+            self._stored_gen[envelope.recipient] = self._stored_gen.get(envelope.recipient, 0) + 1
+        stored = StoredEnvelope(
+            result.seq, envelope.message_id, envelope.sender, envelope.recipient, data
+        )
+        return envelope, stored
 
     def deliver(self, envelope: bytes | Envelope) -> None:
         """Queue an envelope and, if its recipient is registered, deliver it now.
@@ -415,10 +429,10 @@ class LocalHub:
         recipient's trouble with a message is never raised to its sender.
         """
         data = envelope.to_bytes() if isinstance(envelope, Envelope) else bytes(envelope)
-        parsed = self._submit(data)
+        parsed, stored = self._submit(data)
         with self._lock:
             self._outcomes[parsed.message_id] = None
-        self._drain(parsed.recipient)
+        self._drain(parsed.recipient, stored)
         with self._lock:
             outcome = self._outcomes.pop(parsed.message_id, None)
         if outcome is not None:
@@ -434,9 +448,10 @@ class LocalHub:
         a replay) is the recipient's and is logged on its side, as with a network
         hub.
         """
-        self._drain(self._submit(bytes(envelope)).recipient)
+        parsed, stored = self._submit(bytes(envelope))
+        self._drain(parsed.recipient, stored)
 
-    def _drain(self, agent_id: str) -> None:
+    def _drain(self, agent_id: str, stored: StoredEnvelope | None = None) -> None:
         """Hand the recipient its queued envelopes in order, then run its handlers.
 
         One thread drains an agent at a time; another thread's call returns at once
@@ -445,6 +460,12 @@ class LocalHub:
         example a reply to a request() it waits for) hands the envelopes over but
         leaves running the handlers to the outer call, which is between two pages
         then, so order is kept.
+
+        ``stored``: the envelope just stored for the agent. If the queue was empty
+        before it and nothing else was stored since, it is the whole queue and is
+        handed over as it is, without reading the store; likewise a page is the last
+        one if nothing was stored while it was handed over. (Each read of the store
+        costs more than the rest of a LocalHub delivery.)
         """
         me = threading.get_ident()
         with self._lock:
@@ -454,21 +475,37 @@ class LocalHub:
                 return  # offline, or another thread is draining it
             nested = owner == me
             self._draining[agent_id] = me
+            generation = self._stored_gen.get(agent_id, 0)
+            only_this = (
+                stored is not None
+                and not nested
+                and self._empty_gen.get(agent_id) == generation - 1
+            )
         dispatcher = agent if supports(agent, DispatchingEndpoint) and not nested else None
         try:
             after = 0
+            page = 256
             while True:
-                batch = self._store.pending(
-                    agent_id, after_seq=after, limit=256, now_ms=self._now()
-                )
-                if not batch:
-                    break
-                for stored in batch:
-                    after = stored.seq
-                    if not self._hand_over(agent, stored):
+                if only_this:
+                    assert stored is not None
+                    batch, only_this = [stored], False
+                else:
+                    with self._lock:
+                        generation = self._stored_gen.get(agent_id, 0)
+                    batch = self._store.pending(
+                        agent_id, after_seq=after, limit=page, now_ms=self._now()
+                    )
+                for envelope in batch:
+                    after = envelope.seq
+                    if not self._hand_over(agent, envelope):
                         return
-                if dispatcher is not None:
+                if dispatcher is not None and batch:
                     dispatcher.dispatch_pending()
+                with self._lock:
+                    if len(batch) < page and self._stored_gen.get(agent_id, 0) == generation:
+                        if not nested:  # a nested call saw part of the queue only
+                            self._empty_gen[agent_id] = generation
+                        break
         finally:
             if not nested:
                 with self._lock:
@@ -487,7 +524,8 @@ class LocalHub:
         except (CryptoError, DecodeError) as exc:
             log.warning("dropping an envelope %s could not accept: %s", agent.agent_id, exc)
             outcome = exc
-        self._store.ack(agent.agent_id, [stored.message_id])
+        # No fsync: an undone deletion only redelivers what the agent drops as a duplicate.
+        self._store.ack(agent.agent_id, [stored.message_id], durable=False)
         with self._lock:
             if stored.message_id in self._outcomes:
                 self._outcomes[stored.message_id] = outcome

@@ -616,6 +616,7 @@ class HubStore:
         self._engine = create_hub_engine(
             url_or_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
         )
+        self._synchronous = str(synchronous).upper()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -654,7 +655,7 @@ class HubStore:
         return _SQLITE_FAST and self._engine.dialect.name == "sqlite"
 
     @contextmanager
-    def _driver_write(self) -> Iterator[sqlite3.Cursor]:
+    def _driver_write(self, *, relaxed: bool = False) -> Iterator[sqlite3.Cursor]:
         """A write transaction straight on a pooled SQLite driver connection.
 
         The same ``BEGIN IMMEDIATE`` .. ``COMMIT`` as :meth:`_write`, without
@@ -662,22 +663,31 @@ class HubStore:
         contexts), which costs more than the SQL itself when the hub's group
         commit holds one or a few envelopes. Driver errors are raised as
         SQLAlchemy's, as on the Core path; on any error the transaction is
-        rolled back and nothing of it stays.
+        rolled back and nothing of it stays. ``relaxed``: this commit does not
+        wait for the disk (``synchronous=NORMAL`` for it alone; it survives a
+        crash of the process, and a power cut may undo it, never half of it).
         """
         pooled = self._engine.raw_connection()
+        relax = relaxed and self._synchronous == "FULL"
         try:
             driver = pooled.driver_connection
             assert isinstance(driver, sqlite3.Connection)
             cursor = driver.cursor()
             with _as_sqlalchemy_errors():
-                cursor.execute("BEGIN IMMEDIATE")
+                if relax:
+                    cursor.execute("PRAGMA synchronous = NORMAL")
                 try:
-                    yield cursor
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    if driver.in_transaction:
-                        driver.execute("ROLLBACK")
-                    raise
+                    cursor.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield cursor
+                        cursor.execute("COMMIT")
+                    except BaseException:
+                        if driver.in_transaction:
+                            driver.execute("ROLLBACK")
+                        raise
+                finally:
+                    if relax:
+                        cursor.execute("PRAGMA synchronous = FULL")
         finally:
             pooled.close()
 
@@ -1239,24 +1249,33 @@ class HubStore:
                 for seq, mid, sender, rcpt, body in conn.execute(query)
             ]
 
-    def ack(self, recipient: str, message_ids: list[bytes]) -> int:
+    def ack(self, recipient: str, message_ids: list[bytes], *, durable: bool = True) -> int:
         """Delete ``recipient``'s envelopes with these message ids, in one transaction.
 
         Only envelopes addressed to ``recipient`` are deleted (an agent cannot
         delete others' mail); unknown ids are ignored. Updates the counters and
-        returns how many envelopes were deleted.
+        returns how many envelopes were deleted. ``durable``: see :meth:`ack_many`.
         """
-        return self.ack_many({recipient: message_ids})
+        return self.ack_many({recipient: message_ids}, durable=durable)
 
-    def ack_many(self, acks: dict[str, list[bytes]]) -> int:
-        """:meth:`ack` for several recipients (``{recipient: message ids}``), in ONE transaction."""
+    def ack_many(self, acks: dict[str, list[bytes]], *, durable: bool = True) -> int:
+        """:meth:`ack` for several recipients (``{recipient: message ids}``), in ONE transaction.
+
+        ``durable=False``: the commit does not wait for the disk (SQLite's
+        ``synchronous=NORMAL``, PostgreSQL's ``synchronous_commit = off`` for this
+        transaction). A deletion needs no more: should a power cut undo it, the
+        envelopes are delivered again, and their recipient drops them as duplicates
+        (its replay records are durable before it acknowledges).
+        """
         work = _ack_work(acks)
         if not work:
             return 0
         if self._driver_writes():
-            with self._driver_write() as cursor:
+            with self._driver_write(relaxed=not durable) as cursor:
                 return _ack_sqlite_all(cursor, work)
         with self._write() as conn:
+            if not durable and conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             return self._ack_in(conn, work)
 
     @staticmethod

@@ -494,6 +494,23 @@ def test_ack_deletes_only_own_mail(store: HubStore) -> None:
     assert store.ack("bob", [mid(1)]) == 0  # acking twice is harmless
 
 
+def test_a_relaxed_ack_deletes_the_same_and_leaves_commits_durable(store: HubStore) -> None:
+    """ack(durable=False) is only a cheaper commit: same rows, same counters, and the
+    connection goes back to waiting for the disk for everything else."""
+    store.bind_agent("bob", KEY_A, NOW)
+    enqueue(store, [env(1), env(2), env(3)])
+    assert store.ack("bob", [mid(1), mid(2)], durable=False) == 2
+    assert [e.message_id for e in store.pending("bob", now_ms=NOW)] == [mid(3)]
+    assert store.stats() == {"agents": 1, "envelopes": 1, "bytes": 1}
+    if store.engine.dialect.name == "sqlite":
+        for _ in range(3):  # every pooled connection is back at FULL (2)
+            with store.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    else:
+        with store.engine.connect() as conn:  # SET LOCAL ended with its transaction
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+
+
 def test_seq_is_never_reused(store: HubStore) -> None:
     store.bind_agent("bob", KEY_A, NOW)
     first = enqueue(store, [env(1), env(2)])
