@@ -93,7 +93,9 @@ class Mailboxes(Protocol):
         now_ms: int,
         max_count_per_recipient: int,
         max_bytes_per_recipient: int,
+        durable: bool = True,
     ) -> list[EnqueueResult]: ...
+    def sync(self) -> None: ...
     def pending(
         self, recipient: str, *, after_seq: int = 0, limit: int = 500, now_ms: int
     ) -> list[StoredEnvelope]: ...
@@ -188,6 +190,7 @@ class MemoryMailboxes:
         now_ms: int,
         max_count_per_recipient: int,
         max_bytes_per_recipient: int,
+        durable: bool = True,
     ) -> list[EnqueueResult]:
         results = []
         with self._lock:
@@ -252,6 +255,9 @@ class MemoryMailboxes:
                 return 0 if agent is None else len(agent.mailbox)
             return sum(len(a.mailbox) for a in self._agents.values())
 
+    def sync(self) -> None:
+        """Nothing is durable here."""
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -292,6 +298,10 @@ class LocalHub:
         #: store: a store shared with another process is not supported.
         self._stored_gen: dict[str, int] = {}
         self._empty_gen: dict[str, int] = {}
+        #: Envelopes stored without an fsync, for a recipient that was online, and not
+        #: taken by it yet: route() syncs the store before returning if its envelope
+        #: is still among them.
+        self._unsynced: set[bytes] = set()
         self._lock = threading.RLock()
 
     @staticmethod
@@ -383,8 +393,15 @@ class LocalHub:
     # -- delivery -----------------------------------------------------------
 
     def _submit(self, data: bytes) -> tuple[Envelope, StoredEnvelope | None]:
-        """Store one envelope; returns it, and as stored (None: a duplicate)."""
+        """Store one envelope; returns it, and as stored (None: a duplicate).
+
+        For a recipient that is online the commit does not wait for the disk: the
+        envelope is handed over at once, and the caller syncs if it was not taken
+        (see :meth:`_settle`). Mail for an offline recipient is durable at once.
+        """
         envelope = decode_envelope(data)
+        with self._lock:
+            online = envelope.recipient in self._online
         [result] = self._store.enqueue(
             [
                 NewEnvelope(
@@ -398,6 +415,7 @@ class LocalHub:
             now_ms=self._now(),
             max_count_per_recipient=self._max_messages,
             max_bytes_per_recipient=self._max_bytes,
+            durable=not online,
         )
         if result.status is EnqueueStatus.UNKNOWN_RECIPIENT:
             raise PeerNotFoundError(envelope.recipient)
@@ -409,6 +427,8 @@ class LocalHub:
         with self._lock:
             self._routed += 1
             self._stored_gen[envelope.recipient] = self._stored_gen.get(envelope.recipient, 0) + 1
+            if online:
+                self._unsynced.add(envelope.message_id)
         stored = StoredEnvelope(
             result.seq, envelope.message_id, envelope.sender, envelope.recipient, data
         )
@@ -433,6 +453,7 @@ class LocalHub:
         with self._lock:
             self._outcomes[parsed.message_id] = None
         self._drain(parsed.recipient, stored)
+        self._settle(parsed.message_id)
         with self._lock:
             outcome = self._outcomes.pop(parsed.message_id, None)
         if outcome is not None:
@@ -450,6 +471,17 @@ class LocalHub:
         """
         parsed, stored = self._submit(bytes(envelope))
         self._drain(parsed.recipient, stored)
+        self._settle(parsed.message_id)
+
+    def _settle(self, message_id: bytes) -> None:
+        """Before route() or deliver() returns: if the envelope was stored without an
+        fsync and its recipient has not taken it (it went offline, another thread is
+        draining it, its mail is held), make the store durable now."""
+        with self._lock:
+            if message_id not in self._unsynced:
+                return
+            self._unsynced.clear()  # the sync covers every commit so far
+        self._store.sync()
 
     def _drain(self, agent_id: str, stored: StoredEnvelope | None = None) -> None:
         """Hand the recipient its queued envelopes in order, then run its handlers.
@@ -526,6 +558,8 @@ class LocalHub:
             outcome = exc
         # No fsync: an undone deletion only redelivers what the agent drops as a duplicate.
         self._store.ack(agent.agent_id, [stored.message_id], durable=False)
+        with self._lock:
+            self._unsynced.discard(stored.message_id)
         with self._lock:
             if stored.message_id in self._outcomes:
                 self._outcomes[stored.message_id] = outcome

@@ -67,6 +67,7 @@ import hmac
 import importlib.resources
 import importlib.util
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -1074,8 +1075,14 @@ class HubStore:
         acks: dict[str, list[bytes]] | None = None,
         notify_from: str | None = None,
         notify_for: Collection[str] | None = None,
+        durable: bool = True,
     ) -> list[EnqueueResult]:
         """Queue a batch of envelopes in ONE transaction (group commit).
+
+        ``durable=False`` (SQLite; elsewhere it is ignored): the commit survives a
+        crash of the process but not a power cut until :meth:`sync` (or any durable
+        commit) ran. For a caller that hands the envelopes to their recipient at
+        once and syncs when it could not (LocalHub).
 
         ``notify_from`` (PostgreSQL): the hub id to name in the ``m HUB AGENT``
         notification sent, at the commit, for each recipient that got mail
@@ -1111,7 +1118,7 @@ class HubStore:
         for attempt in range(_RACE_RETRIES):
             try:
                 if self._driver_writes():
-                    with self._driver_write() as cursor:
+                    with self._driver_write(relaxed=not durable) as cursor:
                         _ack_sqlite_all(cursor, work)
                         return _enqueue_sqlite(
                             cursor, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
@@ -1248,6 +1255,26 @@ class HubStore:
                 StoredEnvelope(int(seq), bytes(mid), sender, rcpt, bytes(body))
                 for seq, mid, sender, rcpt, body in conn.execute(query)
             ]
+
+    def sync(self) -> None:
+        """Make every commit so far survive a power cut (those of ``durable=False``).
+
+        SQLite: an fdatasync of the WAL file, where committed frames live until a
+        checkpoint. Other databases: nothing to do, their commits here are durable.
+        """
+        if self._engine.dialect.name != "sqlite" or self._synchronous != "FULL":
+            return
+        database = self._engine.url.database
+        if not database or database == ":memory:":
+            return
+        try:
+            fd = os.open(f"{database}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed and truncated: everything is in the synced main file
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def ack(self, recipient: str, message_ids: list[bytes], *, durable: bool = True) -> int:
         """Delete ``recipient``'s envelopes with these message ids, in one transaction.

@@ -87,3 +87,55 @@ def test_a_version_1_coordinator_and_workers_script_runs_unmodified(tmp_path: Pa
         "6 messages routed",
     ]
     assert "Traceback" not in result.stderr
+
+
+class _SyncCounter:
+    """Wraps a LocalHub's store: which enqueues waited for the disk, and the syncs."""
+
+    def __init__(self, hub: LocalHub) -> None:
+        self.store = hub._store
+        self.durable: list[bool] = []
+        self.syncs = 0
+        real_enqueue, real_sync = self.store.enqueue, self.store.sync
+
+        def enqueue(*args: object, **kwargs: object) -> object:
+            self.durable.append(bool(kwargs.get("durable", True)))
+            return real_enqueue(*args, **kwargs)  # type: ignore[arg-type]
+
+        def sync() -> None:
+            self.syncs += 1
+            real_sync()
+
+        self.store.enqueue = enqueue  # type: ignore[method-assign]
+        self.store.sync = sync  # type: ignore[method-assign]
+
+
+def test_a_durable_localhub_fsyncs_only_mail_that_waits(keydir: Path, tmp_path: Path) -> None:
+    """LocalHub(db=...): mail handed over at once commits without an fsync (the
+    recipient's own commit is durable before the hub deletes it); mail that waits, for
+    an offline recipient or held back, is durable before send() returns."""
+    hub = LocalHub(db=str(tmp_path / "hub.sqlite"))
+    alice = Agent("alice", hub=hub, keypair_path=keydir / "alice.json")
+    bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
+    inbox = Inbox()
+    bob.on_message(inbox)
+    counter = _SyncCounter(hub)
+    for text in ("one", "two", "three"):
+        alice.send("bob", text=text)
+    assert [m.text for m in inbox] == ["one", "two", "three"]
+    assert counter.durable == [False] * 3 and counter.syncs == 0
+    bob.close()
+    alice.send("bob", text="offline")  # waits in the hub: durable at once
+    assert counter.durable[-1] is True and hub.queued_count() == 1
+    bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
+    bob.on_message(inbox)
+    assert inbox[-1].text == "offline" and hub.queued_count() == 0
+    hub._drain = lambda agent_id, stored=None: None  # type: ignore[method-assign]
+    alice.send("bob", text="not taken")  # online, but not handed over: synced
+    assert counter.durable[-1] is False and counter.syncs == 1
+    alice.close()
+    bob.close()
+    hub.close()
+    reopened = LocalHub(db=str(tmp_path / "hub.sqlite"))
+    assert reopened.queued_count() == 1  # "not taken" is still queued
+    reopened.close()
