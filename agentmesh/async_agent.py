@@ -54,6 +54,7 @@ from agentmesh.agent import (
     text_payload,
 )
 from agentmesh.errors import LocalProtocolError, RequestTimeoutError
+from agentmesh.protocol.hub_interface import LoopBoundHub, supports
 
 _T = TypeVar("_T")
 AsyncHandler = Callable[["AsyncMessage"], Any]
@@ -119,6 +120,10 @@ class AsyncAgent:
             self._arrived = asyncio.Event()
             self._starting = loop.create_future()
             try:
+                if supports(self._hub, LoopBoundHub):
+                    # Before Agent(...) registers from an executor thread: the hub's
+                    # connections then run on this loop, reached from that thread.
+                    self._hub.bind_running_loop()
                 make = functools.partial(
                     Agent, self._agent_id, self._hub, *self._args, **self._kwargs
                 )
