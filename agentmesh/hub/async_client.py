@@ -59,7 +59,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from agentmesh.errors import HubUnavailableError, LocalProtocolError
 from agentmesh.hub import client as _client
@@ -70,6 +71,8 @@ from agentmesh.protocol.hub_interface import EndpointOwner, HubEndpoint, endpoin
 from agentmesh.wire.envelope import decode_envelope
 
 __all__ = ["AsyncNetworkHub"]
+
+_T = TypeVar("_T")
 
 #: What to await instead of each blocking method (named in the errors).
 _ASYNC_FORMS = {
@@ -235,7 +238,7 @@ class AsyncNetworkHub(NetworkHub):
         """Coroutine of :meth:`NetworkHub.queued_count`."""
         return (await self.astats()).get("queued", 0)
 
-    async def _timed(self, coro: Any, timeout: float) -> Any:
+    async def _timed(self, coro: Awaitable[_T], timeout: float) -> _T:
         try:
             return await asyncio.wait_for(coro, timeout)
         except asyncio.TimeoutError:
@@ -258,7 +261,9 @@ class AsyncNetworkHub(NetworkHub):
             raise LocalProtocolError(
                 "AsyncNetworkHub.aclose() must be awaited on the event loop the hub runs on"
             )
-        for agent_id in list(self._links):
+        with self._lock:
+            agent_ids = list(self._links)
+        for agent_id in agent_ids:
             await self.aunregister(agent_id)
         with self._lock:
             self._closed = True

@@ -13,22 +13,28 @@ The split
     :class:`~agentmesh.protocol.hub_interface.HubEndpoint`) for the session's
     effects and hands the results back, and maps failures to exceptions.
 
-Threads
-    One background I/O thread (``agentmesh-hub-client``) runs an asyncio event
-    loop for every connection of one ``NetworkHub`` (started lazily, never per
-    call). Each registered agent has its own authenticated connection (a
-    ``_Link``), its own *dispatcher* thread (``agentmesh-dispatch-<id>``), which
-    hands pushed envelopes to the endpoint in the order the hub pushed them and
-    reports the outcomes to the session (which batches the ACKs), and its own
-    *handler* thread (``agentmesh-handlers-<id>``), which runs the endpoint's
-    handlers, so a handler that waits for a reply does not stop the reply from
-    being received. The endpoint calls the session asks for (signing the login,
-    reading prekeys and the outbox, recording acknowledgements) run one at a
-    time, in order, in a per-link task that awaits them in the loop's executor,
-    so they never block the loop.
+Threads and tasks
+    Every connection of one hub runs on one asyncio event loop, which a *loop
+    runner* (:mod:`agentmesh.hub.runner`) provides: for ``NetworkHub`` a
+    background I/O thread of its own (``agentmesh-hub-client``, started lazily,
+    never per call); for :class:`~agentmesh.hub.async_client.AsyncNetworkHub`
+    the caller's loop. Each registered agent has its own authenticated
+    connection (a ``_Link``) with two tasks on that loop, ``agentmesh-link-<id>``
+    (connect, log in, reconnect with backoff) and ``agentmesh-effects-<id>``
+    (answers the session's endpoint effects), and three threads: the *endpoint*
+    thread (``agentmesh-endpoint-<id>``), which makes the endpoint calls the
+    session asks for (signing the login, reading prekeys and the outbox,
+    recording acknowledgements) one at a time, in order, so the loop never
+    runs the endpoint nor waits for a shared executor; the *dispatcher* thread
+    (``agentmesh-dispatch-<id>``), which hands pushed envelopes to the endpoint
+    (decrypt, commit, fsync) in the order the hub pushed them and reports the
+    outcomes to the session (which batches the ACKs); and the *handler* thread
+    (``agentmesh-handlers-<id>``), which runs the endpoint's handlers, so a
+    handler that waits for a reply does not stop the reply from being received.
+    ``unregister``/``close`` end all of them and wait for the threads.
 
 Locks
-    ``NetworkHub._lock`` guards the links and the I/O thread. Each link's
+    ``NetworkHub._lock`` guards the links and the loop runner. Each link's
     ``_lock`` (a Condition) guards its session and is held only while calling
     the session (pure computation): never while writing to a socket, calling
     the endpoint or taking another lock. Callers of :meth:`NetworkHub.submit`
@@ -583,8 +589,6 @@ class _EndpointThread:
                 error = exc
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 self.loop.call_soon_threadsafe(_settle, future, result, error)
-            if error is not None and not isinstance(error, Exception):
-                raise error
 
 
 class _Link(_SessionDriver):
@@ -1127,7 +1131,9 @@ class NetworkHub:
     The constructor does no network I/O (it reads a CA file given as ``tls``);
     the I/O thread starts with the first call that needs it. All methods are
     thread-safe and blocking, and must not be called from the hub's own I/O
-    thread. Use :meth:`close` (or ``with``).
+    thread (they raise LocalProtocolError there). Use :meth:`close` (or
+    ``with``). For asyncio code, :class:`~agentmesh.hub.async_client.AsyncNetworkHub`
+    runs the same connections on the caller's event loop instead.
     """
 
     def __init__(

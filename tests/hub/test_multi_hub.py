@@ -4,7 +4,8 @@ Each test gets a fresh database (LISTEN/NOTIFY channels are per database) and
 two or three real ``agentmesh-hub`` processes on it: cross-hub delivery while
 both agents stay online, the one-live-session rule across hubs, and failover
 of a client with ``servers=[...]`` after a SIGKILL of its hub while a sender
-streams. Skipped, like the other PostgreSQL tests, without a reachable server.
+streams (``NetworkHub``, and ``AsyncAgent`` on ``AsyncNetworkHub``). Skipped,
+like the other PostgreSQL tests, without a reachable server.
 Waits are bounded polls; nothing asserts a timing.
 """
 
