@@ -22,12 +22,17 @@ are coroutines with the sync names. It drives an ``Agent`` underneath:
 
 Works with :class:`~agentmesh.LocalHub` (deliveries then happen in executor
 threads, and handlers still run on the loop), :class:`~agentmesh.NetworkHub` and
-:class:`~agentmesh.hub.async_client.AsyncNetworkHub`.
+:class:`~agentmesh.hub.async_client.AsyncNetworkHub`. A hub whose connections run
+on the caller's loop (the :class:`~agentmesh.protocol.hub_interface.LoopBoundHub`
+capability, as ``AsyncNetworkHub`` has) is bound to this loop in :meth:`start`,
+before the ``Agent`` registers with it from an executor thread.
 
 Threads and tasks: the handler task (started by :meth:`AsyncAgent.start` or the
 first ``on_message``, stopped by :meth:`AsyncAgent.close`) and the loop's default
-executor; the hub's threads are the hub's (docs/ARCHITECTURE.md). No executor
-thread ever waits for the loop, so handlers that send cannot starve the executor.
+executor; the hub's threads and tasks are the hub's (docs/ARCHITECTURE.md). With
+``AsyncNetworkHub`` an executor thread in a send or a registration waits for the
+loop (the connection is there), but the loop never waits for an executor thread:
+the hub calls the agent on its own threads. So neither can starve the other.
 Locks: none of its own; no handler runs while the underlying ``Agent`` holds one.
 """
 
@@ -54,6 +59,7 @@ from agentmesh.agent import (
     text_payload,
 )
 from agentmesh.errors import LocalProtocolError, RequestTimeoutError
+from agentmesh.protocol.hub_interface import LoopBoundHub, supports
 
 _T = TypeVar("_T")
 AsyncHandler = Callable[["AsyncMessage"], Any]
@@ -119,6 +125,10 @@ class AsyncAgent:
             self._arrived = asyncio.Event()
             self._starting = loop.create_future()
             try:
+                if supports(self._hub, LoopBoundHub):
+                    # Before Agent(...) registers from an executor thread: the hub's
+                    # connections then run on this loop, reached from that thread.
+                    self._hub.bind_running_loop()
                 make = functools.partial(
                     Agent, self._agent_id, self._hub, *self._args, **self._kwargs
                 )

@@ -13,22 +13,28 @@ The split
     :class:`~agentmesh.protocol.hub_interface.HubEndpoint`) for the session's
     effects and hands the results back, and maps failures to exceptions.
 
-Threads
-    One background I/O thread (``agentmesh-hub-client``) runs an asyncio event
-    loop for every connection of one ``NetworkHub`` (started lazily, never per
-    call). Each registered agent has its own authenticated connection (a
-    ``_Link``), its own *dispatcher* thread (``agentmesh-dispatch-<id>``), which
-    hands pushed envelopes to the endpoint in the order the hub pushed them and
-    reports the outcomes to the session (which batches the ACKs), and its own
-    *handler* thread (``agentmesh-handlers-<id>``), which runs the endpoint's
-    handlers, so a handler that waits for a reply does not stop the reply from
-    being received. The endpoint calls the session asks for (signing the login,
-    reading prekeys and the outbox, recording acknowledgements) run one at a
-    time, in order, in a per-link task that awaits them in the loop's executor,
-    so they never block the loop.
+Threads and tasks
+    Every connection of one hub runs on one asyncio event loop, which a *loop
+    runner* (:mod:`agentmesh.hub.runner`) provides: for ``NetworkHub`` a
+    background I/O thread of its own (``agentmesh-hub-client``, started lazily,
+    never per call); for :class:`~agentmesh.hub.async_client.AsyncNetworkHub`
+    the caller's loop. Each registered agent has its own authenticated
+    connection (a ``_Link``) with two tasks on that loop, ``agentmesh-link-<id>``
+    (connect, log in, reconnect with backoff) and ``agentmesh-effects-<id>``
+    (answers the session's endpoint effects), and three threads: the *endpoint*
+    thread (``agentmesh-endpoint-<id>``), which makes the endpoint calls the
+    session asks for (signing the login, reading prekeys and the outbox,
+    recording acknowledgements) one at a time, in order, so the loop never
+    runs the endpoint nor waits for a shared executor; the *dispatcher* thread
+    (``agentmesh-dispatch-<id>``), which hands pushed envelopes to the endpoint
+    (decrypt, commit, fsync) in the order the hub pushed them and reports the
+    outcomes to the session (which batches the ACKs); and the *handler* thread
+    (``agentmesh-handlers-<id>``), which runs the endpoint's handlers, so a
+    handler that waits for a reply does not stop the reply from being received.
+    ``unregister``/``close`` end all of them and wait for the threads.
 
 Locks
-    ``NetworkHub._lock`` guards the links and the I/O thread. Each link's
+    ``NetworkHub._lock`` guards the links and the loop runner. Each link's
     ``_lock`` (a Condition) guards its session and is held only while calling
     the session (pure computation): never while writing to a socket, calling
     the endpoint or taking another lock. Callers of :meth:`NetworkHub.submit`
@@ -62,14 +68,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import logging
 import os
 import queue
+import socket
 import ssl
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -85,6 +91,7 @@ from agentmesh.errors import (
     MailboxFullError,
     PeerNotFoundError,
 )
+from agentmesh.hub.runner import IOThread, LoopRunner
 from agentmesh.protocol import client_session as cs
 from agentmesh.protocol import hub_protocol as hp
 from agentmesh.protocol.client_session import RETRYABLE_CODES, ClientSession, Verdict, backoff
@@ -185,6 +192,21 @@ def _context_trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
         ) from exc
 
 
+def _checked_bundle(agent_id: str, event: hp.Event) -> bytes:
+    """The bundle a FETCH_BUNDLE for ``agent_id`` answered, checked to be that agent's."""
+    if isinstance(event, hp.ErrorReceived) and event.code == "not_found":
+        raise PeerNotFoundError(agent_id)
+    bundle = _expect(event, hp.BundleReceived).bundle
+    try:
+        if PrekeyBundle.decode(bundle).agent_id != agent_id:
+            raise HubError(
+                "bad_bundle", f"the hub returned another agent's bundle for {agent_id!r}"
+            )
+    except DecodeError as exc:
+        raise HubError("bad_bundle", f"the hub returned an unreadable bundle: {exc}") from exc
+    return bundle
+
+
 def _expect(event: hp.Event, kind: type[_T], recipient: str | None = None) -> _T:
     if isinstance(event, kind):
         return event
@@ -243,6 +265,14 @@ class _Transport(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Any thread, once the loop is closed (close() needs the loop): end the
+        connection at the socket, so the hub sees it go."""
+        sock = None if self.transport is None else self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class _SessionDriver:
@@ -484,60 +514,6 @@ def _log_refused(agent_id: str | None, effect: cs.Refused) -> None:
         logger.warning("hub error: %r %r", effect.code, effect.text)
 
 
-# --- the I/O thread --------------------------------------------------------
-
-
-class _IOThread:
-    """A daemon thread running one event loop forever; coroutines are submitted to it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="agentmesh-hub-client", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-        # stop() cancelled every task; let them finish cancelling before the loop is
-        # closed, or each is "destroyed but pending" (an asyncio ERROR on stderr).
-        pending = asyncio.all_tasks(self.loop)
-        if pending:
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-
-    @property
-    def current(self) -> bool:
-        """Whether the calling thread is this I/O thread."""
-        return threading.current_thread() is self._thread
-
-    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
-        """Run ``coro`` on the loop and wait; on timeout cancel it and raise HubUnavailableError."""
-        if self.current:
-            coro.close()
-            raise LocalProtocolError("NetworkHub methods must not be called from its I/O thread")
-        future = self.submit(coro)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise HubUnavailableError(f"the hub did not answer within {timeout}s") from None
-
-    def stop(self) -> None:
-        def shutdown() -> None:
-            for task in asyncio.all_tasks(self.loop):
-                task.cancel()
-            self.loop.stop()
-
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(shutdown)
-        if not self.current:
-            self._thread.join(5.0)
-            if not self._thread.is_alive():
-                self.loop.close()
-
-
 # --- one registered agent --------------------------------------------------
 
 _STOP = object()
@@ -564,10 +540,64 @@ class _BatchFailed(Exception):
     """A whole batch failed (logged once): every envelope of it is left on the hub."""
 
 
+def _settle(future: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
+    """Loop thread: complete ``future`` unless its waiter gave up (cancelled it)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+class _EndpointThread:
+    """A link's thread (``agentmesh-endpoint-<id>``) for the endpoint calls its
+    session asks for: signing the login, reading prekeys and the outbox, recording
+    acknowledgements. The loop hands it one call at a time and awaits the outcome,
+    so the loop never runs the endpoint (decrypting, fsync) and never waits for an
+    executor that threads blocked on the loop could be filling up."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def call(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Loop thread: run ``fn(*args)`` on this thread; the future has its outcome.
+        Cancelling the future does not stop a call that has started."""
+        future: asyncio.Future[_T] = self.loop.create_future()
+        self._jobs.put((fn, args, future))
+        return future
+
+    def stop(self) -> None:
+        """Any thread: end after the call in progress, if any (the rest are dropped)."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args, future = job
+            result: object = None
+            error: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting task, which raises it
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self.loop.call_soon_threadsafe(_settle, future, result, error)
+
+
 class _Link(_SessionDriver):
     """One registered agent: its session and connection (re-made after losses), the
-    task that calls its endpoint for the session, its dispatcher thread (hands pushes
-    to the endpoint) and its handler thread (runs the endpoint's handlers)."""
+    task that answers the session's endpoint effects (``agentmesh-effects-<id>``,
+    through the endpoint thread ``agentmesh-endpoint-<id>``), its supervisor task
+    (``agentmesh-link-<id>``: connect, log in, reconnect with backoff), its
+    dispatcher thread (hands pushes to the endpoint) and its handler thread (runs
+    the endpoint's handlers)."""
 
     def __init__(self, hub: NetworkHub, endpoint: HubEndpoint, loop: asyncio.AbstractEventLoop):
         session = ClientSession(
@@ -596,6 +626,7 @@ class _Link(_SessionDriver):
         self._effects: collections.deque[cs.Effect] = collections.deque()
         self._effects_due = asyncio.Event()
         self._effect_task: asyncio.Task[None] | None = None
+        self._endpoint_thread = _EndpointThread(f"agentmesh-endpoint-{self.agent_id}", loop)
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._dispatching = threading.Event()
         self._dispatcher = threading.Thread(
@@ -619,22 +650,34 @@ class _Link(_SessionDriver):
         ``background``: return at once and keep trying to log in (with the
         reconnect backoff) until it works or the hub refuses for good.
         """
+        self._endpoint_thread.thread.start()
         self._dispatcher.start()
         self._handler_thread.start()
-        self._effect_task = self.loop.create_task(self._run_effects())
+        self._effect_task = self.loop.create_task(
+            self._run_effects(), name=f"agentmesh-effects-{self.agent_id}"
+        )
         first: asyncio.Future[None] = self.loop.create_future()
         if background:
             first.set_result(None)  # nobody waits for the first login
-        self._supervisor = self.loop.create_task(self._supervise(first))
+        self._supervisor = self.loop.create_task(
+            self._supervise(first), name=f"agentmesh-link-{self.agent_id}"
+        )
         await first
 
     async def close(self) -> None:
-        self.closing = True
-        self.failure = HubUnavailableError("unregistered from this NetworkHub")
-        self.connected.set()  # wake senders waiting for a reconnect
-        for task in (self._supervisor, self._effect_task):
-            if task is not None:
-                task.cancel()
+        """Loop thread: :meth:`close_now` as a coroutine (for ``LoopRunner.run``)."""
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Loop thread, or any thread once the loop is closed: stop the tasks and the
+        threads, write the pending ACKs and close the connection. Waits for nothing."""
+        self.stop_threads()
+        loop_closed = self.loop.is_closed()
+        if not loop_closed:  # else no task will ever run again: nothing to wake or cancel
+            self.connected.set()  # wake senders waiting for a reconnect
+            for task in (self._supervisor, self._effect_task):
+                if task is not None:
+                    task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         transport = self.transport
@@ -642,18 +685,40 @@ class _Link(_SessionDriver):
             self.session.close()  # gives the window back; pending ACKs still go out
             data = self.session.data_to_send()
             self._lock.notify_all()  # wake pipelined senders waiting for room
-        if transport is not None:
+        if transport is None:
+            return
+        if loop_closed:
+            transport.shutdown()  # no loop to run the close: the hub sees EOF now
+        else:
             transport.write(data, close=True)
+
+    def stop_threads(self) -> None:
+        """Any thread: tell the dispatcher, handler and endpoint threads to end."""
+        if not self.closing:
+            self.failure = HubUnavailableError("unregistered from this NetworkHub")
+        self.closing = True
+        self._endpoint_thread.stop()
         self._inbox.put(_STOP)
         self._dispatching.set()
         self._handlers_due.set()
 
+    def _threads(self) -> list[threading.Thread]:
+        return [self._dispatcher, self._handler_thread, self._endpoint_thread.thread]
+
     def join(self, timeout: float) -> None:
-        """Wait for the dispatcher and handler threads to finish what they are doing
-        (never for the calling thread itself)."""
-        for thread in (self._dispatcher, self._handler_thread):
+        """Wait for the dispatcher, handler and endpoint threads to finish what they
+        are doing (never for the calling thread itself)."""
+        for thread in self._threads():
             if thread.is_alive() and threading.current_thread() is not thread:
                 thread.join(timeout)
+
+    async def ajoin(self, timeout: float) -> None:
+        """Loop thread: :meth:`join` without blocking the loop (it polls: the threads
+        end as soon as the call they are in returns)."""
+        deadline = self.loop.time() + timeout
+        for thread in self._threads():
+            while thread.is_alive() and self.loop.time() < deadline:
+                await asyncio.sleep(0.005)
 
     async def _supervise(self, first: asyncio.Future[None]) -> None:
         delays = self.hub.make_backoff()
@@ -847,7 +912,8 @@ class _Link(_SessionDriver):
                 self.endpoint.envelope_acked(message_id)
 
     async def _in_executor(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await self.loop.run_in_executor(None, fn, *args)
+        """Run ``fn`` on the link's endpoint thread (never the loop's executor)."""
+        return await self._endpoint_thread.call(fn, *args)
 
     def upload(self, bundle: bytes, prekeys: list[bytes]) -> None:
         """Publish ``bundle`` and upload ``prekeys`` on the current connection, if any
@@ -1065,7 +1131,9 @@ class NetworkHub:
     The constructor does no network I/O (it reads a CA file given as ``tls``);
     the I/O thread starts with the first call that needs it. All methods are
     thread-safe and blocking, and must not be called from the hub's own I/O
-    thread. Use :meth:`close` (or ``with``).
+    thread (they raise LocalProtocolError there). Use :meth:`close` (or
+    ``with``). For asyncio code, :class:`~agentmesh.hub.async_client.AsyncNetworkHub`
+    runs the same connections on the caller's event loop instead.
     """
 
     def __init__(
@@ -1123,7 +1191,8 @@ class NetworkHub:
             self._ssl_context = _context_trusting(tls)
             tls = self._ssl_context
         self._tls: bool | ssl.SSLContext = tls
-        self._io: _IOThread | None = None
+        #: Where the connections run: made on first use (see _runner).
+        self._io: LoopRunner | None = None
         self._links: dict[str, _Link] = {}
         #: One-time prekeys the hub acknowledged, by agent (each link's session updates its
         #: set under the link's lock; kept across re-registrations, see ClientSession).
@@ -1139,13 +1208,19 @@ class NetworkHub:
 
     # -- plumbing ---------------------------------------------------------
 
-    def _thread(self) -> _IOThread:
+    def _runner(self, call: str) -> LoopRunner:
+        """The loop the connections run on, made for the first call that needs it
+        (``call`` names that method, for the errors)."""
         with self._lock:
             if self._closed:
-                raise LocalProtocolError("this NetworkHub is closed")
+                raise LocalProtocolError(f"{type(self).__name__}.{call}(): this hub is closed")
             if self._io is None:
-                self._io = _IOThread()
+                self._io = self._new_runner(call)
             return self._io
+
+    def _new_runner(self, call: str) -> LoopRunner:
+        """Under ``_lock``: a runner for the first ``call``. NetworkHub: its own thread."""
+        return IOThread()
 
     def _ssl(self) -> ssl.SSLContext | None:
         """The client TLS context (the system trust store for ``tls=True``), made on first use."""
@@ -1274,34 +1349,55 @@ class NetworkHub:
         """Replace ``agent``'s link with a new one and start it; a link whose start
         fails is removed and closed. ``agent``: an endpoint, or (version 1) an Agent."""
         agent = endpoint_of(agent)
-        io = self._thread()
+        call = "register_in_background" if background else "register"
+        io = self._runner(call)
+        if io.current:
+            raise io.blocked(call)
         agent_id = agent.agent_id
         self.unregister(agent_id)
+        link = self._add_link(agent, io)
+        try:
+            io.run(link.start(background=background), self._start_timeout, call=call)
+        except BaseException:
+            self._drop_link(link)
+            with contextlib.suppress(Exception):
+                io.run(link.close(), self.request_timeout, call=call)
+            link.stop_threads()
+            link.join(self.request_timeout)
+            raise
+
+    @property
+    def _start_timeout(self) -> float:
+        return self.connect_timeout + 2 * self.request_timeout
+
+    def _add_link(self, agent: HubEndpoint, io: LoopRunner) -> _Link:
         link = _Link(self, agent, io.loop)
         with self._lock:
-            self._links[agent_id] = link
-        try:
-            io.run(
-                link.start(background=background),
-                self.connect_timeout + 2 * self.request_timeout,
-            )
-        except BaseException:
-            with self._lock:
-                if self._links.get(agent_id) is link:
-                    del self._links[agent_id]
-            with contextlib.suppress(Exception):
-                io.run(link.close(), self.request_timeout)
-            raise
+            self._links[agent.agent_id] = link
+        return link
+
+    def _drop_link(self, link: _Link) -> None:
+        with self._lock:
+            if self._links.get(link.agent_id) is link:
+                del self._links[link.agent_id]
 
     def unregister(self, agent_id: str) -> None:
         """Close ``agent_id``'s connection; the hub keeps its binding and mailbox."""
         with self._lock:
-            link = self._links.pop(agent_id, None)
+            link = self._links.get(agent_id)
             io = self._io
-        if link is not None and io is not None:
-            with contextlib.suppress(HubUnavailableError):
-                io.run(link.close(), self.request_timeout)
-            link.join(self.request_timeout)
+        if link is None or io is None:
+            return
+        if io.current:
+            raise io.blocked("unregister")
+        self._drop_link(link)
+        try:
+            io.run(link.close(), self.request_timeout, call="unregister")
+        except HubUnavailableError:
+            if io.loop.is_closed():
+                link.close_now()  # no loop runs any more: close from here
+            link.stop_threads()  # whatever happened to the loop, the threads end
+        link.join(self.request_timeout)
 
     def deliver(self, envelope: bytes) -> None:
         """Send ``envelope`` on its sender's connection; return after the hub committed it.
@@ -1315,7 +1411,9 @@ class NetworkHub:
         """
         parsed = decode_envelope(envelope)
         link = self._link(parsed.sender)
-        message_id = self._thread().run(link.send(envelope, parsed), self.ack_timeout + 1.0)
+        message_id = self._runner("deliver").run(
+            link.send(envelope, parsed), self.ack_timeout + 1.0, call="deliver"
+        )
         link.endpoint.envelope_acked(message_id)
 
     def submit(self, envelope: bytes) -> None:
@@ -1333,8 +1431,9 @@ class NetworkHub:
         """
         parsed = decode_envelope(envelope)
         link = self._link(parsed.sender)
-        if self._io is not None and self._io.current:
-            raise LocalProtocolError("NetworkHub methods must not be called from its I/O thread")
+        io = self._io
+        if io is not None and io.current:
+            raise io.blocked("submit")
         link.submit(envelope, parsed)
 
     def wait_acked(self, agent_id: str, timeout: float | None = None) -> bool:
@@ -1344,6 +1443,9 @@ class NetworkHub:
         outbox by a lost connection; False if ``timeout`` seconds passed first.
         """
         link = self._links.get(agent_id)
+        io = self._io
+        if io is not None and io.current:
+            raise io.blocked("wait_acked")
         return True if link is None else link.wait_idle(timeout)
 
     def fetch_prekey_bundle(self, agent_id: str) -> bytes:
@@ -1352,21 +1454,12 @@ class NetworkHub:
         Needs a registered agent (the request is rate-limited per login).
         Raises ``ValueError("Peer 'x' not found on hub")``.
         """
-        event = self._thread().run(
+        event = self._runner("fetch_prekey_bundle").run(
             self._any_request(lambda session: session.fetch_bundle(agent_id)),
             self.request_timeout + 1.0,
+            call="fetch_prekey_bundle",
         )
-        if isinstance(event, hp.ErrorReceived) and event.code == "not_found":
-            raise PeerNotFoundError(agent_id)
-        bundle = _expect(event, hp.BundleReceived).bundle
-        try:
-            if PrekeyBundle.decode(bundle).agent_id != agent_id:
-                raise HubError(
-                    "bad_bundle", f"the hub returned another agent's bundle for {agent_id!r}"
-                )
-        except DecodeError as exc:
-            raise HubError("bad_bundle", f"the hub returned an unreadable bundle: {exc}") from exc
-        return bundle
+        return _checked_bundle(agent_id, event)
 
     def get_bundle(self, agent_id: str) -> dict[str, Any]:
         """Version 1: the peer's public bundle as a JSON-safe dict."""
@@ -1374,16 +1467,19 @@ class NetworkHub:
 
     def list_agents(self) -> list[str]:
         """Every agent id bound on the hub (works without a registered agent)."""
-        event = self._thread().run(
+        event = self._runner("list_agents").run(
             self._anonymous_request(lambda session: session.list_agents()),
             self.request_timeout + 1.0,
+            call="list_agents",
         )
         return list(_expect(event, hp.AgentsReceived).agent_ids)
 
     def stats(self) -> dict[str, int]:
         """The hub's counters (``queued``, ``agents``, ``connections``, ...)."""
-        event = self._thread().run(
-            self._anonymous_request(lambda session: session.get_stats()), self.request_timeout + 1.0
+        event = self._runner("stats").run(
+            self._anonymous_request(lambda session: session.get_stats()),
+            self.request_timeout + 1.0,
+            call="stats",
         )
         return dict(_expect(event, hp.StatsReceived).stats)
 
@@ -1426,7 +1522,9 @@ class NetworkHub:
                 self.request_timeout,
             )
 
-        event = self._thread().run(rotate(), self.request_timeout + 1.0)
+        event = self._runner("rotate_key").run(
+            rotate(), self.request_timeout + 1.0, call="rotate_key"
+        )
         _expect(event, hp.RequestSucceeded)
 
     def refresh_prekeys(self, agent: HubEndpoint | EndpointOwner) -> None:
@@ -1440,11 +1538,12 @@ class NetworkHub:
         """
         agent = endpoint_of(agent)
         link = self._links.get(agent.agent_id)
-        if link is None or self._io is None:
+        io = self._io
+        if link is None or io is None:
             return
         bundle, prekeys = agent.prekey_bundle_bytes(), agent.one_time_prekeys()
         with contextlib.suppress(RuntimeError):  # the loop is gone
-            self._io.loop.call_soon_threadsafe(link.upload, bundle, prekeys)
+            io.call_soon(link.upload, bundle, prekeys)
 
     def close(self) -> None:
         """Close every connection and stop the I/O thread. Idempotent."""
@@ -1452,6 +1551,9 @@ class NetworkHub:
             if self._closed:
                 return
             agent_ids = list(self._links)
+            io = self._io
+        if io is not None and io.current:
+            raise io.blocked("close")
         for agent_id in agent_ids:
             self.unregister(agent_id)
         with self._lock:

@@ -181,6 +181,20 @@ class BackgroundRegisteringHub(Protocol):
 
 
 @runtime_checkable
+class LoopBoundHub(Protocol):
+    """A hub whose connections run on the caller's event loop
+    (:class:`~agentmesh.hub.async_client.AsyncNetworkHub`): an asyncio driver binds
+    it to its loop before the first blocking call, which it then makes from another
+    thread."""
+
+    def bind_running_loop(self) -> None:
+        """Drive the connections on the event loop running in the calling thread
+        (idempotent for that loop). Raises ``LocalProtocolError`` without a running
+        loop, or if the hub is bound to another loop or closed."""
+        ...
+
+
+@runtime_checkable
 class PrekeyRefreshingHub(Protocol):
     """A hub an agent can tell about new prekeys between logins."""
 

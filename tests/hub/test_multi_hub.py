@@ -4,12 +4,14 @@ Each test gets a fresh database (LISTEN/NOTIFY channels are per database) and
 two or three real ``agentmesh-hub`` processes on it: cross-hub delivery while
 both agents stay online, the one-live-session rule across hubs, and failover
 of a client with ``servers=[...]`` after a SIGKILL of its hub while a sender
-streams. Skipped, like the other PostgreSQL tests, without a reachable server.
+streams (``NetworkHub``, and ``AsyncAgent`` on ``AsyncNetworkHub``). Skipped,
+like the other PostgreSQL tests, without a reachable server.
 Waits are bounded polls; nothing asserts a timing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from pgschema import fresh_pg_database
 from sqlalchemy import create_engine, text
 from test_server import FakeEndpoint
 
-from agentmesh import Agent, AsyncNetworkHub, NetworkHub
+from agentmesh import Agent, AsyncAgent, AsyncNetworkHub, NetworkHub
 from agentmesh.errors import ConfigurationError
 from agentmesh.hub.server import HubOptions, default_hub_id
 from agentmesh.hub.store import EnqueueStatus, HubStore, NewEnvelope
@@ -168,7 +170,7 @@ def test_one_live_session_per_agent_across_hubs(start_hubs: Any, pg_db: str) -> 
 def test_failover_after_kill_of_the_recipients_hub(start_hubs: Any, tmp_path: Path) -> None:
     a, b = start_hubs(2, *FAST)
     total = 300
-    with client(a, b) as bob_hub, client(b, a, cls=AsyncNetworkHub) as alice_hub:
+    with client(a, b) as bob_hub, client(b, a) as alice_hub:
         bob = Agent("bob", hub=bob_hub, keypair_path=tmp_path / "bob.json")
         inbox = Inbox()
         bob.on_message(inbox)
@@ -193,6 +195,62 @@ def test_failover_after_kill_of_the_recipients_hub(start_hubs: Any, tmp_path: Pa
         # Hub B waited for dead hub A's lease to expire before pushing to bob.
         assert "bob is online on hub" in b.log()
         alice.close()
+        bob.close()
+
+
+def test_async_agent_fails_over_on_its_own_loop(start_hubs: Any, tmp_path: Path) -> None:
+    """An AsyncAgent on AsyncNetworkHub(servers=[a, b]), its connection on the test's
+    event loop: after a SIGKILL of hub A it reconnects to B, and nothing is lost,
+    duplicated or reordered in either direction."""
+    a, b = start_hubs(2, *FAST)
+    total = 300
+    with client(b) as bob_hub:
+        bob = Agent("bob", hub=bob_hub, keypair_path=tmp_path / "bob.json")
+        inbox = Inbox()
+        bob.on_message(inbox)
+
+        async def until(condition: Any, what: str, timeout: float = 60.0) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while not condition():
+                assert loop.time() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.01)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            hub = AsyncNetworkHub(
+                servers=[f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+                connect_timeout=5.0,
+                ack_timeout=20.0,
+                reconnect_initial=0.05,
+                reconnect_max=0.3,
+            )
+            async with (
+                hub,
+                AsyncAgent("alice", hub=hub, keypair_path=tmp_path / "alice.json") as alice,
+            ):
+                from_bob: list[int] = []
+                alice.on_message(lambda m: from_bob.append(int(m.text)))
+                assert logins(a, "alice") == 1  # on hub A, the first of its servers
+                assert hub._links["alice"].loop is loop
+                for i in range(total):
+                    if i == total // 4:
+                        a.kill()  # alice's hub dies mid-stream
+                    await alice.send("bob", text=str(i), wait=i % 3 != 0)
+                assert await alice.flush(60)
+                await until(lambda: len(inbox) >= total, "bob gets every message via hub B")
+                assert logins(b, "alice") >= 1
+                link = hub._links["alice"]
+                assert link.transport is not None and link.transport.lost.get_loop() is loop
+                # And back, through hub B, to the agent that moved there.
+                await loop.run_in_executor(
+                    None, lambda: [bob.send("alice", text=str(i)) for i in range(50)]
+                )
+                await until(lambda: len(from_bob) >= 50, "alice gets bob's messages via hub B")
+                assert from_bob == list(range(50))
+
+        asyncio.run(main())
+        assert [int(t) for t in inbox.texts] == list(range(total))  # 0 lost, 0 duplicated
         bob.close()
 
 
