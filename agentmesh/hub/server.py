@@ -443,8 +443,8 @@ class StoreWorker:
         # re-sends its outbox, oldest first, only when it logs in again. A later SEND
         # of the same connection stored meanwhile would reach the recipient before
         # it (issue 13). So once a connection's SEND fails, its later ones are
-        # refused unstored too, and the hub closes that connection (_Session.
-        # _send_committed): the agent logs in again and re-sends all of them in order.
+        # refused unstored too, and the hub closes that connection (see
+        # _send_committed): the agent logs in again and re-sends them all in order.
         refused = [job for job in jobs if job.source in self._failed_sources]
         if refused:
             jobs = [job for job in jobs if job.source not in self._failed_sources]

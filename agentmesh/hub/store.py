@@ -1096,7 +1096,8 @@ class HubStore:
         is stored like any other (and then skipped by :meth:`pending` and removed
         by :meth:`purge_expired`); the caller may refuse such items beforehand.
         A concurrent enqueue of the same message id from another connection is
-        retried and reported as duplicate.
+        retried and reported as duplicate; a transaction PostgreSQL aborted as a
+        deadlock or serialisation victim is run again.
         """
         work = _ack_work(acks or {})
         if not batch and not work:
@@ -1110,11 +1111,11 @@ class HubStore:
                             cursor, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
                         )
                 with self._write() as conn:
-                    if work and batch:
+                    if work:  # (without acks, _enqueue's sorted lock comes first)
                         # Every mailbox row this transaction updates, locked in one
                         # sorted pass before any is updated (see _lock_mailboxes).
                         _lock_mailboxes(conn, {*work, *(item.recipient for item in batch)})
-                    self._ack_in(conn, work)
+                    self._ack_in(conn, work, locked=True)
                     if not batch:
                         return []
                     results = self._enqueue(
@@ -1271,10 +1272,12 @@ class HubStore:
             return self._ack_in(conn, work)
 
     @staticmethod
-    def _ack_in(conn: Connection, work: dict[str, list[bytes]]) -> int:
-        """Delete acknowledged envelopes inside the caller's write transaction (Core)."""
+    def _ack_in(conn: Connection, work: dict[str, list[bytes]], *, locked: bool = False) -> int:
+        """Delete acknowledged envelopes inside the caller's write transaction (Core);
+        ``locked``: the caller already locked these recipients' mailbox rows."""
         deleted = 0
-        _lock_mailboxes(conn, work)
+        if not locked:
+            _lock_mailboxes(conn, work)
         for recipient, ids in sorted(work.items()):
             gone = 0
             freed = 0
@@ -1306,9 +1309,9 @@ class HubStore:
             .with_for_update(skip_locked=True)
         )
         with self._write() as conn:
-            # Mailboxes before envelopes, as every writer does (_lock_mailboxes).
-            due = select(envelopes.c.recipient).where(envelopes.c.expires_at_ms <= now_ms)
-            _lock_mailboxes(conn, set(conn.scalars(due.distinct())))
+            if conn.dialect.name != "sqlite":  # mailboxes first, as every writer
+                due = select(envelopes.c.recipient).where(envelopes.c.expires_at_ms <= now_ms)
+                _lock_mailboxes(conn, set(conn.scalars(due.distinct())))
             rows = _delete_returning_sizes(conn, envelopes.c.seq.in_(victims))
             freed: dict[str, list[int]] = {}
             for recipient, size in rows:
