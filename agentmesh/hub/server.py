@@ -273,6 +273,20 @@ class _SendJob:
     done: Callable[[EnqueueResult | BaseException], None]
     #: Wake the other hubs (shared databases): the recipient's session is not here.
     notify: bool = True
+    #: The connection the SEND came on (its ``session_id``); None: not from one.
+    source: int | None = None
+
+
+@dataclass(slots=True)
+class _ForgetJob:
+    """The connection ``source`` is gone: its later SENDs need no refusing any more."""
+
+    source: int
+
+
+class EarlierSendFailed(Exception):
+    """A SEND refused, unstored, because an earlier one of its connection could not be
+    stored: storing it would put it ahead of that one (the agent re-sends both, in order)."""
 
 
 @dataclass(slots=True)
@@ -321,6 +335,9 @@ class StoreWorker:
         #: The hub id commits notify the other hubs with (shared databases only).
         self.notify_from: str | None = None
         self.stopped = False
+        # Writer thread only: connections whose SEND failed to commit. Their later
+        # SENDs are refused unstored until the connection is gone (see _commit_sends).
+        self._failed_sources: set[int] = set()
 
     def start(self) -> None:
         self._thread.start()
@@ -336,8 +353,16 @@ class StoreWorker:
         item: NewEnvelope,
         done: Callable[[EnqueueResult | BaseException], None],
         notify: bool = True,
+        source: int | None = None,
     ) -> None:
-        self._queue.put(_SendJob(item, done, notify))
+        """Queue a SEND for the next group commit. ``source`` names the connection it
+        came on: once one of its SENDs fails to commit, every later one is refused with
+        :class:`EarlierSendFailed` until :meth:`forget_source` (order, see _commit_sends)."""
+        self._queue.put(_SendJob(item, done, notify, source))
+
+    def forget_source(self, source: int) -> None:
+        """The connection ``source`` closed after a failed SEND; queued after its SENDs."""
+        self._queue.put(_ForgetJob(source))
 
     def submit_ack(self, recipient: str, message_ids: tuple[bytes, ...]) -> None:
         self.metrics.delivered(len(message_ids))
@@ -384,6 +409,11 @@ class StoreWorker:
                     self._held_since = time.monotonic()
                 self._held.setdefault(job.recipient, []).extend(job.message_ids)
                 self._held_count += len(job.message_ids)
+            elif isinstance(job, _ForgetJob):
+                if job.source in self._failed_sources:
+                    self._commit_sends(sends)  # its SENDs queued before this one
+                    sends = []
+                    self._failed_sources.discard(job.source)
             else:
                 assert isinstance(job, _CallJob)
                 self._commit_sends(sends)
@@ -409,6 +439,17 @@ class StoreWorker:
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _commit_sends(self, jobs: list[_SendJob]) -> None:
+        # A SEND that failed to commit stays in its agent's outbox, and the agent
+        # re-sends its outbox, oldest first, only when it logs in again. A later SEND
+        # of the same connection stored meanwhile would reach the recipient before
+        # it (issue 13). So once a connection's SEND fails, its later ones are
+        # refused unstored too, and the hub closes that connection (see
+        # _send_committed): the agent logs in again and re-sends them all in order.
+        refused = [job for job in jobs if job.source in self._failed_sources]
+        if refused:
+            jobs = [job for job in jobs if job.source not in self._failed_sources]
+            failure = EarlierSendFailed("an earlier envelope of this connection was not stored")
+            self._post(_finish_sends, refused, [failure] * len(refused))
         if not jobs:
             return
         acks = self._take_acks()
@@ -436,6 +477,8 @@ class StoreWorker:
                 # Not the acks' fault, probably; either way they are redelivered later.
         ok = not (results and isinstance(results[0], BaseException))
         self.metrics.commit(time.perf_counter() - started, len(jobs), ok=ok)
+        if not ok:
+            self._failed_sources.update(job.source for job in jobs if job.source is not None)
         self._post(_finish_sends, jobs, results)
 
     def _flush_acks(self) -> None:
@@ -523,6 +566,8 @@ class _Session(asyncio.Protocol):
         self._rate_logged_at = -1e9
         self._pending_send_bytes = 0
         self._paused = False
+        #: A SEND of this connection failed to commit (the connection is closing).
+        self._send_failed = False
         self._alive = False  # between connection_made (accepted) and connection_lost
         #: What is pushed when (cursor, paging, window, acks, lease); set at login.
         self.delivery: Delivery[StoredEnvelope] | None = None
@@ -584,6 +629,8 @@ class _Session(asyncio.Protocol):
             timer.cancel()
         self._timers.clear()
         self.hub.sessions.discard(self)
+        if self._send_failed and not self.hub.worker.stopped:
+            self.hub.worker.forget_source(self.session_id)
         if self.agent_id is not None and self.hub.online.get(self.agent_id) is self:
             del self.hub.online[self.agent_id]
             unacked = len(self.delivery.inflight) if self.delivery is not None else 0
@@ -938,7 +985,8 @@ class _Session(asyncio.Protocol):
         # moves meanwhile, this hub frees its lease through the same writer queue,
         # after this commit, and the new hub pages the mailbox once it holds the lease.
         here = self.hub.online.get(event.recipient)
-        self.hub.worker.submit_send(item, done, here is None or not here.holds_lease)
+        notify = here is None or not here.holds_lease
+        self.hub.worker.submit_send(item, done, notify, self.session_id)
         if self._pending_send_bytes > self.options.max_pending_send_bytes:
             self._set_paused(True)
 
@@ -964,6 +1012,16 @@ class _Session(asyncio.Protocol):
         if isinstance(result, BaseException):
             text = f"the hub could not store it{_storage_problem(result)}; retry"
             conn.reply_error(event.request_id, "internal", text, mid)
+            # The agent re-sends its outbox, in order, when it logs in again; the
+            # writer refuses this connection's later SENDs until it is gone.
+            if not self._send_failed:
+                self._send_failed = True
+                logger.warning(
+                    "closing %s (%s): an envelope could not be stored", self.peer, self.agent_id
+                )
+                self.fail("internal", f"{text}: log in again and re-send the outbox")
+                if not self._alive and not self.hub.worker.stopped:
+                    self.hub.worker.forget_source(self.session_id)  # gone already
         elif result.status is EnqueueStatus.STORED:
             conn.reply_send_ack(event.request_id, mid, duplicate=False)
             assert result.seq is not None

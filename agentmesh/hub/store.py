@@ -173,6 +173,9 @@ _MIGRATION_LOCK_KEY: Final = 0x41674D657368
 _CHUNK: Final = 500
 #: How often a write that lost a uniqueness race is retried from the start.
 _RACE_RETRIES: Final = 5
+#: PostgreSQL SQLSTATEs of a transaction aborted only because of another one
+#: (deadlock_detected, serialization_failure): running it again is safe.
+_TRANSIENT_SQLSTATES: Final = frozenset({"40P01", "40001"})
 _KINDS: Final = (KIND_X25519, KIND_KEM)
 
 _T = TypeVar("_T")
@@ -1110,7 +1113,8 @@ class HubStore:
         is stored like any other (and then skipped by :meth:`pending` and removed
         by :meth:`purge_expired`); the caller may refuse such items beforehand.
         A concurrent enqueue of the same message id from another connection is
-        retried and reported as duplicate.
+        retried and reported as duplicate; a transaction PostgreSQL aborted as a
+        deadlock or serialisation victim is run again.
         """
         work = _ack_work(acks or {})
         if not batch and not work:
@@ -1124,7 +1128,11 @@ class HubStore:
                             cursor, batch, now_ms, max_count_per_recipient, max_bytes_per_recipient
                         )
                 with self._write() as conn:
-                    self._ack_in(conn, work)
+                    if work:  # (without acks, _enqueue's sorted lock comes first)
+                        # Every mailbox row this transaction updates, locked in one
+                        # sorted pass before any is updated (see _lock_mailboxes).
+                        _lock_mailboxes(conn, {*work, *(item.recipient for item in batch)})
+                    self._ack_in(conn, work, locked=True)
                     if not batch:
                         return []
                     results = self._enqueue(
@@ -1144,6 +1152,10 @@ class HubStore:
             except IntegrityError:
                 if attempt == _RACE_RETRIES - 1:
                     raise
+            except OperationalError as exc:
+                if not _transient(exc) or attempt == _RACE_RETRIES - 1:
+                    raise
+                logger.warning("group commit aborted by the database (%s); retrying", exc.orig)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -1306,10 +1318,13 @@ class HubStore:
             return self._ack_in(conn, work)
 
     @staticmethod
-    def _ack_in(conn: Connection, work: dict[str, list[bytes]]) -> int:
-        """Delete acknowledged envelopes inside the caller's write transaction (Core)."""
+    def _ack_in(conn: Connection, work: dict[str, list[bytes]], *, locked: bool = False) -> int:
+        """Delete acknowledged envelopes inside the caller's write transaction (Core);
+        ``locked``: the caller already locked these recipients' mailbox rows."""
         deleted = 0
-        for recipient, ids in work.items():
+        if not locked:
+            _lock_mailboxes(conn, work)
+        for recipient, ids in sorted(work.items()):
             gone = 0
             freed = 0
             for chunk in _chunks(ids):
@@ -1340,6 +1355,9 @@ class HubStore:
             .with_for_update(skip_locked=True)
         )
         with self._write() as conn:
+            if conn.dialect.name != "sqlite":  # mailboxes first, as every writer
+                due = select(envelopes.c.recipient).where(envelopes.c.expires_at_ms <= now_ms)
+                _lock_mailboxes(conn, set(conn.scalars(due.distinct())))
             rows = _delete_returning_sizes(conn, envelopes.c.seq.in_(victims))
             freed: dict[str, list[int]] = {}
             for recipient, size in rows:
@@ -1745,6 +1763,32 @@ def _delete_returning_sizes(conn: Connection, where: Any) -> list[tuple[str, int
     for chunk in _chunks(seqs):
         conn.execute(delete(envelopes).where(envelopes.c.seq.in_(chunk)))
     return [(row.recipient, int(row.size)) for row in found]
+
+
+def _transient(exc: OperationalError) -> bool:
+    """Whether PostgreSQL aborted the transaction only to let another one through."""
+    return getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
+
+
+def _lock_mailboxes(conn: Connection, recipients: Collection[str]) -> None:
+    """Lock these recipients' ``mailboxes`` rows (PostgreSQL), in recipient order.
+
+    Every write that updates mailbox rows takes them in this one order before it
+    updates any. Without it, a group commit that deleted acknowledged envelopes of
+    bob (locking bob's counters) and then queued mail for alice, against another
+    hub's commit doing the opposite, deadlocked; PostgreSQL aborted one, and its
+    SENDs were refused and re-sent by their agents behind later messages (issue
+    13, ``tests/hub/test_multi_hub_store.py``). SQLite has one writer at a time.
+    """
+    if conn.dialect.name == "sqlite" or not recipients:
+        return
+    for chunk in _chunks(sorted(recipients)):
+        conn.execute(
+            select(mailboxes.c.recipient)
+            .where(mailboxes.c.recipient.in_(chunk))
+            .order_by(mailboxes.c.recipient)
+            .with_for_update()
+        ).all()
 
 
 def _add_to_counters(conn: Connection, deltas: dict[str, list[int]]) -> None:

@@ -19,6 +19,7 @@ from hubproc import wait_until
 from pgschema import fresh_pg_database, fresh_pg_schema
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from agentmesh.errors import AuthFailedError
 from agentmesh.hub.store import EnqueueStatus, HubStore, NewEnvelope
@@ -226,3 +227,100 @@ def test_an_ephemeral_id_is_not_taken_over_while_another_hub_holds_its_lease(
         store.bind_agent("eve", new, 1200, ephemeral=True, holder_live=False)
     assert store.bind_agent("eve", new, 1500, ephemeral=True, holder_live=False)  # expired
     assert store.agent_key("eve") == new
+
+
+def test_group_commits_with_acks_for_each_others_recipients_do_not_deadlock(
+    store: HubStore, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 13 (the two-hub crash matrix's order violations): hub A's group commit
+    # deletes an acknowledged envelope of bob's and queues one for alice, while
+    # hub B's deletes one of alice's and queues one for bob. Each used to lock the
+    # mailbox rows of its acks first (the counter update) and then those of its
+    # batch: A held bob and wanted alice, B held alice and wanted bob. PostgreSQL
+    # aborted one of them; the hub answered its SENDs with ``internal``, the agents
+    # kept those envelopes in their outboxes and re-sent them only at their next
+    # login, after later messages. A trigger pauses A right after its ack updated
+    # bob's counter (a decrement of bob's count), on an advisory lock the test holds.
+    acked_bob, acked_alice = envelope(1, "bob"), envelope(2, "alice")
+    enqueue(store, [acked_bob, acked_alice])
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION pause_bob_ack() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.recipient = 'bob' AND NEW.msg_count < OLD.msg_count THEN "
+                "PERFORM pg_advisory_lock(4243); PERFORM pg_advisory_unlock(4243); END IF; "
+                "RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER pause_bob_ack AFTER UPDATE ON mailboxes "
+                "FOR EACH ROW EXECUTE FUNCTION pause_bob_ack()"
+            )
+        )
+    outcomes: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def run(name: str, item: NewEnvelope, acks: dict[str, list[bytes]]) -> None:
+        try:
+            outcomes.put((name, enqueue(store, [item], acks=acks)[0]))
+        except Exception as exc:
+            outcomes.put((name, exc))
+
+    def waiting() -> int:
+        with engine.connect() as conn:
+            return int(
+                conn.scalar(
+                    text(
+                        "SELECT COUNT(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+                or 0
+            )
+
+    hub_a = threading.Thread(
+        target=run, args=("a", envelope(3, "alice"), {"bob": [acked_bob.message_id]})
+    )
+    hub_b = threading.Thread(
+        target=run, args=("b", envelope(4, "bob"), {"alice": [acked_alice.message_id]})
+    )
+    with engine.connect() as gate:
+        gate.execute(text("SELECT pg_advisory_lock(4243)"))
+        hub_a.start()
+        wait_until(lambda: waiting() == 1, what="hub A paused inside its group commit")
+        hub_b.start()
+        wait_until(lambda: waiting() == 2, what="hub B waiting for a mailbox hub A holds")
+        gate.execute(text("SELECT pg_advisory_unlock(4243)"))
+        gate.commit()
+    hub_a.join(30)
+    hub_b.join(30)
+    done = dict(outcomes.get_nowait() for _ in range(2))
+    assert not any(isinstance(result, Exception) for result in done.values()), done
+    assert "aborted by the database" not in caplog.text  # no deadlock, not even a retried one
+    assert done["a"].status is done["b"].status is EnqueueStatus.STORED
+    assert [row.message_id for row in store.pending("bob", now_ms=1)] == [envelope(4).message_id]
+    assert [row.message_id for row in store.pending("alice", now_ms=1)] == [envelope(3).message_id]
+
+
+class _Aborted(Exception):
+    sqlstate = "40P01"  # what psycopg's DeadlockDetected carries
+
+
+def test_enqueue_retries_a_transaction_the_database_aborted(
+    store: HubStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever else makes PostgreSQL pick this commit as a deadlock victim (or fail
+    # it for serialisation), the batch is run again rather than refused.
+    real = HubStore._enqueue
+    calls: list[int] = []
+
+    def flaky(conn: Any, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT ... FOR UPDATE", {}, _Aborted())
+        return real(conn, *args)
+
+    monkeypatch.setattr(HubStore, "_enqueue", staticmethod(flaky))
+    [result] = enqueue(store, [envelope(1)])
+    assert result.status is EnqueueStatus.STORED and len(calls) == 2
+    assert seqs(store, 0) == [result.seq]

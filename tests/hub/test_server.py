@@ -8,6 +8,7 @@ Waits are bounded polls, never timing assertions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -18,10 +19,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hubproc import HubProcess, RawClient, self_signed_pem, unique, wait_until
+from sqlalchemy.exc import OperationalError
 
 from agentmesh import Agent
 from agentmesh.crypto.identity import IdentityKeyPair
@@ -34,8 +36,14 @@ from agentmesh.errors import (
     MailboxFullError,
 )
 from agentmesh.hub.client import NetworkHub, _chunk_prekeys, backoff, is_retryable
-from agentmesh.hub.server import NetworkHubServer, TokenBucket
-from agentmesh.hub.store import HubStore
+from agentmesh.hub.server import (
+    EarlierSendFailed,
+    HubOptions,
+    NetworkHubServer,
+    StoreWorker,
+    TokenBucket,
+)
+from agentmesh.hub.store import EnqueueResult, EnqueueStatus, HubStore, NewEnvelope
 from agentmesh.protocol import hub_protocol as hp
 from agentmesh.protocol.hub_interface import DeliveryReport
 from agentmesh.wire import frames as f
@@ -793,3 +801,93 @@ def test_sigterm_stops_cleanly(start_hub: Any, clients: Any) -> None:
     wait_until(bob.got(1))
     assert hub_proc.terminate() == 0
     assert "hub stopped" in hub_proc.log()
+
+
+# --- a SEND that fails to commit is not overtaken (issue 13) -----------------
+
+
+def test_a_send_the_hub_failed_to_store_is_not_overtaken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The two-hub crash matrix's order violations: a group commit failed (there, a
+    # deadlock between two hubs), the hub refused alice's message 1 with `internal`
+    # and kept her connection; message 2 was stored at once, and message 1 (in her
+    # outbox) was re-sent only at her next login, after it. Now the hub closes the
+    # connection whose SEND failed: alice logs in again and re-sends 1 before 2.
+    real = HubStore.enqueue
+    armed = threading.Event()
+
+    def flaky(self: HubStore, batch: list[Any], **kw: Any) -> Any:
+        if armed.is_set() and any(item.sender == "alice" for item in batch):
+            raise OperationalError("INSERT INTO envelopes ...", {}, Exception("disk I/O error"))
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(HubStore, "enqueue", flaky)
+    server = NetworkHubServer("127.0.0.1", 0, str(tmp_path / "h.sqlite"))
+    server.start(block=False)
+    got: list[int] = []
+    bob_hub = NetworkHub("127.0.0.1", server.port)
+    alice_hub = NetworkHub("127.0.0.1", server.port, reconnect_initial=0.05, reconnect_max=0.2)
+    try:
+        bob = Agent("bob", hub=bob_hub, keypair_path=tmp_path / "bob.json")
+        bob.on_message(lambda msg: got.append(int(msg.payload["n"])))
+        alice = Agent("alice", hub=alice_hub, keypair_path=tmp_path / "alice.json")
+        alice.send("bob", "m0", n=0)
+        armed.set()
+        with pytest.raises(HubError) as refused:
+            alice.send("bob", "m1", n=1)
+        assert refused.value.code == "internal"
+        armed.clear()  # the database is well again
+        alice.send("bob", "m2", n=2)  # acknowledged, or in the outbox while alice logs in
+        wait_until(lambda: 2 in got, 20, what="bob to receive message 2")
+        assert got == [0, 1, 2]
+        wait_until(lambda: alice.status()["outbox"] == 0, 20, what="alice's outbox to empty")
+        alice.close()
+        bob.close()
+    finally:
+        alice_hub.close()
+        bob_hub.close()
+        server.stop()
+
+
+def test_the_writer_refuses_a_connections_sends_after_one_failed_to_commit() -> None:
+    # Pipelined SENDs already queued behind the failed one must not be stored
+    # ahead of it either; other connections are not affected, and once the
+    # connection is gone (forget_source) its id is forgotten.
+    class Store:
+        calls: list[list[bytes]] = []
+
+        def enqueue(self, batch: list[NewEnvelope], **_kw: Any) -> list[EnqueueResult]:
+            self.calls.append([item.message_id for item in batch])
+            if len(self.calls) == 1:
+                raise OperationalError("INSERT", {}, Exception("deadlock detected"))
+            return [EnqueueResult(EnqueueStatus.STORED, n, None) for n, _ in enumerate(batch)]
+
+    loop = asyncio.new_event_loop()
+    store = Store()
+    worker = StoreWorker(cast(HubStore, store), loop, HubOptions())
+    worker.start()
+
+    def send(n: int, source: int) -> asyncio.Future[EnqueueResult | BaseException]:
+        future: asyncio.Future[EnqueueResult | BaseException] = loop.create_future()
+        item = NewEnvelope(n.to_bytes(16, "big"), "alice", "bob", b"x", 10**15)
+        worker.submit_send(item, future.set_result, source=source)
+        return future
+
+    def settle(*futures: asyncio.Future[Any]) -> list[Any]:
+        return list(loop.run_until_complete(asyncio.gather(*futures)))
+
+    try:
+        [first] = settle(send(1, source=7))
+        assert isinstance(first, OperationalError)
+        later, other = settle(send(2, source=7), send(3, source=8))
+        assert isinstance(later, EarlierSendFailed)
+        assert isinstance(other, EnqueueResult) and other.status is EnqueueStatus.STORED
+        worker.forget_source(7)
+        [again] = settle(send(4, source=7))
+        assert isinstance(again, EnqueueResult) and again.status is EnqueueStatus.STORED
+        stored = [mid for batch in store.calls for mid in batch]
+        assert (2).to_bytes(16, "big") not in stored  # refused without reaching the store
+    finally:
+        worker.stop()
+        loop.close()

@@ -491,7 +491,7 @@ def report(fig: Figures) -> str:
     return (
         f"crash matrix seed={fig.seed}: {fig.agents} agents, {fig.planned} messages planned, "
         f"{fig.attempted} attempted, {fig.sent} sent (send() returned), {fig.failed} refused "
-        f"while the hub was down, {fig.handled} handled ({fig.in_doubt_delivered} of them "
+        f"(send() raised), {fig.handled} handled ({fig.in_doubt_delivered} of them "
         f"in doubt: send() interrupted); hub: {fig.hub_kills} SIGKILLs, {fig.hub_starts} starts; "
         f"agents: {fig.agent_kills} SIGKILLs ({fig.outbox_kills} senders with "
         f"{fig.outbox_rows_at_kill} envelopes in their outboxes, {fig.drain_kills} receivers "
