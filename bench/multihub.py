@@ -109,18 +109,37 @@ def fleet_on_hubs(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    s = Settings(work=Path(args.work))
+    return measure(
+        Settings(work=Path(args.work)),
+        args.pg,
+        pair_count=args.pair_count,
+        pair_rate=args.pair_rate,
+        hubs=args.hubs,
+        agents=args.fleet_agents,
+        procs_n=args.fleet_procs,
+        duration=args.duration,
+    )
+
+
+def measure(
+    s: Settings,
+    pg: str,
+    *,
+    pair_count: int,
+    pair_rate: float,
+    hubs: list[int],
+    agents: int,
+    procs_n: int,
+    duration: float,
+) -> dict[str, Any]:
+    """Every part of scenario 11 (also ``python -m bench --only 11``)."""
     results: dict[str, Any] = {
-        "pair": cross_hub_pair(s, args.pg, args.pair_count, args.pair_rate),
+        "pair": cross_hub_pair(s, pg, pair_count, pair_rate),
         "fleet": [],
     }
-    for hubs in args.hubs:
-        results["fleet"].append(
-            fleet_on_hubs(s, args.pg, hubs, args.fleet_agents, args.fleet_procs, args.duration)
-        )
-    results["fleet"].append(
-        fleet_on_hubs(s, None, 1, args.fleet_agents, args.fleet_procs, args.duration)
-    )
+    for count in hubs:
+        results["fleet"].append(fleet_on_hubs(s, pg, count, agents, procs_n, duration))
+    results["fleet"].append(fleet_on_hubs(s, None, 1, agents, procs_n, duration))
     return results
 
 

@@ -33,7 +33,7 @@ from bench import scenarios
 from bench.common import ROOT, raise_fd_limit
 from bench.scenarios import Settings
 
-ALL = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+ALL = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -301,6 +301,30 @@ def build_rows(r: dict[str, Any]) -> list[Row]:
                 target="(info)",
             )
         )
+    if "11" in r:
+        pair, fleets = r["11"]["pair"], r["11"]["fleet"]
+        lat = pair["latency_ms"]
+        rows.append(
+            Row(
+                f"11 cross-hub pair p50 @{pair['rate_offered']:.0f}/s (PostgreSQL)",
+                f"{lat['p50']:.2f} ms",
+                "50 ms",
+                lat["p50"] / 50.0,
+                "< 50 ms",
+                lat["p50"] < 50.0,
+            )
+        )
+        rows.append(Row("11 cross-hub pair p99", f"{lat['p99']:.2f} ms", target="(info)"))
+        for fleet_row in fleets:
+            label = f"{fleet_row['hubs']} hub(s), {fleet_row['database']}"
+            rows.append(
+                Row(
+                    f"11 fleet of {fleet_row['agents']}, {label}",
+                    _rate(fleet_row["rate"]),
+                    f"{fleet_row['failed']} failed",
+                    target="(info)",
+                )
+            )
     if "sqlite" in peers:
         rows.append(
             Row(
@@ -424,6 +448,25 @@ def run(selected: list[int], s: Settings) -> dict[str, Any]:
         put("2", "2 LocalHub pair", lambda: scenarios.local_pair(s), _rate_of)
     if 10 in selected:
         put("10", "10 AsyncAgent pair", lambda: scenarios.async_pair(s), _rate_of)
+    if 11 in selected:
+        from bench import multihub
+
+        put(
+            "11",
+            "11 several hubs on one PostgreSQL",
+            lambda: multihub.measure(
+                s,
+                os.environ.get("AGENTMESH_BENCH_PG", multihub.DEFAULT_PG),
+                pair_count=s.pick(5000, 500),
+                pair_rate=100.0,
+                hubs=[1, 2, 3],
+                agents=s.pick(120, 30),
+                procs_n=s.pick(6, 3),
+                duration=min(s.fleet_duration, 30.0) if not s.quick else 5.0,
+            ),
+            # The best run is the one with the lowest cross-hub median.
+            lambda r: -float(r["pair"]["latency_ms"]["p50"]),
+        )
     if 3 in selected:
         three: dict[str, Any] = {}
         value = step(
