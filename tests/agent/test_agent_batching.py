@@ -3,9 +3,9 @@
 * acknowledged outbox rows are deleted with the next write, not on their own;
 * handled inbox rows are logged (``<state>-handled``) and deleted with the
   next page of messages; a ``kill -9`` in between must not run them again;
-* ``send(wait=False)`` commits without waiting for the disk (the reserved
-  counters keep a power cut safe, tests/reliability/test_power_cut.py); a
-  ``kill -9`` right after it returned must not lose the envelope;
+* ``send(wait=False)`` commits without waiting for the disk and fsyncs once per
+  group before transmitting; a ``kill -9`` right after it returned must not
+  lose the envelope;
 * ``receive_envelopes`` decrypts several envelopes and commits them together,
   with one outcome per envelope.
 
