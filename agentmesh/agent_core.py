@@ -337,7 +337,11 @@ class AgentCore:
         if bundle is None:
             raise LocalProtocolError(f"no session with {peer_id!r} can send: a bundle is needed")
         pin = self.check_pin(peer_id, bundle.identity)
-        session = Session.initiate(
+        return record.promote(self._initiate(bundle)), pin
+
+    def _initiate(self, bundle: PrekeyBundle) -> Session:
+        """A new session from a verified bundle (PQXDH), in this agent's signing mode."""
+        return Session.initiate(
             self.identity,
             self.agent_id,
             bundle,
@@ -345,7 +349,6 @@ class AgentCore:
             limits=self._limits,
             rng=self._rng,
         )
-        return record.promote(session), pin
 
     def connect(self, peer_id: str, bundle: PrekeyBundle | None) -> None:
         """Make sure a session with ``peer_id`` can send, from ``bundle`` if needed
@@ -360,15 +363,7 @@ class AgentCore:
         """Start a new session from a verified bundle handed over directly, and commit it."""
         peer_id = bundle.agent_id
         pin = self.check_pin(peer_id, bundle.identity)
-        session = Session.initiate(
-            self.identity,
-            self.agent_id,
-            bundle,
-            sign_messages=self.sign_messages,
-            limits=self._limits,
-            rng=self._rng,
-        )
-        record = (self.record(peer_id) or SessionRecord()).promote(session)
+        record = (self.record(peer_id) or SessionRecord()).promote(self._initiate(bundle))
         if pin is not None:
             self.store.pin(peer_id, pin, self._clock())
         self.store.save_session(peer_id, record.to_bytes())

@@ -46,21 +46,12 @@ DAY_MS = 24 * 3600 * 1000
 
 
 def _core(agent_id: str, store: AgentState | None = None, **options: object) -> AgentCore:
-    settings: dict[str, object] = {
-        "sign_messages": True,
-        "require_signatures": True,
-        "limits": DEFAULT_LIMITS,
-        "replay_window_ms": 30 * DAY_MS,
-        "pool_size": 20,
-        "clock": lambda: int(time.time() * 1000),
-        "rng": os.urandom,
-    }
-    settings.update(options)
+    settings = {**_options(), **options}
     return AgentCore(
         agent_id,
         AgentKeyPair.generate(),
         store if store is not None else AgentState(None),
-        **settings,  # type: ignore[arg-type]
+        **settings,
     )
 
 
