@@ -1358,19 +1358,6 @@ class Agent:
 
     # -- hub endpoint plumbing --------------------------------------------
 
-    @property
-    def _ephemeral_identity(self) -> bool:
-        """No key file: the identity dies with this object, so hubs bind the id
-        ephemerally (another key may take it once this agent is disconnected)."""
-        return self._core.ephemeral
-
-    @property
-    def _signing_public_key(self) -> bytes:
-        return self._core.signing_public_key
-
-    def _sign_login(self, challenge: bytes) -> bytes:
-        return self._core.sign_login(challenge)
-
     def _prekey_bundle_bytes(self) -> bytes:
         with self._lock:
             return self._core.prekey_bundle_bytes()
@@ -1516,15 +1503,15 @@ class AgentEndpoint:
 
     @property
     def signing_public_key(self) -> bytes:
-        return self._agent._signing_public_key
+        return self._agent._core.signing_public_key
 
     @property
     def ephemeral_identity(self) -> bool:
         """No key file: hubs bind the id ephemerally (docs/PROTOCOL.md)."""
-        return self._agent._ephemeral_identity
+        return self._agent._core.ephemeral
 
     def sign_login(self, challenge: bytes) -> bytes:
-        return self._agent._sign_login(challenge)
+        return self._agent._core.sign_login(challenge)
 
     def prekey_bundle_bytes(self) -> bytes:
         return self._agent._prekey_bundle_bytes()

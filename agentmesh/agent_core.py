@@ -384,18 +384,19 @@ class AgentCore:
             if record is None:
                 continue
             sessions = []
-            moved_here = jumped
+            moved = False
             for session in record.sessions:
                 ratchet = session.ratchet
                 if ratchet.can_send and ratchet.ns < ratchet.reserved:
                     session = session.copy()
                     session.ratchet.skip_sending(ratchet.reserved - ratchet.ns)
                     jumped += 1
+                    moved = True
                 sessions.append(session)
-            if jumped != moved_here:
-                moved = SessionRecord(sessions)
-                self.store.save_session(peer_id, moved.to_bytes())
-                self._records[peer_id] = moved
+            if moved:
+                new_record = SessionRecord(sessions)
+                self.store.save_session(peer_id, new_record.to_bytes())
+                self._records[peer_id] = new_record
         return jumped
 
     def seal(

@@ -560,7 +560,6 @@ class LocalHub:
         self._store.ack(agent.agent_id, [stored.message_id], durable=False)
         with self._lock:
             self._unsynced.discard(stored.message_id)
-        with self._lock:
             if stored.message_id in self._outcomes:
                 self._outcomes[stored.message_id] = outcome
         if isinstance(outcome, CryptoError) and supports(agent, NoticingEndpoint):
