@@ -335,7 +335,9 @@ class LocalHub:
         resent: list[str] = []
         for data in outbox:
             try:
-                envelope, _ = self._submit(data)
+                envelope = decode_envelope(data)
+                # Durable: the sender drops its copy once this returns.
+                self._submit(data, envelope, durable=True)
             except (HubError, PeerNotFoundError) as exc:
                 log.warning("outbox envelope of %s not accepted: %s", endpoint.agent_id, exc)
                 if supports(endpoint, RefusalAwareEndpoint):
@@ -392,16 +394,18 @@ class LocalHub:
 
     # -- delivery -----------------------------------------------------------
 
-    def _submit(self, data: bytes) -> tuple[Envelope, StoredEnvelope | None]:
-        """Store one envelope; returns it, and as stored (None: a duplicate).
+    def _submit(
+        self, data: bytes, envelope: Envelope, *, durable: bool = False
+    ) -> StoredEnvelope | None:
+        """Store one envelope; returns it as stored (None: a duplicate).
 
-        For a recipient that is online the commit does not wait for the disk: the
-        envelope is handed over at once, and the caller syncs if it was not taken
-        (see :meth:`_settle`). Mail for an offline recipient is durable at once.
+        For a recipient that is online the commit does not wait for the disk (unless
+        ``durable``): the envelope is handed over at once, and the caller syncs if it
+        was not taken (see :meth:`_settle`). Mail for an offline recipient is durable
+        at once.
         """
-        envelope = decode_envelope(data)
         with self._lock:
-            online = envelope.recipient in self._online
+            online = envelope.recipient in self._online and not durable
         [result] = self._store.enqueue(
             [
                 NewEnvelope(
@@ -422,17 +426,16 @@ class LocalHub:
         if result.status is EnqueueStatus.MAILBOX_FULL:
             raise MailboxFullError("mailbox_full", f"mailbox of {envelope.recipient!r} is full")
         if result.status is not EnqueueStatus.STORED:
-            return envelope, None
+            return None
         assert result.seq is not None
         with self._lock:
             self._routed += 1
             self._stored_gen[envelope.recipient] = self._stored_gen.get(envelope.recipient, 0) + 1
             if online:
                 self._unsynced.add(envelope.message_id)
-        stored = StoredEnvelope(
+        return StoredEnvelope(
             result.seq, envelope.message_id, envelope.sender, envelope.recipient, data
         )
-        return envelope, stored
 
     def deliver(self, envelope: bytes | Envelope) -> None:
         """Queue an envelope and, if its recipient is registered, deliver it now.
@@ -449,13 +452,17 @@ class LocalHub:
         recipient's trouble with a message is never raised to its sender.
         """
         data = envelope.to_bytes() if isinstance(envelope, Envelope) else bytes(envelope)
-        parsed, stored = self._submit(data)
+        parsed = decode_envelope(data)
         with self._lock:
             self._outcomes[parsed.message_id] = None
-        self._drain(parsed.recipient, stored)
-        self._settle(parsed.message_id)
-        with self._lock:
-            outcome = self._outcomes.pop(parsed.message_id, None)
+        try:
+            if not self._hand_over_directly(parsed, data):
+                stored = self._submit(data, parsed)
+                self._drain(parsed.recipient, stored)
+                self._settle(parsed.message_id)
+        finally:
+            with self._lock:
+                outcome = self._outcomes.pop(parsed.message_id, None)
         if outcome is not None:
             raise outcome
 
@@ -469,9 +476,61 @@ class LocalHub:
         a replay) is the recipient's and is logged on its side, as with a network
         hub.
         """
-        parsed, stored = self._submit(bytes(envelope))
+        data = bytes(envelope)
+        parsed = decode_envelope(data)
+        if self._hand_over_directly(parsed, data):
+            return
+        stored = self._submit(data, parsed)
         self._drain(parsed.recipient, stored)
         self._settle(parsed.message_id)
+
+    def _hand_over_directly(self, envelope: Envelope, data: bytes) -> bool:
+        """Hand an envelope to its recipient without storing it, if nothing can come
+        between: the recipient is online, nobody drains it and its queue is empty.
+        Returns False if so it could not be (the caller stores and drains it).
+
+        Nothing the hub stores could make this message safer: the recipient's
+        commit is durable before this returns, and until then the sender keeps it in
+        its outbox (resent at its next registration, should the process die first).
+        Storing it only to delete it again cost more than the rest of a delivery. If
+        the recipient holds its mail back (an identity change) or fails for a reason
+        of its own, the envelope is stored durably, as mail for an offline recipient,
+        before this returns or raises.
+        """
+        recipient = envelope.recipient
+        with self._lock:
+            agent = self._online.get(recipient)
+            if (
+                agent is None
+                or recipient in self._draining
+                or self._empty_gen.get(recipient) != self._stored_gen.get(recipient, 0)
+            ):
+                return False
+            self._draining[recipient] = threading.get_ident()
+        dispatcher = agent if supports(agent, DispatchingEndpoint) else None
+        try:
+            try:
+                outcome, taken = self._take(agent, envelope.message_id, envelope.sender, data)
+            except BaseException:
+                self._submit(data, envelope, durable=True)  # its own trouble: keep the mail
+                raise
+            if not taken:
+                self._submit(data, envelope, durable=True)  # held back: kept for later
+                return True
+            with self._lock:
+                if not isinstance(outcome, ReplayError):
+                    self._routed += 1
+            if dispatcher is not None:
+                dispatcher.dispatch_pending()
+        finally:
+            with self._lock:
+                self._draining.pop(recipient, None)
+                # Another thread may have stored mail for it meanwhile and left it to
+                # us, the drainer: drain it (its sender has synced it; see _settle).
+                more = self._stored_gen.get(recipient, 0) != self._empty_gen.get(recipient)
+        if more:
+            self._drain(recipient)
+        return True
 
     def _settle(self, message_id: bytes) -> None:
         """Before route() or deliver() returns: if the envelope was stored without an
@@ -544,27 +603,39 @@ class LocalHub:
                     self._draining.pop(agent_id, None)
 
     def _hand_over(self, agent: HubEndpoint, stored: StoredEnvelope) -> bool:
-        """Deliver one envelope; False means stop draining (held back for this agent)."""
-        outcome: BaseException | None = None
-        try:
-            report = agent.receive_envelope(stored.body)
-            if report.duplicate:
-                outcome = ReplayError("message id already delivered")
-        except IdentityChangedError as exc:
-            log.warning("holding mail for %s: %s", agent.agent_id, exc)
+        """Deliver one stored envelope; False means stop draining (held back for this
+        agent)."""
+        _, taken = self._take(agent, stored.message_id, stored.sender, stored.body)
+        if not taken:
             return False
-        except (CryptoError, DecodeError) as exc:
-            log.warning("dropping an envelope %s could not accept: %s", agent.agent_id, exc)
-            outcome = exc
         # No fsync: an undone deletion only redelivers what the agent drops as a duplicate.
         self._store.ack(agent.agent_id, [stored.message_id], durable=False)
         with self._lock:
             self._unsynced.discard(stored.message_id)
-            if stored.message_id in self._outcomes:
-                self._outcomes[stored.message_id] = outcome
-        if isinstance(outcome, CryptoError) and supports(agent, NoticingEndpoint):
-            agent.unreadable_envelope(stored.sender, outcome)
         return True
+
+    def _take(
+        self, agent: HubEndpoint, message_id: bytes, sender: str, data: bytes
+    ) -> tuple[BaseException | None, bool]:
+        """Give one envelope to ``agent``: its verdict (None, or why it refused it, for
+        ``deliver``), and whether it took it (False: it holds its mail back)."""
+        outcome: BaseException | None = None
+        try:
+            report = agent.receive_envelope(data)
+            if report.duplicate:
+                outcome = ReplayError("message id already delivered")
+        except IdentityChangedError as exc:
+            log.warning("holding mail for %s: %s", agent.agent_id, exc)
+            return None, False
+        except (CryptoError, DecodeError) as exc:
+            log.warning("dropping an envelope %s could not accept: %s", agent.agent_id, exc)
+            outcome = exc
+        with self._lock:
+            if message_id in self._outcomes:
+                self._outcomes[message_id] = outcome
+        if isinstance(outcome, CryptoError) and supports(agent, NoticingEndpoint):
+            agent.unreadable_envelope(sender, outcome)
+        return outcome, True
 
     # -- queries ------------------------------------------------------------
 

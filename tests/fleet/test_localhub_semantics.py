@@ -111,9 +111,11 @@ class _SyncCounter:
 
 
 def test_a_durable_localhub_fsyncs_only_mail_that_waits(keydir: Path, tmp_path: Path) -> None:
-    """LocalHub(db=...): mail handed over at once commits without an fsync (the
-    recipient's own commit is durable before the hub deletes it); mail that waits, for
-    an offline recipient or held back, is durable before send() returns."""
+    """LocalHub(db=...): mail its recipient can take at once is handed over without
+    being stored (the recipient's own commit is durable before send() returns, and the
+    sender's outbox holds it until then); mail stored for an online recipient commits
+    without an fsync, synced only if it is not taken; mail that waits, for an offline
+    recipient or held back, is durable before send() returns."""
     hub = LocalHub(db=str(tmp_path / "hub.sqlite"))
     alice = Agent("alice", hub=hub, keypair_path=keydir / "alice.json")
     bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
@@ -123,13 +125,14 @@ def test_a_durable_localhub_fsyncs_only_mail_that_waits(keydir: Path, tmp_path: 
     for text in ("one", "two", "three"):
         alice.send("bob", text=text)
     assert [m.text for m in inbox] == ["one", "two", "three"]
-    assert counter.durable == [False] * 3 and counter.syncs == 0
+    assert counter.durable == [] and counter.syncs == 0  # never stored
     bob.close()
     alice.send("bob", text="offline")  # waits in the hub: durable at once
     assert counter.durable[-1] is True and hub.queued_count() == 1
     bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
     bob.on_message(inbox)
     assert inbox[-1].text == "offline" and hub.queued_count() == 0
+    hub._hand_over_directly = lambda envelope, data: False  # type: ignore[method-assign]
     hub._drain = lambda agent_id, stored=None: None  # type: ignore[method-assign]
     alice.send("bob", text="not taken")  # online, but not handed over: synced
     assert counter.durable[-1] is False and counter.syncs == 1
@@ -139,3 +142,31 @@ def test_a_durable_localhub_fsyncs_only_mail_that_waits(keydir: Path, tmp_path: 
     reopened = LocalHub(db=str(tmp_path / "hub.sqlite"))
     assert reopened.queued_count() == 1  # "not taken" is still queued
     reopened.close()
+
+
+def test_mail_a_recipient_fails_to_take_at_once_is_kept(keydir: Path, tmp_path: Path) -> None:
+    """A recipient whose commit fails (its disk, say) during a direct hand-over: the
+    sender sees the error, the hub has stored the envelope durably, and the recipient
+    gets it once it can take it, exactly once."""
+    hub = LocalHub(db=str(tmp_path / "hub.sqlite"))
+    alice = Agent("alice", hub=hub, keypair_path=keydir / "alice.json")
+    bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
+    inbox = Inbox()
+    bob.on_message(inbox)
+    alice.send("bob", text="one")
+    counter = _SyncCounter(hub)
+    real = bob._state.commit_received_batch
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    bob._state.commit_received_batch = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="No space left"):
+        alice.send("bob", text="two")
+    assert counter.durable == [True] and hub.queued_count() == 1
+    bob._state.commit_received_batch = real  # type: ignore[method-assign]
+    alice.send("bob", text="three")  # the queue is not empty: stored, drained in order
+    assert [m.text for m in inbox] == ["one", "two", "three"] and hub.queued_count() == 0
+    alice.close()
+    bob.close()
+    hub.close()
