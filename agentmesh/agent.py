@@ -91,6 +91,10 @@ _GROUP_WAIT_S = 0.001
 _GROUP_MAX = 64
 #: Batches this large verify their signatures on two threads (see _verify_all).
 _PARALLEL_VERIFY_MIN = 8
+#: Receipts whose handlers run at once (LocalHub) commit without an fsync; every
+#: this many in a row, one is durable, so that a power cut rolls a receiving chain
+#: back by fewer messages than the skip limit absorbs (see _receive_and_handle).
+_RELAXED_RECEIPTS_MAX = 64
 
 
 #: How many times a handler that raises is run for one message, and the waits between.
@@ -419,6 +423,10 @@ class Agent:
         #: Guarded by _arrival, which next_message also waits on for new messages.
         self._waiting: dict[bytes, _PendingRequest] = {}
         self._claimed: set[bytes] = set()
+        #: Relaxed receipts (see _receive_and_handle): how many in a row, and the ids of
+        #: those not handled yet. Changed under _lock; the dispatcher discards ids.
+        self._relaxed_receipts = 0
+        self._unhandled_relaxed: set[bytes] = set()
         self._arrival = threading.Condition()
         #: Called, with no lock held, after messages were committed and on close (the
         #: asyncio driver wakes its loop with it); and the callbacks of request waiters
@@ -1043,7 +1051,42 @@ class Agent:
             raise outcome
         return outcome
 
-    def _receive_envelopes(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
+    def _receive_and_handle(self, data: bytes) -> DeliveryReport:
+        """:meth:`AgentEndpoint.receive_and_handle`: commit one envelope without waiting
+        for the disk, run the handlers, and return once it is handled or durable.
+
+        For a hub that delivers synchronously in this process (LocalHub), whose
+        sender's ``send()`` returns after this: a message handled before that needs
+        no fsync of its own, since a power cut can then lose only the record of
+        something that already happened (its handlers may run again if its sender
+        resends it: at least once, as ever after power loss). If the handlers could
+        not run it now (none registered, another thread or an outer handler
+        dispatches, they kept failing into the dead letters' durable commit, or the
+        agent closed), the state file is synced before this returns. Batches that
+        start a session, pin a peer or consume a prekey are durable anyway (see
+        :meth:`AgentCore.commit_batch`), as is every ``_RELAXED_RECEIPTS_MAX``-th.
+        """
+        [outcome] = self._receive_envelopes([data], relaxed=True)
+        if isinstance(outcome, Exception):
+            raise outcome
+        try:
+            self._dispatch_pending()
+        finally:
+            self._settle_relaxed()
+        return outcome
+
+    def _settle_relaxed(self) -> None:
+        """Sync the state file if a relaxed receipt is still unhandled."""
+        with self._lock:
+            if not self._unhandled_relaxed or self._closed:
+                return  # close() syncs
+            # The sync covers every commit made so far, so every id recorded so far.
+            self._unhandled_relaxed = set()
+        self._state.sync()
+
+    def _receive_envelopes(
+        self, items: list[bytes], *, relaxed: bool = False
+    ) -> list[DeliveryReport | Exception]:
         """:meth:`AgentEndpoint.receive_envelope` for several envelopes, committed in ONE
         transaction.
 
@@ -1057,9 +1100,10 @@ class Agent:
         that was to be committed gets that exception. Batches of at least
         ``_PARALLEL_VERIFY_MIN`` verify their signatures on two threads before
         the commit (see :meth:`AgentCore.open_batch`); the outcomes are the same.
+        ``relaxed``: see :meth:`_receive_and_handle`.
         """
         try:
-            return self._receive_locked(items)
+            return self._receive_locked(items, relaxed)
         finally:
             self._publish_prekeys()  # a consumed one-time key may need replacing
             self._notify_arrival()
@@ -1106,17 +1150,27 @@ class Agent:
             except Exception:
                 self.log.exception("arrival listener %r raised", listener)
 
-    def _receive_locked(self, items: list[bytes]) -> list[DeliveryReport | Exception]:
+    def _receive_locked(
+        self, items: list[bytes], relaxed: bool
+    ) -> list[DeliveryReport | Exception]:
         with self._lock:
             batch = self._core.open_batch(items, parallel=len(items) >= _PARALLEL_VERIFY_MIN)
             if not batch.messages:
                 return batch.outcomes
             replies = self._claim_replies(batch.messages)
+            durable = not relaxed or self._relaxed_receipts >= _RELAXED_RECEIPTS_MAX - 1
             try:
-                self._core.commit_batch(batch)
+                durable = self._core.commit_batch(batch, durable=durable)
             except Exception as exc:
                 self._hand_over_replies(replies, committed=False)
                 return batch.failed(exc)
+            if durable:
+                self._relaxed_receipts = 0
+            else:
+                self._relaxed_receipts += 1
+                self._unhandled_relaxed.update(
+                    row.message_id for row in batch.messages if not row.control
+                )
             self._hand_over_replies(replies, committed=True)
             with self._arrival:  # wake next_message()
                 self._arrival.notify_all()
@@ -1150,6 +1204,7 @@ class Agent:
                 seq = self._state.inbox_seq(row.message_id)
                 if seq is not None:
                     self._state.mark_handled(seq)
+                self._unhandled_relaxed.discard(row.message_id)
                 message = self._message(row)
             handed.append((waiter, message))
         with self._arrival:
@@ -1245,6 +1300,7 @@ class Agent:
                     self._state.mark_handled(row.seq)
                 else:
                     self._dead_letter(row.seq, message, failure_reason(*failure))
+                self._unhandled_relaxed.discard(row.message_id)
                 handled += 1
         return handled
 
@@ -1538,6 +1594,11 @@ class AgentEndpoint:
     def dispatch_pending(self) -> int:
         """Run the handlers for committed, unhandled messages; returns how many."""
         return self._agent._dispatch_pending()
+
+    def receive_and_handle(self, data: bytes) -> DeliveryReport:
+        """Decrypt and commit one envelope and run the handlers; returns once the
+        message is handled or durable (see ``Agent._receive_and_handle``)."""
+        return self._agent._receive_and_handle(data)
 
     def unacked_envelopes(self) -> list[bytes]:
         return self._agent._unacked_envelopes()

@@ -126,6 +126,8 @@ class AgentStore(Protocol):
         prekeys: bytes | None,
         messages: list[InboxRow],
         now_ms: int,
+        *,
+        durable: bool = True,
     ) -> None: ...
     def forget_seen_before(self, cutoff_ms: int) -> int: ...
 
@@ -484,20 +486,36 @@ class AgentCore:
         assert opened is not None  # only a deferred pass gives up
         return opened
 
-    def commit_batch(self, batch: OpenedBatch) -> None:
+    def commit_batch(self, batch: OpenedBatch, *, durable: bool = True) -> bool:
         """Commit what :meth:`open_batch` decrypted, in ONE transaction: sessions, pins,
         prekeys, replay records and inbox rows. Raises what the store raised (then
         nothing is committed; see :meth:`OpenedBatch.failed`). Then call
-        :meth:`after_commit`."""
+        :meth:`after_commit`. Returns whether the commit was durable.
+
+        ``durable=False`` (for a driver whose handlers run before the delivery
+        returns; see ``Agent._receive_and_handle``) commits without waiting for the
+        disk, unless the batch changes the prekey secrets (every new session does:
+        PQXDH consumes its prekeys) or pins a peer: losing one of those to a power
+        cut would break the session or let a prekey serve twice, so they are durable
+        whatever ``durable`` says. Losing a
+        relaxed commit only rolls a receiving chain back, and the sender's next
+        message skips it forward (a DH ratchet step taken here is re-derived alike:
+        the first send on its new sending chain reserves counters durably, which
+        syncs it).
+        """
+        prekeys = batch.prekeys.to_bytes() if batch.prekeys is not self._prekeys else None
+        durable = durable or bool(batch.pins) or prekeys is not None
         self.store.commit_received_batch(
             {peer: record.to_bytes() for peer, record in batch.records.items()},
             batch.pins,
-            batch.prekeys.to_bytes() if batch.prekeys is not self._prekeys else None,
+            prekeys,
             batch.messages,
             self._clock(),
+            durable=durable,
         )
         self._records.update(batch.records)
         batch.committed = True
+        return durable
 
     def after_commit(self, batch: OpenedBatch) -> None:
         """Housekeeping once ``batch`` is committed: run the prekey schedule if a

@@ -245,9 +245,9 @@ class AgentState:
 
     #: Test hook of the power-cut test (tests/reliability/test_power_cut.py): when set,
     #: every durable point (a FULL commit, a completed sync) copies the database and its
-    #: WAL into a new folder under it and names that folder in ``CURRENT``, so that the
-    #: test can bring back exactly what a power cut would have left. Never set it in
-    #: production.
+    #: WAL into a new folder under ``<it>/<state file name>/`` and names that folder in
+    #: ``CURRENT`` there, so that the test can bring back exactly what a power cut would
+    #: have left of each agent's file. Never set it in production.
     _durable_image: ClassVar[Path | None] = None
 
     def __init__(
@@ -486,8 +486,9 @@ class AgentState:
 
     def _save_durable_image(self) -> None:
         """The power-cut test's copy of what is on disk now (lock held; see _durable_image)."""
-        root, path = AgentState._durable_image, self.path
-        assert root is not None and path is not None
+        images, path = AgentState._durable_image, self.path
+        assert images is not None and path is not None
+        root = images / path.name
         root.mkdir(parents=True, exist_ok=True)
         generation = int((root / "NEXT").read_text()) if (root / "NEXT").exists() else 0
         folder = root / f"image-{generation:08d}"
@@ -821,6 +822,8 @@ class AgentState:
         prekeys: bytes | None,
         messages: list[InboxRow],
         now_ms: int,
+        *,
+        durable: bool = True,
     ) -> None:
         """Receive order step 2 for several messages in ONE transaction (one fsync).
 
@@ -828,8 +831,10 @@ class AgentState:
         to pin for new peers; ``prekeys``: the prekey secrets if a one-time key was
         consumed; ``messages``: a replay record and (unless ``control``) an inbox row
         each, in arrival order (their ``seq`` is ignored). All or nothing.
+        ``durable=False`` commits without waiting for the disk (it survives a crash
+        of the process, and power loss after the next :meth:`sync`).
         """
-        with self._tx(secret=True) as db:
+        with self._tx(relaxed=not durable, secret=True) as db:
             for peer_id, identity in pins.items():
                 self._insert_pin(db, peer_id, identity, now_ms)
             db.executemany(_SAVE_SESSION_SQL, list(records.items()))

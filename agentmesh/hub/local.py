@@ -30,7 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from agentmesh.crypto import primitives as p
 from agentmesh.crypto.prekeys import PrekeyBundle, SignedPrekey
@@ -54,6 +54,7 @@ from agentmesh.hub.store import (
 from agentmesh.protocol.hub_interface import (
     DispatchingEndpoint,
     EndpointOwner,
+    HandlingEndpoint,
     HubEndpoint,
     NoticingEndpoint,
     RefusalAwareEndpoint,
@@ -507,10 +508,14 @@ class LocalHub:
             ):
                 return False
             self._draining[recipient] = threading.get_ident()
-        dispatcher = agent if supports(agent, DispatchingEndpoint) else None
+        # An endpoint that runs its handlers in the same call may skip its own fsync.
+        handles = supports(agent, HandlingEndpoint)
+        dispatcher = agent if supports(agent, DispatchingEndpoint) and not handles else None
         try:
             try:
-                outcome, taken = self._take(agent, envelope.message_id, envelope.sender, data)
+                outcome, taken = self._take(
+                    agent, envelope.message_id, envelope.sender, data, handle=handles
+                )
             except BaseException:
                 self._submit(data, envelope, durable=True)  # its own trouble: keep the mail
                 raise
@@ -615,13 +620,23 @@ class LocalHub:
         return True
 
     def _take(
-        self, agent: HubEndpoint, message_id: bytes, sender: str, data: bytes
+        self,
+        agent: HubEndpoint,
+        message_id: bytes,
+        sender: str,
+        data: bytes,
+        *,
+        handle: bool = False,
     ) -> tuple[BaseException | None, bool]:
-        """Give one envelope to ``agent``: its verdict (None, or why it refused it, for
-        ``deliver``), and whether it took it (False: it holds its mail back)."""
+        """Give one envelope to ``agent`` (``handle``: a HandlingEndpoint, which runs its
+        handlers too): its verdict (None, or why it refused it, for ``deliver``), and
+        whether it took it (False: it holds its mail back)."""
         outcome: BaseException | None = None
         try:
-            report = agent.receive_envelope(data)
+            if handle:
+                report = cast(HandlingEndpoint, agent).receive_and_handle(data)
+            else:
+                report = agent.receive_envelope(data)
             if report.duplicate:
                 outcome = ReplayError("message id already delivered")
         except IdentityChangedError as exc:

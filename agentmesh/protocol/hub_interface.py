@@ -266,6 +266,21 @@ class DispatchingEndpoint(Protocol):
         ...
 
 
+@runtime_checkable
+class HandlingEndpoint(Protocol):
+    """An endpoint that takes an envelope and runs its handlers in one call.
+
+    For a hub that delivers synchronously in the endpoint's own process: once the
+    handlers have run before the call returns, the endpoint's commit need not wait
+    for the disk (the endpoint makes it durable if they could not run).
+    """
+
+    def receive_and_handle(self, data: bytes) -> DeliveryReport:
+        """Decrypt and commit one envelope, run the handlers, and return once the
+        message is handled or durable. Raises what ``receive_envelope`` raises."""
+        ...
+
+
 _C = TypeVar("_C")
 #: (type of the object, capability) -> whether it has it: isinstance against a
 #: runtime-checkable Protocol inspects every member (about 10 µs), and the agent asks

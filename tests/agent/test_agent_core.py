@@ -152,10 +152,12 @@ class _FailingCommit(AgentState):
         prekeys: bytes | None,
         messages: list[InboxRow],
         now_ms: int,
+        *,
+        durable: bool = True,
     ) -> None:
         if self.fail:
             raise OSError("disk full")
-        super().commit_received_batch(records, pins, prekeys, messages, now_ms)
+        super().commit_received_batch(records, pins, prekeys, messages, now_ms, durable=durable)
 
 
 def test_a_failed_commit_changes_nothing_and_the_batch_opens_again() -> None:
@@ -283,6 +285,7 @@ def test_one_durable_commit_reserves_the_next_counters(tmp_path: Path) -> None:
 
 def _power_cut(image_root: Path, into: Path) -> Path:
     """What a power cut leaves: the database and WAL as of the last durable point."""
+    image_root = image_root / "alice.state.sqlite"  # one folder per state file
     current = image_root / (image_root / "CURRENT").read_text()
     into.mkdir()
     for part in current.iterdir():

@@ -170,3 +170,72 @@ def test_mail_a_recipient_fails_to_take_at_once_is_kept(keydir: Path, tmp_path: 
     alice.close()
     bob.close()
     hub.close()
+
+
+class _ReceiptRecorder:
+    """Wraps an agent's state: the ``durable`` of each receipt commit, and the syncs."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.durable: list[bool] = []
+        self.syncs = 0
+        state = agent._state
+        real_commit, real_sync = state.commit_received_batch, state.sync
+
+        def commit(*args: object, **kwargs: object) -> None:
+            self.durable.append(bool(kwargs.get("durable", True)))
+            real_commit(*args, **kwargs)  # type: ignore[arg-type]
+
+        def sync() -> None:
+            self.syncs += 1
+            real_sync()
+
+        state.commit_received_batch = commit  # type: ignore[method-assign]
+        state.sync = sync  # type: ignore[method-assign]
+
+
+def test_receipts_whose_handlers_ran_commit_without_an_fsync(keydir: Path) -> None:
+    """With LocalHub the recipient's handlers run before send() returns, so its commit
+    does not wait for the disk (Agent._receive_and_handle), except for the first
+    message of a session and every 64th; a message its handlers could not take yet
+    is synced before send() returns."""
+    from agentmesh.agent import _RELAXED_RECEIPTS_MAX
+
+    hub = LocalHub()
+    alice = Agent("alice", hub=hub, keypair_path=keydir / "alice.json")
+    bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json")
+    inbox = Inbox()
+    bob.on_message(inbox)
+    receipts = _ReceiptRecorder(bob)
+    alice.send("bob", text="hello")  # starts the session: durable
+    for i in range(_RELAXED_RECEIPTS_MAX):
+        alice.send("bob", text=f"n{i}")
+    assert len(inbox) == _RELAXED_RECEIPTS_MAX + 1
+    # relaxed, but for the session's start and the 64th in a row (bounds a rollback)
+    assert receipts.durable == [True] + [False] * (_RELAXED_RECEIPTS_MAX - 1) + [True]
+    assert receipts.syncs == 0
+    bob._handlers.clear()  # nobody to handle the next one now: synced before send returns
+    alice.send("bob", text="waits")
+    assert receipts.durable[-1] is False and receipts.syncs == 1
+    assert bob.next_message(timeout=5).text == "waits"
+    alice.close()
+    bob.close()
+
+
+def test_a_receipt_whose_handler_keeps_failing_is_durable(keydir: Path) -> None:
+    """A handler that keeps raising sends the message to the dead letters, durably,
+    before send() returns."""
+    hub = LocalHub()
+    alice = Agent("alice", hub=hub, keypair_path=keydir / "alice.json")
+    bob = Agent("bob", hub=hub, keypair_path=keydir / "bob.json", max_handler_attempts=1)
+    bob.on_message(lambda msg: None)
+    alice.send("bob", text="hello")
+
+    def failing(msg: object) -> None:
+        raise RuntimeError("boom")
+
+    bob._handlers[:] = [failing]
+    alice.send("bob", text="poison")
+    assert not bob._state.unsynced
+    assert [d.payload["text"] for d in bob.dead_letters() if d.payload] == ["poison"]
+    alice.close()
+    bob.close()

@@ -43,7 +43,8 @@ def _cut_power(alice_dir: Path, images: Path) -> None:
     """Replace alice's state files with the last durable image."""
     for leftover in alice_dir.glob("alice.state.sqlite*"):
         leftover.unlink()
-    current = images / (images / "CURRENT").read_text()
+    root = images / "alice.state.sqlite"
+    current = root / (root / "CURRENT").read_text()
     for part in current.iterdir():
         shutil.copyfile(part, alice_dir / part.name)
     shutil.rmtree(images)
@@ -147,9 +148,9 @@ def test_the_image_is_what_the_last_fsync_covered(tmp_path: Path) -> None:
         state = AgentState(tmp_path / name, scrub_interval_s=3600)
         state.set_meta("durable", b"1")  # FULL commit: imaged
         state.commit_sent("bob", b"r", b"\x01" * 16, b"e", 1, durable=False)  # relaxed
-        first = (images / "CURRENT").read_text()
+        first = (images / name / "CURRENT").read_text()
         state.sync()  # covers the relaxed commit: imaged
-        second = (images / "CURRENT").read_text()
+        second = (images / name / "CURRENT").read_text()
         state.close()
     finally:
         AgentState._durable_image = None
@@ -157,7 +158,7 @@ def test_the_image_is_what_the_last_fsync_covered(tmp_path: Path) -> None:
     for folder, outbox in ((first, 0), (second, 1)):
         copy = tmp_path / f"copy-{folder}"
         copy.mkdir()
-        for part in (images / folder).iterdir():
+        for part in (images / name / folder).iterdir():
             shutil.copyfile(part, copy / part.name)
         restored = AgentState(copy / name)
         assert restored.get_meta("durable") == b"1"
