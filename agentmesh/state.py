@@ -8,14 +8,16 @@ messages whose handlers have not finished.
 
 Each method that changes several things does so in ONE transaction, so after
 a crash (even ``kill -9``) the state is either before or after the change.
-SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on disk when
-the method returns. Three exceptions, each safe against a process crash and
-documented where it happens: ``commit_sent(durable=False)`` (pipelined sends:
-on disk after the next :meth:`AgentState.sync`, which runs before the
-envelope is transmitted), the hub's acknowledgements (outbox rows deleted with
-the next write), and handled inbox rows (logged in ``<file>-handled``, deleted
-with the next page). None of them can lose a message; a power failure can at
-worst resend one or run a handler again.
+SQLite runs in WAL mode, and a commit is on disk when the method returns: the
+connection runs ``synchronous=NORMAL`` and a durable commit fdatasyncs the WAL
+itself (what ``synchronous=FULL`` would do, without switching the setting per
+transaction). The exceptions, each safe against a process crash and documented
+where it happens: relaxed commits (``commit_sent(durable=False)``,
+``commit_received_batch(durable=False)``: on disk after the next
+:meth:`AgentState.sync` or durable commit), the hub's acknowledgements (outbox
+rows deleted with the next write), and handled inbox rows (logged in
+``<file>-handled``, deleted with the next page). None of them can lose a
+message; a power failure can at worst resend one or run a handler again.
 
 Deleted secrets (consumed prekeys, old ratchet states, handled plaintexts)
 do not linger in the files: ``secure_delete`` zeroes what a transaction
@@ -270,7 +272,7 @@ class AgentState:
         self._lock = threading.RLock()
         #: Outbox rows the hub acknowledged, deleted by the next write transaction.
         self._acked: list[bytes] = []
-        #: Sync generations: ``_committed`` counts relaxed commits; every commit up to
+        #: Sync generations: ``_committed`` counts commits; every commit up to
         #: generation ``_synced`` is known to be on disk (see :meth:`sync`).
         self._committed = 0
         self._synced = 0
@@ -309,7 +311,8 @@ class AgentState:
                     raise _version_error(path, version)
                 os.chmod(path, 0o600)  # WAL and SHM files inherit the database file's mode
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
+                # Durable commits sync the WAL themselves (see _Tx.__exit__).
+                self._db.execute("PRAGMA synchronous=NORMAL")
             # Zero freed cells and pages in the page's new version (some SQLite builds do
             # by default, others not); older versions stay in the WAL until scrub().
             self._db.execute("PRAGMA secure_delete=ON")
@@ -350,8 +353,6 @@ class AgentState:
             state._lock.acquire()
             db = state._db
             try:
-                if self.relaxed:  # this transaction only; __exit__ restores FULL
-                    db.execute("PRAGMA synchronous=NORMAL")
                 self.changes = db.total_changes
                 db.execute("BEGIN IMMEDIATE")
                 self.acked, state._acked = state._acked, []
@@ -363,8 +364,6 @@ class AgentState:
                     if db.in_transaction:
                         db.execute("ROLLBACK")
                 finally:
-                    if self.relaxed:
-                        db.execute("PRAGMA synchronous=FULL")
                     state._lock.release()
                 raise
             return db
@@ -379,31 +378,42 @@ class AgentState:
             db = state._db
             try:
                 committed = False
-                try:
-                    if exc_type is None:
-                        wrote = db.total_changes != self.changes
-                        db.execute("COMMIT")
-                        committed = True
-                        if self.relaxed:
-                            state._committed += 1  # on disk after the next sync()
-                        elif wrote:
-                            # A FULL commit syncs the whole WAL: earlier commits are on disk
-                            # too. (One that wrote nothing syncs nothing.)
-                            state._synced = state._committed
-                            if AgentState._durable_image is not None and state.path:
-                                state._save_durable_image()
-                    else:
-                        state._acked[:0] = self.acked  # not deleted after all: next time
-                        # A pin read inside the transaction may be rolled back with it.
-                        state._pins.clear()
-                        db.execute("ROLLBACK")
-                finally:
+                if exc_type is None:
+                    wrote = db.total_changes != self.changes
+                    db.execute("COMMIT")
+                    committed = True
                     if self.relaxed:
-                        db.execute("PRAGMA synchronous=FULL")
+                        state._committed += 1  # on disk after the next sync()
+                    elif wrote:  # (one that wrote nothing syncs nothing)
+                        state._committed += 1  # unsynced, should the fsync fail
+                        state._sync_wal_locked()
+                else:
+                    state._acked[:0] = self.acked  # not deleted after all: next time
+                    # A pin read inside the transaction may be rolled back with it.
+                    state._pins.clear()
+                    db.execute("ROLLBACK")
                 if committed and self.secret:
                     state._secrets_deleted()
             finally:
                 state._lock.release()
+
+    def _sync_wal_locked(self) -> None:
+        """A durable commit's fsync (lock held): with ``synchronous=NORMAL`` a commit is
+        in the WAL file, and on disk once that is fdatasynced, together with every
+        commit before it. Raises OSError if the disk fails: the commit is then
+        visible but, as with SQLite's own FULL commit failing its fsync, not known to
+        be durable (it stays counted as unsynced)."""
+        if self.path is None:
+            self._synced = self._committed
+            return
+        wal = self._wal_fd()
+        if wal is None:  # never expected in WAL mode: let SQLite sync what it holds
+            self._db.execute("PRAGMA wal_checkpoint(FULL)")
+        else:
+            _fdatasync(wal)
+        self._synced = self._committed
+        if AgentState._durable_image is not None:
+            self._save_durable_image()
 
     def _tx(self, *, relaxed: bool = False, secret: bool = False) -> AgentState._Tx:
         """A write transaction; ``relaxed``: committed without waiting for the disk
