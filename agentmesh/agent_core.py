@@ -497,11 +497,10 @@ class AgentCore:
         disk, unless the batch changes the prekey secrets (every new session does:
         PQXDH consumes its prekeys) or pins a peer: losing one of those to a power
         cut would break the session or let a prekey serve twice, so they are durable
-        whatever ``durable`` says. Losing a
-        relaxed commit only rolls a receiving chain back, and the sender's next
-        message skips it forward (a DH ratchet step taken here is re-derived alike:
-        the first send on its new sending chain reserves counters durably, which
-        syncs it).
+        whatever ``durable`` says. Losing a relaxed commit only rolls a receiving
+        chain back, and the sender's next message skips it forward (a DH ratchet step
+        taken here is re-derived alike: the first send on its new sending chain
+        reserves counters durably, which syncs it).
         """
         prekeys = batch.prekeys.to_bytes() if batch.prekeys is not self._prekeys else None
         durable = durable or bool(batch.pins) or prekeys is not None

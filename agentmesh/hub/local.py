@@ -490,13 +490,14 @@ class LocalHub:
         between: the recipient is online, nobody drains it and its queue is empty.
         Returns False if so it could not be (the caller stores and drains it).
 
-        Nothing the hub stores could make this message safer: the recipient's
-        commit is durable before this returns, and until then the sender keeps it in
-        its outbox (resent at its next registration, should the process die first).
-        Storing it only to delete it again cost more than the rest of a delivery. If
-        the recipient holds its mail back (an identity change) or fails for a reason
-        of its own, the envelope is stored durably, as mail for an offline recipient,
-        before this returns or raises.
+        Nothing the hub stores could make this message safer: before this returns
+        the recipient has committed it durably, or handled it (a HandlingEndpoint),
+        and until then the sender keeps it in its outbox (resent at its next
+        registration, should the process die first). Storing it only to delete it
+        again cost more than the rest of a delivery. If the recipient holds its mail
+        back (an identity change) or fails for a reason of its own, the envelope is
+        stored durably, as mail for an offline recipient, before this returns or
+        raises (the recipient's error, even if storing fails too).
         """
         recipient = envelope.recipient
         with self._lock:
@@ -517,7 +518,10 @@ class LocalHub:
                     agent, envelope.message_id, envelope.sender, data, handle=handles
                 )
             except BaseException:
-                self._submit(data, envelope, durable=True)  # its own trouble: keep the mail
+                try:  # its own trouble: keep the mail for a later drain
+                    self._submit(data, envelope, durable=True)
+                except Exception:
+                    log.exception("could not keep an envelope %s failed to take", recipient)
                 raise
             if not taken:
                 self._submit(data, envelope, durable=True)  # held back: kept for later
