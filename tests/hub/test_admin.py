@@ -74,7 +74,18 @@ def test_unbind_then_a_new_key_registers_the_id_and_the_peer_trusts_it(tmp_path:
             alice = Agent("alice", hub=client, keypair_path=tmp_path / "alice.json")
             old_bob = Agent("bob", hub=client, keypair_path=tmp_path / "lost" / "bob.json")
             old_fingerprint = old_bob.fingerprint
+            to_old_bob = Inbox()
+            old_bob.on_message(to_old_bob)
             alice.send("bob", text="before")  # a session with the old key
+            # Read and deleted before the key is lost, so that exactly the next three
+            # wait for it (closing at once would race the delivery of this one).
+            wait_until(lambda: to_old_bob.texts == ["before"])
+            wait_until(
+                lambda: (
+                    hub.query("SELECT COUNT(*) FROM envelopes WHERE recipient = 'bob'") == [(0,)]
+                ),
+                what="the hub deleted the acknowledged envelope",
+            )
             old_bob.close()
             for i in range(3):
                 alice.send("bob", text=f"queued-{i}")  # never read: the key is lost
@@ -82,7 +93,7 @@ def test_unbind_then_a_new_key_registers_the_id_and_the_peer_trusts_it(tmp_path:
             released = hub_cli("admin", "unbind", "bob", "--db", "hub.sqlite", cwd=tmp_path)
             assert released.returncode == 0, released.stderr
             assert "released agent 'bob'" in released.stdout
-            assert "dropped 4 queued envelopes" in released.stdout
+            assert "dropped 3 queued envelopes" in released.stdout
             assert old_fingerprint in released.stdout
             # The log line says who and when (an OS user, an ISO time in UTC).
             assert "unbound agent 'bob'" in released.stderr and "by OS user" in released.stderr
