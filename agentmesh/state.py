@@ -246,7 +246,7 @@ class AgentState:
     """
 
     #: Test hook of the power-cut test (tests/reliability/test_power_cut.py): when set,
-    #: every durable point (a FULL commit, a completed sync) copies the database and its
+    #: every durable point (a durable commit, a completed sync) copies the database and its
     #: WAL into a new folder under ``<it>/<state file name>/`` and names that folder in
     #: ``CURRENT`` there, so that the test can bring back exactly what a power cut would
     #: have left of each agent's file. Never set it in production.
@@ -417,7 +417,7 @@ class AgentState:
 
     def _tx(self, *, relaxed: bool = False, secret: bool = False) -> AgentState._Tx:
         """A write transaction; ``relaxed``: committed without waiting for the disk
-        (``synchronous=NORMAL``; see :meth:`commit_sent` and :meth:`sync`);
+        (no fdatasync of the WAL; see :meth:`commit_sent` and :meth:`sync`);
         ``secret``: it overwrites or deletes secrets (schedules a :meth:`scrub`)."""
         return AgentState._Tx(self, relaxed, secret)
 
@@ -429,7 +429,7 @@ class AgentState:
     def sync(self) -> None:
         """Make every commit so far survive power loss (group commit: one fsync for many).
 
-        Returns at once unless a relaxed commit happened since the last FULL one
+        Returns at once unless a relaxed commit happened since the last durable one
         or successful sync. Otherwise returns only after an fdatasync of the WAL
         that *started after* the caller's last commit *succeeded* (SQLite WAL:
         committed frames are durable once the WAL file is synced). Callers
@@ -452,16 +452,15 @@ class AgentState:
                     self._sync_done.wait()
                 error = running.error
                 if isinstance(error, OSError) and running.covers >= target:
-                    if self._synced >= target:  # a FULL commit made it durable meanwhile
+                    if self._synced >= target:  # a durable commit synced it meanwhile
                         return
                     raise OSError(
                         error.errno, f"syncing the state file failed: {error.strerror or error}"
                     ) from error
                 # Success, or not covering this caller's commits, or interrupted: look again.
             wal = self._wal_fd()
-            if wal is None:  # no WAL file to sync (never expected): a FULL commit does it
-                with self._tx() as db:
-                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('synced', x'')")
+            if wal is None:  # no WAL file to sync (never expected): SQLite syncs what it has
+                self._sync_wal_locked()
                 return
             fd = os.dup(wal)  # close() may close ``wal`` meanwhile
             this = _SyncRound(self._committed)  # every commit so far is in the WAL file
@@ -742,10 +741,11 @@ class AgentState:
     ) -> None:
         """Send order step 2: the new session state and the outbox row, in one transaction.
 
-        ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``):
+        ``durable=False`` commits without waiting for the disk (no fdatasync):
         the commit survives a crash of this process (``kill -9`` included) at once,
-        and power loss after the next :meth:`sync` (or any durable commit). The
-        caller must not transmit the envelope before that.
+        and power loss after the next :meth:`sync` (or any durable commit). Sending
+        it before then is safe for the ratchet (reserved counters, see
+        ``AgentCore.seal``); only the outbox row may be lost to a power cut.
         """
         # The old sending chain key is overwritten: erasing it gives forward secrecy.
         with self._tx(relaxed=not durable, secret=True) as db:
