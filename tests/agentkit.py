@@ -7,6 +7,7 @@ puts this folder on ``sys.path``).
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 from agentmesh import Agent, Message
@@ -52,3 +53,18 @@ def alice_and_bob(hub: Hub, keydir: Path) -> tuple[Agent, Agent, Inbox]:
     inbox = Inbox()
     bob.on_message(inbox)
     return alice, bob, inbox
+
+
+def restore_durable_image(images: Path, state: Path) -> Path:
+    """What a power cut leaves of the state file ``state``: its files (database, WAL,
+    shared memory, handled log) replaced by the last image ``AgentState._durable_image``
+    recorded under ``images`` (the database and WAL as of its last durable point).
+    ``state``'s folder may be new. Returns ``state``."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in state.parent.glob(state.name + "*"):
+        leftover.unlink()
+    root = images / state.name
+    current = root / (root / "CURRENT").read_text()
+    for part in current.iterdir():
+        shutil.copyfile(part, state.parent / part.name)
+    return state

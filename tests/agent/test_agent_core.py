@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentkit import restore_durable_image
 
 from agentmesh.agent_core import (
     RESERVE_AHEAD,
@@ -283,16 +284,6 @@ def test_one_durable_commit_reserves_the_next_counters(tmp_path: Path) -> None:
     store.close()
 
 
-def _power_cut(image_root: Path, into: Path) -> Path:
-    """What a power cut leaves: the database and WAL as of the last durable point."""
-    image_root = image_root / "alice.state.sqlite"  # one folder per state file
-    current = image_root / (image_root / "CURRENT").read_text()
-    into.mkdir()
-    for part in current.iterdir():
-        (into / part.name).write_bytes(part.read_bytes())
-    return into / "alice.state.sqlite"
-
-
 def _alice_after_power_cut(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[AgentCore, AgentCore, list[bytes], AgentCore]:
@@ -308,7 +299,9 @@ def _alice_after_power_cut(
     sent += [_seal(alice, bob, f"m{i}") for i in range(1, 10)]
     assert _deliver(bob, sent).outcomes == [DeliveryReport(accepted=True)] * 10
     monkeypatch.setattr(AgentState, "_durable_image", None)
-    restored = AgentState(_power_cut(tmp_path / "images", tmp_path / "after"))
+    restored = AgentState(
+        restore_durable_image(tmp_path / "images", tmp_path / "after" / "alice.state.sqlite")
+    )
     assert not restored.opened_clean
     rolled_back = SessionRecord.from_bytes(restored.session_record("bob") or b"").active
     assert rolled_back is not None and rolled_back.ratchet.ns == 1  # m1..m9 are gone

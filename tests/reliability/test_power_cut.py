@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from agentkit import restore_durable_image
 from hubproc import ROOT, HubProcess, wait_until
 
 from agentmesh import Agent
@@ -41,12 +42,7 @@ PER_ROUND = 400
 
 def _cut_power(alice_dir: Path, images: Path) -> None:
     """Replace alice's state files with the last durable image."""
-    for leftover in alice_dir.glob("alice.state.sqlite*"):
-        leftover.unlink()
-    root = images / "alice.state.sqlite"
-    current = root / (root / "CURRENT").read_text()
-    for part in current.iterdir():
-        shutil.copyfile(part, alice_dir / part.name)
+    restore_durable_image(images, alice_dir / "alice.state.sqlite")
     shutil.rmtree(images)
 
 

@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agentkit import restore_durable_image
+
 from agentmesh.state import state_path_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,13 +40,7 @@ PER_ROUND = 150
 def _cut_power(directory: Path, images: Path) -> None:
     """Replace both agents' state files with their last durable images."""
     for name in ("alice", "bob"):
-        state = state_path_for(directory / f"{name}.json")
-        for leftover in directory.glob(state.name + "*"):
-            leftover.unlink()
-        root = images / state.name
-        current = root / (root / "CURRENT").read_text()
-        for part in current.iterdir():
-            shutil.copyfile(part, directory / part.name)
+        restore_durable_image(images, state_path_for(directory / f"{name}.json"))
     shutil.rmtree(images)
 
 
